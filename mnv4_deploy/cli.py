@@ -1,0 +1,171 @@
+"""The `mnv4-deploy` command line. User mistakes print one 'error:' line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import UserError
+
+EPILOG_CONVERT = """\
+examples:
+  # int8 ONNX from timm's pretrained weights, calibrated on your own images
+  mnv4-deploy convert --model mobilenetv4_conv_small --to onnx --int8 --calib ./my_images --out build/
+
+  # a local checkpoint trained on 202 classes at 64x64, checked against a labelled val folder
+  mnv4-deploy convert --model mobilenetv4_conv_small --weights model.pth --num-classes 202 \\
+      --input-size 64 --crop-pct 1.0 --to onnx --int8 --calib train/ --val val/ --out build/
+
+Each artifact lands in OUT/<target>/ with a manifest.json (model, weights hash, recipe, tool versions,
+input/output spec, size, verification numbers). Nothing is written unless export and verification succeed.
+"""
+
+
+# CLI flags that map onto fields of the same name in a target's Options dataclass.
+TARGET_OPTION_FLAGS = ("io_dtype", "layout", "bake_normalization", "weights_only", "compute_units",
+                       "minimum_deployment_target", "image_input")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="NAME",
+                   help="timm MNv4 variant, e.g. mobilenetv4_conv_small (see `mnv4-deploy inspect --list`)")
+    g.add_argument("--weights", default="pretrained", metavar="SRC",
+                   help="'pretrained' (timm hub weights, default), 'random', or a .pth/.pt/.safetensors state_dict")
+    g.add_argument("--num-classes", type=int, metavar="N", help="classifier size (default: the variant's, 1000)")
+    g = p.add_argument_group("preprocessing (defaults come from the checkpoint's timm pretrained_cfg)")
+    g.add_argument("--input-size", metavar="N|H,W", help="model input size, e.g. 224 or 256,192")
+    g.add_argument("--mean", metavar="R,G,B", help="normalisation mean, e.g. 0.5,0.5,0.5")
+    g.add_argument("--std", metavar="R,G,B", help="normalisation std")
+    g.add_argument("--crop-pct", type=float, metavar="F", help="centre-crop fraction (1.0 = no crop)")
+    g.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest", "lanczos"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnv4-deploy",
+        description="Quantize MobileNetV4 models and ship them to ONNX, TFLite/LiteRT, OpenVINO and CoreML, "
+                    "verified in each target's real runtime.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"mnv4-deploy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    conv = sub.add_parser("convert", help="export (and quantize) a model for one or more targets",
+                          description="Load -> prepare -> quantize once -> export per target -> verify -> manifest.",
+                          epilog=EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(conv)
+    g = conv.add_argument_group("what to build")
+    g.add_argument("--to", default="onnx", metavar="TARGETS", help="a target, a comma list, or 'all' (default: onnx)")
+    g.add_argument("--int8", action="store_true", help="int8 quantization (same as --precision int8)")
+    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="artifact precision (default fp32)")
+    g.add_argument("--recipe", metavar="NAME|FILE", help="a shipped recipe name (e.g. ptq-int8) or a YAML file")
+    g.add_argument("--out", type=Path, default=Path("build"), metavar="DIR", help="output folder (default: build/)")
+    g = conv.add_argument_group("target options (each applies to the targets that have it; see the recipe's targets: section)")
+    g.add_argument("--io-dtype", choices=("float", "int8", "uint8"),
+                   help="tflite: float keeps (de)quantize inside the model; int8/uint8 = full-integer I/O (EdgeTPU)")
+    g.add_argument("--layout", choices=("nchw", "nhwc"), help="input layout (nhwc avoids transposes on mobile)")
+    g.add_argument("--bake-normalization", action="store_const", const=True,
+                   help="put mean/std normalisation inside the model, so apps feed raw RGB")
+    g.add_argument("--weights-only", action="store_const", const=True,
+                   help="coreml: quantize weights only (W8, float activations)")
+    g.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"), help="coreml")
+    g.add_argument("--minimum-deployment-target", metavar="OS", help="coreml, e.g. iOS17 or macOS14")
+    g.add_argument("--image-input", action="store_const", const=True,
+                   help="coreml: ImageType input (pixel buffer) with the normalisation as scale/bias")
+    g = conv.add_argument_group("data")
+    g.add_argument("--calib", type=Path, metavar="DIR",
+                   help="calibration images (flat or class sub-folders); some are held back for verification. "
+                        "Default: sample photos shipped with scikit-image")
+    g.add_argument("--val", type=Path, metavar="DIR", help="labelled ImageFolder to measure top-1/top-5 on")
+    g.add_argument("--val-limit", type=int, metavar="N", help="evaluate on a random N images of --val")
+    g.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding worker processes")
+    g.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per artifact")
+    g.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout instead of a table")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    conv.set_defaults(func=cmd_convert)
+
+    insp = sub.add_parser("inspect", help="list models, targets and recipes, or show a manifest")
+    insp.add_argument("--list", action="store_true", help="list MNv4 variants, targets and shipped recipes")
+    insp.add_argument("manifest", nargs="?", type=Path, help="a manifest.json (or its folder) to summarise")
+    insp.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _preprocessing_overrides(args: argparse.Namespace) -> dict:
+    from .preprocessing import parse_floats
+
+    size = None
+    if args.input_size:
+        try:
+            size = [int(v) for v in args.input_size.split(",")]
+        except ValueError:
+            raise UserError(f"--input-size must be N or H,W, got '{args.input_size}'") from None
+    return {"input_size": size, "mean": parse_floats(args.mean, "mean"), "std": parse_floats(args.std, "std"),
+            "crop_pct": args.crop_pct, "interpolation": args.interpolation}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .pipeline import ConvertSettings, convert, summary_table
+
+    if args.int8 and args.precision not in (None, "int8"):
+        raise UserError(f"--int8 conflicts with --precision {args.precision}: give one of them")
+    settings = ConvertSettings(
+        model=args.model, out=args.out, targets=args.to, precision="int8" if args.int8 else (args.precision or "fp32"),
+        weights=args.weights, num_classes=args.num_classes, preprocessing=_preprocessing_overrides(args),
+        calib=args.calib, val=args.val, val_limit=args.val_limit, recipe=args.recipe, workers=args.workers,
+        latency_runs=args.latency_runs, target_options={k: getattr(args, k) for k in TARGET_OPTION_FLAGS}, progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    results = convert(settings)
+    if args.json:
+        print(json.dumps([r.manifest for r in results], indent=2))
+    else:
+        print(summary_table(results))
+        for r in results:
+            print(f"wrote {r.path} and {r.manifest_path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.manifest is not None:
+        path = args.manifest / "manifest.json" if args.manifest.is_dir() else args.manifest
+        if not path.is_file():
+            raise UserError(f"no manifest at '{path}'")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"'{path}' is not valid JSON: {exc}") from None
+        print(json.dumps({k: manifest.get(k) for k in ("model", "target", "precision", "artifact", "verification")},
+                         indent=2))
+        return 0
+    from .models import list_variants
+    from .recipes import shipped_recipes
+    from .targets import target_names
+
+    print("models:  " + ", ".join(list_variants()))
+    print("targets: " + ", ".join(target_names()))
+    print("recipes: " + ", ".join(shipped_recipes()))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"mnv4-deploy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mnv4-deploy: interrupted (no partial artifacts were left)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

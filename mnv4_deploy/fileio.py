@@ -1,0 +1,77 @@
+"""Atomic writes: an interrupted run never leaves a half-written artifact behind."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
+
+    Works for files and for directories (an `.mlpackage` is a directory). The temporary name keeps
+    the final suffix, because some writers (onnx, coremltools) choose a format by suffix.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = tmp_dir / final.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"writer produced nothing at {tmp}")
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (sorted keys off: manifests read top-down)."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, or of a directory's files in sorted order (for .mlpackage)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def size_of(path: Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

@@ -1,0 +1,182 @@
+"""Recipes: YAML files validated into typed, frozen dataclasses.
+
+A mistake names the file, the line, the key and the nearest valid key. YAML is read with the safe loader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError, did_you_mean
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A dataclass field whose value must be one of `choices`."""
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    bits: int = choice(8, 8)
+    granularity: str = choice("per_channel", "per_channel", "per_tensor")
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    bits: int = choice(8, 8)
+    # How activation ranges are chosen from calibration data. histogram = torchao's HistogramObserver
+    # (L2-optimal range search); minmax is the naive baseline.
+    observer: str = choice("histogram", "histogram", "minmax", "moving_average")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    images: int = 512  # calibration images drawn from --calib
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Quantization:
+    weights: WeightQuant = field(default_factory=WeightQuant)
+    activations: ActivationQuant = field(default_factory=ActivationQuant)
+    calibration: Calibration = field(default_factory=Calibration)
+
+
+@dataclass(frozen=True)
+class Verification:
+    images: int = 256  # held-back images (disjoint from calibration) used to compare with float
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "ptq-int8"
+    description: str = ""
+    quantization: Quantization = field(default_factory=Quantization)
+    verification: Verification = field(default_factory=Verification)
+    # Per-target options, e.g. {'onnx': OnnxOptions(opset=18)}; each target declares its own options class.
+    targets: dict = field(default_factory=dict)
+    source: str = field(default="<built-in>", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def load_recipe(name_or_path: Optional[str]) -> Recipe:
+    """Load a recipe by shipped name ('ptq-int8') or by path; None gives the default recipe."""
+    if name_or_path is None:
+        name_or_path = "ptq-int8"
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            shipped = shipped_recipes()
+            raise UserError(
+                f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, shipped)}; "
+                f"shipped recipes: {', '.join(shipped) or 'none'}, or give a path to a .yaml file"
+            )
+    if not path.is_file():
+        raise UserError(f"recipe file '{name_or_path}' not found")
+    return parse_recipe(path.read_text(), str(path))
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+
+
+def parse_recipe(text: str, source: str = "<string>") -> Recipe:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if node is None:
+        return Recipe(source=source)
+    recipe = _build(Recipe, node, source, "")
+    return dataclasses.replace(recipe, source=source)
+
+
+def _build_targets(node: yaml.Node, source: str) -> dict[str, Any]:
+    from .targets import get_target, target_names
+
+    if not isinstance(node, yaml.MappingNode):
+        raise UserError(f"{_where(source, node)}: 'targets' must map target names to options")
+    out = {}
+    for key_node, value_node in node.value:
+        name = key_node.value
+        if name not in target_names():
+            raise UserError(
+                f"{_where(source, key_node)}: unknown target 'targets.{name}'{did_you_mean(name, target_names())}; "
+                f"valid targets: {', '.join(target_names())}"
+            )
+        options_cls = get_target(name).Options
+        if isinstance(value_node, yaml.ScalarNode) and value_node.value in ("", "~", "null"):
+            out[name] = options_cls()
+        else:
+            out[name] = _build(options_cls, value_node, source, f"targets.{name}")
+    return out
+
+
+def options_for(recipe: Recipe, target: str) -> Any:
+    """The recipe's options for `target`, or that target's defaults."""
+    from .targets import get_target
+
+    return recipe.targets.get(target) or get_target(target).Options()
+
+
+def _where(source: str, node: yaml.Node) -> str:
+    return f"{source}:{node.start_mark.line + 1}"
+
+
+def _build(cls: type, node: yaml.Node, source: str, path: str) -> Any:
+    if not isinstance(node, yaml.MappingNode):
+        raise UserError(f"{_where(source, node)}: '{path or 'recipe'}' must be a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value
+        full = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise UserError(
+                f"{_where(source, key_node)}: unknown key '{full}'{did_you_mean(key, fields)}; "
+                f"valid keys here: {', '.join(fields)}"
+            )
+        typ = hints[key]
+        if cls is Recipe and key == "targets":
+            values[key] = _build_targets(value_node, source)
+        elif dataclasses.is_dataclass(typ):
+            values[key] = _build(typ, value_node, source, full)
+        else:
+            values[key] = _scalar(typ, fields[key], value_node, source, full)
+    return cls(**values)
+
+
+def _scalar(typ: Any, f: dataclasses.Field, node: yaml.Node, source: str, path: str) -> Any:
+    value = yaml.load(yaml.serialize(node), Loader=yaml.SafeLoader)
+    if typ is dict or typing.get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{_where(source, node)}: '{path}' must be a mapping")
+        return value
+    expected = {int: int, float: (int, float), str: str, bool: bool}.get(typ)
+    if expected and (not isinstance(value, expected) or (typ is int and isinstance(value, bool))):
+        raise UserError(f"{_where(source, node)}: '{path}' must be {typ.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(
+            f"{_where(source, node)}: '{path}' must be one of {', '.join(map(str, choices))}, "
+            f"got {value!r}{did_you_mean(str(value), map(str, choices))}"
+        )
+    if typ is int and value < 0:
+        raise UserError(f"{_where(source, node)}: '{path}' must be >= 0, got {value}")
+    return float(value) if typ is float else value
+

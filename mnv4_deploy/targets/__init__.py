@@ -1,0 +1,37 @@
+"""Target registry. Adding a target: one module in this package and one line here."""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UserError, did_you_mean
+from .base import ExportRequest, Runner, Target
+
+_REGISTRY: dict[str, str] = {
+    "onnx": "mnv4_deploy.targets.onnx:OnnxTarget",
+}
+
+
+def target_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_target(name: str) -> Target:
+    if name not in _REGISTRY:
+        raise UserError(
+            f"unknown target '{name}'{did_you_mean(name, _REGISTRY)}; valid targets: {', '.join(_REGISTRY)} or 'all'"
+        )
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def parse_targets(text: str) -> list[str]:
+    """'onnx', 'onnx,tflite' or 'all' -> validated target names."""
+    names = target_names() if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UserError(f"--to needs a target: one of {', '.join(_REGISTRY)}, a comma list, or 'all'")
+    for n in names:
+        get_target(n)
+    return list(dict.fromkeys(names))
+
+
+__all__ = ["ExportRequest", "Runner", "Target", "get_target", "parse_targets", "target_names"]

@@ -1,0 +1,102 @@
+"""The one small interface every deployment target implements.
+
+A target knows how to write its artifact from the prepared float model or the shared int8 PT2E model,
+how to load that artifact in its real runtime, and how to describe it (ops, precisions) for the manifest.
+The pipeline does the rest (atomic writes, verification, manifests, reports) the same way for all targets.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+
+from ..data import LoadedImages
+from ..errors import MissingDependencyError
+from ..models import LoadedModel
+from ..quantize import QuantizedModel
+
+
+@dataclass
+class ExportRequest:
+    """Everything a target may need to write one artifact."""
+
+    loaded: LoadedModel
+    precision: str  # 'fp32' | 'fp16' | 'int8'
+    options: Any  # the target's own Options dataclass, from the recipe
+    quantized: Optional[QuantizedModel] = None  # the shared PT2E int8 model (precision int8)
+    calibration: Optional[LoadedImages] = None  # for target-native quantizers (baselines)
+
+    @property
+    def example(self) -> torch.Tensor:
+        return torch.zeros(self.loaded.preprocessing.input_shape)
+
+
+class Runner(ABC):
+    """An artifact loaded in its runtime: normalised NCHW float32 images in, logits out.
+
+    Runners own their input conversion (layout, integer quantization with the model's own scale and
+    zero point), so every target is verified on exactly the same images.
+    """
+
+    measured: bool = True  # False where the numbers come from a simulation (CoreML on Linux)
+
+    @abstractmethod
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+    @property
+    def max_batch(self) -> Optional[int]:
+        """Largest batch the artifact accepts (None: any)."""
+        return None
+
+
+class Target(ABC):
+    name: ClassVar[str]
+    extra: ClassVar[str]  # the pip extra that installs this target's toolchain
+    artifact_name: ClassVar[str]  # file (or directory) name inside <out>/<target>/
+    precisions: ClassVar[tuple[str, ...]]
+    requires: ClassVar[tuple[str, ...]]  # importable modules the target needs
+    Options: ClassVar[type]
+
+    def check_installed(self) -> None:
+        for module in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise MissingDependencyError(module, self.extra) from None
+
+    @abstractmethod
+    def export(self, request: ExportRequest, path: Path) -> dict[str, Any]:
+        """Write the artifact at `path`; return facts for the manifest (method, opset, ...)."""
+
+    @abstractmethod
+    def load(self, path: Path, request: ExportRequest) -> Runner:
+        """Load the artifact in the target's real runtime."""
+
+    def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
+        """The artifact's input as an app must feed it. Override for NHWC, integer or baked-in inputs."""
+        from ..manifest import input_spec
+
+        pre = request.loaded.preprocessing
+        return input_spec([1, 3, *pre.input_size], pre)
+
+    def describe(self, path: Path) -> dict[str, Any]:
+        """Structural facts for the manifest: operator histogram, precisions, input/output spec."""
+        return {}
+
+    def tool_versions(self) -> dict[str, str]:
+        out = {}
+        for dist in self.distributions():
+            try:
+                out[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return out
+
+    def distributions(self) -> tuple[str, ...]:
+        return ()

@@ -1,0 +1,53 @@
+"""Shared fixtures: the reference checkpoint and real images from ../shared (skipped when absent)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("MNV4_SHARED", REPO.parent / "shared"))
+REFERENCE = SHARED / "models" / "mnv4_conv_small_tin202.pth"
+HYBRID_REFERENCE = SHARED / "models" / "mnv4_hybrid_medium_tin202_e1.pth"
+TIN = SHARED / "data" / "tiny-imagenet-202"
+
+# The reference checkpoint's preprocessing: 64x64 images as they are, ImageNet mean/std.
+REFERENCE_ARGS = ["--model", "mobilenetv4_conv_small", "--weights", str(REFERENCE), "--num-classes", "202",
+                  "--input-size", "64", "--crop-pct", "1.0"]
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint() -> Path:
+    if not REFERENCE.is_file():
+        pytest.skip(f"reference checkpoint not found at {REFERENCE} (../shared is absent outside CI)")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet() -> Path:
+    if not (TIN / "train").is_dir():
+        pytest.skip(f"Tiny ImageNet not found at {TIN} (../shared is absent outside CI)")
+    return TIN
+
+
+@pytest.fixture()
+def image_folder(tmp_path: Path) -> Path:
+    """A small ImageFolder of real photographs (crops of scikit-image's samples), two classes."""
+    import skimage
+    from PIL import Image
+
+    data = Path(skimage.__file__).parent / "data"
+    root = tmp_path / "images"
+    for cls, names in {"a": ["astronaut.png", "coffee.png", "chelsea.png"], "b": ["rocket.jpg", "motorcycle_left.png", "ihc.png"]}.items():
+        (root / cls).mkdir(parents=True)
+        for i, name in enumerate(names):
+            img = Image.open(data / name).convert("RGB")
+            for j in range(3):
+                w, h = img.size
+                s = min(w, h) // (j + 1)
+                img.crop((0, 0, s, s)).resize((80, 80)).save(root / cls / f"{i}_{j}.jpg")
+    return root
