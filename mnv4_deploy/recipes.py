@@ -31,9 +31,11 @@ class WeightQuant:
 @dataclass(frozen=True)
 class ActivationQuant:
     bits: int = choice(8, 8)
-    # How activation ranges are chosen from calibration data. histogram = torchao's HistogramObserver
-    # (L2-optimal range search); minmax is the naive baseline.
-    observer: str = choice("histogram", "histogram", "minmax", "moving_average")
+    # How activation ranges are chosen from calibration data (see mnv4_deploy/observers.py):
+    # per-batch statistics averaged over batches (mean_minmax, percentile, mse) resist MNv4's outliers;
+    # minmax and histogram (torchao's HistogramObserver) are the naive baselines.
+    observer: str = choice("percentile", "percentile", "mse", "mean_minmax", "histogram", "minmax", "moving_average")
+    percentile: float = 99.99  # for observer: percentile
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,11 @@ def _build(cls: type, node: yaml.Node, source: str, path: str) -> Any:
 
 
 def _scalar(typ: Any, f: dataclasses.Field, node: yaml.Node, source: str, path: str) -> Any:
-    value = yaml.load(yaml.serialize(node), Loader=yaml.SafeLoader)
+    try:
+        value = yaml.load(yaml.serialize(node), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{_where(source, node)}: '{path}' has a value the safe YAML loader refuses: "
+                        f"{str(exc).splitlines()[0]}") from None
     if typ is dict or typing.get_origin(typ) is dict:
         if not isinstance(value, dict):
             raise UserError(f"{_where(source, node)}: '{path}' must be a mapping")
