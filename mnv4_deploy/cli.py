@@ -29,9 +29,9 @@ TARGET_OPTION_FLAGS = ("io_dtype", "layout", "bake_normalization", "weights_only
                        "minimum_deployment_target", "image_input")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, metavar="NAME",
+    g.add_argument("--model", required=required, metavar="NAME",
                    help="timm MNv4 variant, e.g. mobilenetv4_conv_small (see `mnv4-deploy inspect --list`)")
     g.add_argument("--weights", default="pretrained", metavar="SRC",
                    help="'pretrained' (timm hub weights, default), 'random', or a .pth/.pt/.safetensors state_dict")
@@ -93,7 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="list models, targets and recipes, or show a manifest")
     insp.add_argument("--list", action="store_true", help="list MNv4 variants, targets and shipped recipes")
     insp.add_argument("manifest", nargs="?", type=Path, help="a manifest.json (or its folder) to summarise")
+    insp.add_argument("--sensitivity", action="store_true",
+                      help="per-layer int8 sensitivity of --model: each quantizer alone, and each left float")
+    insp.add_argument("--calib", type=Path, metavar="DIR", help="calibration images for --sensitivity")
+    insp.add_argument("--recipe", metavar="NAME|FILE", help="recipe for --sensitivity (default ptq-int8)")
+    insp.add_argument("--images", type=int, default=128, metavar="N", help="images to judge sensitivity on")
+    insp.add_argument("--json-out", type=Path, metavar="FILE", help="write the sensitivity table as JSON")
+    _add_model_options(insp, required=False)
     insp.set_defaults(func=cmd_inspect)
+    from .report import add_report_command
+
+    add_report_command(sub)
     return parser
 
 
@@ -132,6 +142,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.sensitivity:
+        return _inspect_sensitivity(args)
     if args.manifest is not None:
         path = args.manifest / "manifest.json" if args.manifest.is_dir() else args.manifest
         if not path.is_file():
@@ -150,6 +162,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("models:  " + ", ".join(list_variants()))
     print("targets: " + ", ".join(target_names()))
     print("recipes: " + ", ".join(shipped_recipes()))
+    return 0
+
+
+def _inspect_sensitivity(args: argparse.Namespace) -> int:
+    from .fileio import write_json
+    from .pipeline import ConvertSettings, sensitivity_report
+
+    if not args.model:
+        raise UserError("--sensitivity needs --model (and usually --weights and --calib)")
+    settings = ConvertSettings(model=args.model, out=Path("."), precision="int8", weights=args.weights,
+                               num_classes=args.num_classes, preprocessing=_preprocessing_overrides(args),
+                               calib=args.calib, recipe=args.recipe, progress=sys.stderr.isatty())
+    result = sensitivity_report(settings, args.images)
+    full = result["all_quantized"]
+    print(f"all quantizers on: top-1 agreement {100 * full['top1_agreement']:.2f}%, SQNR {full['sqnr_db']:.1f} dB "
+          f"({result['images']} images; most sensitive first)")
+    print(f"{'layer':44} {'op':10} {'kind':10} {'alone SQNR dB':>13} {'alone agree':>11} {'float-others agree':>18}")
+    for r in result["sites"]:
+        print(f"{r['layer'][:44]:44} {r['op'][:10]:10} {r['kind']:10} {r['only_this_sqnr_db']:13.1f} "
+              f"{100 * r['only_this_agreement']:10.1f}% {100 * r['all_but_this_agreement']:17.1f}%")
+    if args.json_out:
+        write_json(args.json_out, result)
+        print(f"wrote {args.json_out}")
     return 0
 
 

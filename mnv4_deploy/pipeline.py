@@ -105,8 +105,13 @@ def apply_overrides(options: Any, overrides: dict[str, Any]) -> Any:
     return dataclasses.replace(options, **given) if given else options
 
 
-def convert(settings: ConvertSettings) -> list[ArtifactResult]:
-    """Run the whole pipeline for each requested target; return one result per artifact."""
+def convert(settings: ConvertSettings,
+            on_target_error: Optional[Callable[[str, Exception], None]] = None) -> list[ArtifactResult]:
+    """Run the whole pipeline for each requested target; return one result per artifact.
+
+    `on_target_error(target, exc)`, when given, receives a target's export/verification failure and the other
+    targets go on with the same quantized model (the report grid uses this); by default the error propagates.
+    """
     if settings.precision not in PRECISIONS:
         raise UserError(f"unknown precision '{settings.precision}': use one of {', '.join(PRECISIONS)}")
     recipe = load_recipe(settings.recipe)
@@ -140,15 +145,21 @@ def convert(settings: ConvertSettings) -> list[ArtifactResult]:
     if settings.precision == "int8":
         log(f"quantizing with recipe '{recipe.name}' on {cal_src}")
         quantized = quantize(loaded.model, cal, recipe, cal_src, progress)
-        for ev in evals:
-            ev.simulated_logits = quantized.simulate(ev.images.x, batch)
+        # The fake-quant simulation is slow in PyTorch; the held-back images suffice to catch a runtime
+        # that disagrees with it (a converter that re-quantizes or drops a quantizer).
+        evals[0].simulated_logits = quantized.simulate(evals[0].images.x, batch)
 
     results = []
     for target in targets:
         log(f"[{target.name}] exporting {settings.precision}")
         options = apply_overrides(options_for(recipe, target.name), settings.target_options)
         request = ExportRequest(loaded, settings.precision, options, quantized, cal)
-        results.append(export_and_verify(target, request, recipe, evals, settings))
+        try:
+            results.append(export_and_verify(target, request, recipe, evals, settings))
+        except Exception as exc:
+            if on_target_error is None or isinstance(exc, UserError):
+                raise
+            on_target_error(target.name, exc)
     return results
 
 
@@ -191,6 +202,21 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
     manifest_path = out_dir / "manifest.json"
     write_json(manifest_path, manifest)
     return ArtifactResult(target.name, request.precision, final, manifest_path, manifest)
+
+
+def sensitivity_report(settings: ConvertSettings, images: int = 128) -> dict[str, Any]:
+    """Calibrate with the recipe, then measure each quantizer's effect on held-back images."""
+    from .sensitivity import analyse
+
+    recipe = load_recipe(settings.recipe)
+    loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
+    prepare(loaded.model)
+    cal, cal_src, ver, ver_src = load_data(settings, loaded, recipe)
+    quantized = quantize(loaded.model, cal, recipe, cal_src, _progress(settings))
+    x = ver.x[:images]
+    result = analyse(quantized.prepared, x, torch_logits(loaded.model, x), _progress(settings))
+    return {"model": loaded.describe(), "recipe": recipe.name, "calibration": quantized.calibration,
+            "evaluated_on": ver_src} | result
 
 
 def summary_table(results: Sequence[ArtifactResult]) -> str:

@@ -30,11 +30,20 @@ def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool 
 def _activation_observer(spec: ActivationQuant) -> Any:
     from torchao.quantization.pt2e import observer as obs
 
+    from . import observers
+
     return {
         "histogram": obs.HistogramObserver,
         "minmax": obs.MinMaxObserver,
         "moving_average": obs.MovingAverageMinMaxObserver,
+        "mean_minmax": observers.MeanMinMaxObserver,
+        "percentile": observers.PercentileObserver,
+        "mse": observers.MSEObserver,
     }[spec.observer]
+
+
+def _activation_observer_args(spec: ActivationQuant) -> dict[str, Any]:
+    return {"percentile": spec.percentile} if spec.observer == "percentile" else {}
 
 
 def build_quantizer(q: Quantization) -> Any:
@@ -51,7 +60,8 @@ def build_quantizer(q: Quantization) -> Any:
     base = get_symmetric_quantization_config(is_per_channel=q.weights.granularity == "per_channel")
     act = QuantizationSpec(
         dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
-        observer_or_fake_quant_ctr=_activation_observer(q.activations).with_args(eps=2**-12),
+        observer_or_fake_quant_ctr=_activation_observer(q.activations).with_args(
+            eps=2**-12, **_activation_observer_args(q.activations)),
     )
     per_channel = q.weights.granularity == "per_channel"
     weight = QuantizationSpec(
@@ -92,6 +102,19 @@ class QuantizedModel:
         return self._sim
 
 
+def _tag_adds(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Let the quantizer see tensor adds (the residual connections).
+
+    Non-strict torch.export leaves no `source_fn_stack` on aten.add nodes, and litert-torch's add annotator
+    finds adds only through it: residual adds then stay float (QUANTIZE/DEQUANTIZE around every skip
+    connection), which breaks full-integer TFLite models and misstates the int8 model for every target.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.add.Tensor and "source_fn_stack" not in node.meta:
+            node.meta["source_fn_stack"] = [(node.name, torch.add)]
+    return gm
+
+
 def quantize(
     model: nn.Module,
     calibration: LoadedImages,
@@ -106,7 +129,7 @@ def quantize(
     example = torch.from_numpy(calibration.x[:2])
     start = time.perf_counter()
     quantizer = build_quantizer(q)
-    prepared = prepare_pt2e(export_program(model, example).module(), quantizer)
+    prepared = prepare_pt2e(_tag_adds(export_program(model, example).module()), quantizer)
     batches = list(calibration.batches(q.calibration.batch_size))
     it = progress(batches, desc="calibrating", unit="batch") if progress else batches
     with torch.no_grad():
@@ -120,4 +143,18 @@ def quantize(
         "activations": f"int{q.activations.bits} per_tensor affine, {q.activations.observer} observer",
         "seconds": round(time.perf_counter() - start, 2),
     }
+    if q.fallback.max_layers > 0:
+        prepared, info["fallback"] = _apply_fallback(prepared, model, calibration, q)
     return QuantizedModel(prepared, recipe, info, quantizer)
+
+
+def _apply_fallback(prepared: torch.fx.GraphModule, model: nn.Module, calibration: LoadedImages,
+                    q: Quantization) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
+    """Leave the most sensitive activations float, judged on the calibration images (never the held-back ones)."""
+    from . import sensitivity
+    from .verify import torch_logits
+
+    x = calibration.x[:256]
+    chosen = sensitivity.choose_fallback(prepared, x, torch_logits(model, x), q.fallback.target_agreement,
+                                         q.fallback.max_layers)
+    return sensitivity.remove_sites(prepared, chosen["float_sites"]), chosen

@@ -46,10 +46,19 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """Keep the most sensitive activations in float (targets that allow mixed precision only)."""
+
+    max_layers: int = 0  # 0 = off
+    target_agreement: float = 0.97  # stop once top-1 agreement with float (calibration images) reaches this
+
+
+@dataclass(frozen=True)
 class Quantization:
     weights: WeightQuant = field(default_factory=WeightQuant)
     activations: ActivationQuant = field(default_factory=ActivationQuant)
     calibration: Calibration = field(default_factory=Calibration)
+    fallback: Fallback = field(default_factory=Fallback)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""report.html: one self-contained page (inline CSS and SVG, no scripts, no network) for people, not CI."""
+from __future__ import annotations
+
+import json
+from html import escape
+from typing import Any, Optional
+
+from . import svg
+from .gate import GateResult
+from .markdown import cells_rows, gate_lines
+from .roofline import DEVICES, OP_TYPES
+from .schema import value
+
+CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f4f4f4}td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}
+.fail{color:#b00;font-weight:bold}.pass{color:#070;font-weight:bold}figure{margin:1.5em 0}figcaption{font-size:12px;color:#555}
+code{background:#f4f4f4;padding:1px 3px}.est{color:#a60}"""
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(svg_text: str, caption: str) -> str:
+    return f"<figure>{svg_text}<figcaption>{escape(caption)}</figcaption></figure>"
+
+
+def accuracy_latency_plot(report: dict[str, Any]) -> str:
+    # simulated latency (e.g. CoreML run as a PyTorch simulation on Linux) says nothing about the device
+    ok = [c for c in report["cells"] if c["status"] in ("built", "reused") and c.get("numbers") != "simulated"]
+    use_top1 = bool(ok) and all(value(c, "val.top1") is not None for c in ok)
+    key = "val.top1" if use_top1 else None
+    points, ref = [], None
+    for c in ok:
+        if key:
+            y = value(c, key)
+            ref = value(c, "val.float_top1")
+        else:
+            y = value(c, "val.top1_agreement") if value(c, "val.top1_agreement") is not None \
+                else value(c, "held_back.top1_agreement")
+        label = c["precision"]
+        points.append((c["metrics"]["latency_median"]["value"], round(100 * y, 3), label, c["target"]))
+    ylabel = "val top-1 (%)" if key else "top-1 agreement with float (%)"
+    return svg.scatter(points, "Accuracy vs latency (measured on this host)", "median latency, batch 1 (ms)", ylabel,
+                       hline=(round(100 * ref, 3), "float PyTorch") if ref is not None else None)
+
+
+def size_plot(report: dict[str, Any]) -> str:
+    ok = [c for c in report["cells"] if c["status"] in ("built", "reused")]
+    targets = list(dict.fromkeys(c["target"] for c in ok))
+    precisions = list(dict.fromkeys(c["precision"] for c in ok))
+    values = {(c["target"], c["precision"]): round(c["metrics"]["size"]["value"] / 1e6, 3) for c in ok}
+    return svg.grouped_bars(targets, precisions, values, "Artifact size per target", "size (MB)")
+
+
+def roofline_plots(report: dict[str, Any]) -> list[str]:
+    roof = report.get("roofline")
+    if not roof:
+        return []
+    out = []
+    precs = list(roof["precisions"])
+    devices = list(DEVICES)
+    values = {(DEVICES[d][0], p): roof["precisions"][p]["estimated_cost"]["value"][d] for p in precs for d in devices}
+    out.append(_figure(svg.grouped_bars([DEVICES[d][0] for d in devices], precs, values,
+                                        "ESTIMATED cost on the paper's hardware (roofline)", "MB-eq (normalised)"),
+                       "Estimated, not measured: sum over layers of max(MACs/PeakMACs, bytes/PeakMemBW) with the "
+                       "paper's ridge points; PeakMemBW normalised to 1, so compare precisions within one device."))
+    precision = "int8" if "int8" in roof["precisions"] else precs[0]
+    entry = roof["precisions"][precision]
+    out.append(_figure(svg.stacked_shares(entry["op_type_share"]["value"], {d: DEVICES[d][0] for d in devices},
+                                          OP_TYPES, f"ESTIMATED cost share per op type ({precision}), by ridge point"),
+                       "Like the MNv4 paper's Figure 3: as the ridge point grows, memory-heavy ops "
+                       "(fully connected, pointwise at low resolution) cost relatively more than MAC-heavy ones."))
+    layers = roof["layers"]
+    kinds = [layer["op_type"] for layer in layers]
+    names = [f"{layer['name']} {layer['shape']}" for layer in layers]
+    for d in (devices[0], devices[-1]):
+        out.append(_figure(svg.layer_bars(entry["layer_cost"]["value"][d], kinds, names,
+                                          f"ESTIMATED per-layer cost, {precision}, {DEVICES[d][0]} (RP {DEVICES[d][1]})",
+                                          "MB-eq", OP_TYPES),
+                           "Per-layer roofline cost in network order (hover a bar for the layer and its shape)."))
+    return out
+
+
+def render(report: dict[str, Any], gate: Optional[GateResult] = None, baseline_name: str = "baseline") -> str:
+    model = report.get("model", {})
+    s = report.get("settings", {})
+    header, rows = cells_rows(report)
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>mnv4-deploy report: {escape(str(model.get('name', '')))}</title><style>{CSS}</style></head><body>",
+        f"<h1>mnv4-deploy report: {escape(str(model.get('name', '?')))}</h1>",
+        f"<p>weights <code>{escape(str(model.get('weights')))}</code> (sha256 {escape(str(model.get('weights_sha256'))[:12])}…), "
+        f"input {escape(str(s.get('input_size')))}, recipe <code>{escape(str(s.get('recipe')))}</code>, "
+        f"created {escape(str(report.get('created')))} on {escape(str(report.get('host', {}).get('hostname')))}.</p>",
+    ]
+    if gate is not None:
+        cls, word = ("pass", "PASSED") if gate.passed else ("fail", f"FAILED ({len(gate.regressions)} regressions)")
+        parts.append(f'<h2>Regression gate vs {escape(baseline_name)}: <span class="{cls}">{word}</span></h2>')
+        parts.append("<pre>" + escape("\n".join(gate_lines(gate, baseline_name)[2:])) + "</pre>")
+    parts += ["<h2>Artifacts (measured in each target's runtime)</h2>", _table(header, rows)]
+    ok = [c for c in report["cells"] if c["status"] in ("built", "reused")]
+    if ok:
+        parts.append(_figure(accuracy_latency_plot(report),
+                             "Each point is an artifact; outlined points and the dashed line form the Pareto front "
+                             "(nothing else is both faster and more accurate). Cells with simulated numbers "
+                             "(no runtime on this host) are left out."))
+        parts.append(_figure(size_plot(report), "Artifact size on disk."))
+    parts.append('<h2 class="est">Estimated latency on the paper\'s hardware (not measured)</h2>')
+    roof = report.get("roofline")
+    if roof:
+        parts.append(f"<p>{escape(roof['method'])}. Unit: {escape(roof['precisions'][next(iter(roof['precisions']))]['estimated_cost']['unit'])}.</p>")
+        parts.append(_table(["precision"] + [f"{n} (RP {rp})" for n, rp in DEVICES.values()],
+                            [[p] + [f"{e['estimated_cost']['value'][k]:.3f}"
+                                    + (f" (×{e['relative_to_fp32']['value'][k]:.2f} vs fp32)" if "relative_to_fp32" in e else "")
+                                    for k in DEVICES] for p, e in roof["precisions"].items()]))
+    parts += roofline_plots(report)
+    sens = report.get("sensitivity")
+    if sens and sens.get("layers"):
+        op = {layer["name"]: layer["op_type"] for layer in (roof or {}).get("layers", [])}
+        names = [layer["name"] for layer in sens["layers"]]
+        parts.append("<h2>Per-layer int8 sensitivity (simulated)</h2>")
+        parts.append(_figure(svg.layer_bars([max(0.0, min(layer["sqnr_db"], 99.0)) for layer in sens["layers"]],
+                                            [op.get(n, "other") for n in names], names,
+                                            "Per-layer int8 sensitivity: logits SQNR with only this layer int8",
+                                            "SQNR dB (lower = more sensitive)", OP_TYPES + ("other",)),
+                             f"{sens['method']} ({sens['images']} images)."))
+    parts.append("<h2>Provenance</h2><pre>" + escape(json.dumps(
+        {"host": report.get("host"), "tool_versions": report.get("tool_versions"), "settings": s}, indent=2)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,165 @@
+"""Per-layer quantization sensitivity, and keeping the most sensitive layers in float.
+
+Every quantizer in the calibrated PT2E graph (an observer on a weight or an activation) is a "site".
+Sensitivity = what happens to the logits when only that site is quantized (SQNR vs float, top-1 agreement).
+To measure it cheaply, observers are swapped for switchable fake-quantizers with the calibrated
+scale/zero point, so each site is toggled without re-converting the graph.
+
+A fallback removes the chosen sites' observers before conversion, so those tensors stay float in the
+exported model (ONNX, OpenVINO; TFLite with float I/O). Full-integer targets cannot take a fallback.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .verify import compare
+
+
+@dataclass
+class Site:
+    """One quantizer in the graph: the observer module, what it quantizes, and where."""
+
+    name: str  # observer module name in the prepared graph (activation_post_process_N)
+    kind: str  # 'weight' or 'activation'
+    layer: str  # module path in the float model (e.g. blocks.2.0.dw_mid.conv) or the op's name
+    op: str  # the op whose input/output it quantizes
+
+
+def find_sites(prepared: torch.fx.GraphModule) -> list[Site]:
+    modules = dict(prepared.named_modules())
+    sites: dict[str, Site] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or not _is_observer(modules.get(node.target)) or node.target in sites:
+            continue
+        src = node.args[0]
+        kind = "weight" if src.op == "get_attr" else "activation"
+        user = next(iter(node.users), None)
+        described = src if kind == "activation" and src.op == "call_function" else user
+        sites[node.target] = Site(node.target, kind, _layer_name(described), _op_name(described))
+    return list(sites.values())
+
+
+def _is_observer(module: Optional[nn.Module]) -> bool:
+    return module is not None and hasattr(module, "calculate_qparams") and hasattr(module, "min_val")
+
+
+def _layer_name(node: Any) -> str:
+    stack = getattr(node, "meta", {}).get("nn_module_stack") if node is not None else None
+    if stack:
+        return list(stack.values())[-1][0] or "model"
+    return getattr(node, "name", "?")
+
+
+def _op_name(node: Any) -> str:
+    target = getattr(node, "target", None)
+    return getattr(target, "__name__", str(target)).split(".")[0] if target is not None else "?"
+
+
+class _SwitchableFakeQuant(nn.Module):
+    """Fake-quantizes with a calibrated observer's qparams when enabled; identity otherwise."""
+
+    def __init__(self, observer: nn.Module) -> None:
+        super().__init__()
+        scale, zero_point = observer.calculate_qparams()
+        self.register_buffer("scale", scale.float().reshape(-1))
+        self.register_buffer("zero_point", zero_point.int().reshape(-1))
+        self.qmin, self.qmax = int(observer.quant_min), int(observer.quant_max)
+        self.axis = int(getattr(observer, "ch_axis", 0))
+        self.per_channel = self.scale.numel() > 1
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
+        return torch.fake_quantize_per_tensor_affine(x, float(self.scale), int(self.zero_point), self.qmin, self.qmax)
+
+
+class SiteToggler:
+    """A copy of the calibrated graph whose quantizers can be switched on and off one by one."""
+
+    def __init__(self, prepared: torch.fx.GraphModule) -> None:
+        self.model = copy.deepcopy(prepared)
+        self.sites = find_sites(self.model)
+        self.switches: dict[str, _SwitchableFakeQuant] = {}
+        for site in self.sites:
+            switch = _SwitchableFakeQuant(getattr(self.model, site.name))
+            setattr(self.model, site.name, switch)
+            self.switches[site.name] = switch
+
+    def set_enabled(self, enabled: Callable[[str], bool]) -> None:
+        for name, switch in self.switches.items():
+            switch.enabled = enabled(name)
+
+    def logits(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+        with torch.no_grad():
+            return np.concatenate([self.model(torch.from_numpy(x[i:i + batch_size])).numpy()
+                                   for i in range(0, len(x), batch_size)])
+
+
+def analyse(prepared: torch.fx.GraphModule, x: np.ndarray, float_logits: np.ndarray,
+            progress: Optional[Callable] = None) -> dict[str, Any]:
+    """Quantize one site at a time (all others float); also each site left float with all others int8."""
+    tog = SiteToggler(prepared)
+    tog.set_enabled(lambda n: True)
+    full = compare(tog.logits(x), float_logits)
+    rows = []
+    it = progress(tog.sites, desc="sensitivity", unit="site") if progress else tog.sites
+    for site in it:
+        tog.set_enabled(lambda n: n == site.name)
+        only = compare(tog.logits(x), float_logits)
+        tog.set_enabled(lambda n: n != site.name)
+        without = compare(tog.logits(x), float_logits)
+        rows.append(dataclasses.asdict(site) | {
+            "only_this_sqnr_db": only.sqnr_db, "only_this_agreement": only.top1_agreement,
+            "all_but_this_agreement": without.top1_agreement, "all_but_this_sqnr_db": without.sqnr_db,
+        })
+    rows.sort(key=lambda r: r["only_this_sqnr_db"])
+    return {"images": len(x), "all_quantized": full.to_dict(), "sites": rows}
+
+
+def choose_fallback(prepared: torch.fx.GraphModule, x: np.ndarray, float_logits: np.ndarray,
+                    target_agreement: float, max_sites: int, kinds: Sequence[str] = ("activation",)) -> dict[str, Any]:
+    """Greedily leave in float the site whose removal helps most, until `target_agreement` or `max_sites`.
+
+    Ranked once by the 'all but this' SQNR (what keeping that site float buys), then added in that order.
+    """
+    tog = SiteToggler(prepared)
+    candidates = [s for s in tog.sites if s.kind in kinds]
+    gains = []
+    for site in candidates:
+        tog.set_enabled(lambda n: n != site.name)
+        gains.append((compare(tog.logits(x), float_logits).sqnr_db, site.name))
+    gains.sort(reverse=True)
+    kept_float: list[str] = []
+    tog.set_enabled(lambda n: True)
+    history = [compare(tog.logits(x), float_logits).top1_agreement]
+    for _, name in gains[:max_sites]:
+        if history[-1] >= target_agreement:
+            break
+        kept_float.append(name)
+        tog.set_enabled(lambda n: n not in kept_float)
+        history.append(compare(tog.logits(x), float_logits).top1_agreement)
+    layers = {s.name: f"{s.layer} ({s.op} {s.kind})" for s in tog.sites}
+    return {"float_sites": kept_float, "float_layers": [layers[n] for n in kept_float], "agreement_history": history}
+
+
+def remove_sites(prepared: torch.fx.GraphModule, names: Sequence[str]) -> torch.fx.GraphModule:
+    """A copy of the calibrated graph without the named observers: those tensors stay float after convert."""
+    gm = copy.deepcopy(prepared)
+    drop = set(names)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target in drop:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
