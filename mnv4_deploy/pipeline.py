@@ -98,6 +98,15 @@ def load_data(settings: ConvertSettings, loaded: LoadedModel, recipe: Recipe) ->
     return cal, f"{settings.calib} ({len(cal)} images)", ver, f"{settings.calib} (held back, {len(ver)} images)"
 
 
+def _installed(target: Any) -> bool:
+    try:
+        target.check_installed()
+        return True
+    except UserError as exc:
+        log(f"note: skipping {target.name}: {exc}")
+        return False
+
+
 def apply_overrides(options: Any, overrides: dict[str, Any]) -> Any:
     """Set the given fields on a target's Options (frozen dataclass) where it has them."""
     names = {f.name for f in dataclasses.fields(options)}
@@ -116,6 +125,10 @@ def convert(settings: ConvertSettings,
         raise UserError(f"unknown precision '{settings.precision}': use one of {', '.join(PRECISIONS)}")
     recipe = load_recipe(settings.recipe)
     targets = [get_target(n) for n in parse_targets(settings.targets)]
+    if settings.targets.strip() == "all":  # 'all' = every target that is installed and supports the precision
+        targets = [t for t in targets if settings.precision in t.precisions and _installed(t)]
+        if not targets:
+            raise UserError(f"no installed target supports {settings.precision}: pip install 'mnv4-deploy[all]'")
     for t in targets:
         if settings.precision not in t.precisions:
             raise UserError(f"target '{t.name}' does not support {settings.precision}: use {', '.join(t.precisions)}")

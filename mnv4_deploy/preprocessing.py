@@ -86,7 +86,7 @@ class Preprocessing:
         left = max(0, (img.size[0] - tw) // 2)
         top = max(0, (img.size[1] - th) // 2)
         img = img.crop((left, top, left + tw, top + th))
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
     def normalize(self, hwc_uint8: np.ndarray) -> np.ndarray:
         """HWC uint8 -> CHW float32, scaled to [0,1] then mean/std normalised."""
