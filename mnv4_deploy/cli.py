@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import UserError
+from .errors import UserError, VerificationError
 
 EPILOG_CONVERT = """\
 examples:
@@ -197,6 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         print(f"mnv4-deploy: error: {exc}", file=sys.stderr)
         return 2
+    except VerificationError as exc:  # an artifact was built but fails what was asked: not written
+        print(f"mnv4-deploy: verification failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mnv4-deploy: interrupted (no partial artifacts were left)", file=sys.stderr)
         return 130
