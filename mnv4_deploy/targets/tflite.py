@@ -1,0 +1,463 @@
+"""TFLite / LiteRT target: litert-torch conversion, verified in ai_edge_litert's interpreter (XNNPACK).
+
+fp32: plain conversion. fp16: float16 weights (ai-edge-quantizer float casting through litert-torch's
+`full_fp16_recipe`; DEQUANTIZE ops feed float kernels). int8: the project's shared PT2E model converted with
+litert-torch's QDQ lowering into int8 kernels.
+
+I/O is the deployer's choice: `io_dtype` float keeps QUANTIZE/DEQUANTIZE inside the model; int8/uint8 give a
+full-integer model (EdgeTPU, NNAPI) whose input is quantized with the model's own scale/zero point.
+`layout: nhwc` and `bake_normalization` wrap the PyTorch model before conversion, so the graph itself takes
+NHWC raw RGB and the converter folds the layout transposes away.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import io
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError, VerificationError
+from ..recipes import choice
+from .base import ExportRequest, Runner, Target
+
+_FLOAT_DTYPES = (np.float32, np.float16, np.float64)
+
+
+@dataclass(frozen=True)
+class TfliteOptions:
+    # float: float input/output, (de)quantize inside. int8/uint8: full-integer model, integer I/O (EdgeTPU).
+    io_dtype: str = choice("float", "float", "int8", "uint8")
+    # nhwc: the graph takes NHWC (what camera buffers and mobile runtimes use); no transpose in the model.
+    layout: str = choice("nchw", "nchw", "nhwc")
+    # The model takes raw 0..255 RGB and normalises inside (folded into the stem convolution).
+    bake_normalization: bool = False
+    # Fixed interpreter (XNNPACK) thread count, so latency numbers compare; 0 = LiteRT's default.
+    threads: int = 2
+
+
+class TfliteTarget(Target):
+    name = "tflite"
+    extra = "tflite"
+    artifact_name = "model.tflite"
+    precisions = ("fp32", "fp16", "int8")
+    requires = ("litert_torch", "ai_edge_litert")
+    Options = TfliteOptions
+
+    def distributions(self) -> tuple[str, ...]:
+        return ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "litert-converter")
+
+    def export(self, request: ExportRequest, path: Path) -> dict[str, Any]:
+        opts: TfliteOptions = request.options
+        check_options(opts, request.precision)
+        start = time.perf_counter()
+        wrapped = needs_wrapper(opts)
+        model = deploy_module(request.loaded.model, request.loaded.preprocessing, opts)
+        example = torch.zeros(example_shape(request.loaded.preprocessing.input_size, opts))
+        info: dict[str, Any] = {
+            "converter": "litert_torch.convert",
+            "io_dtype": opts.io_dtype,
+            "layout": opts.layout.upper(),
+            "normalization_inside": opts.bake_normalization,
+        }
+        if request.precision == "int8":
+            quantized = request.quantized
+            if quantized is None:
+                raise ValueError("int8 export needs the shared PT2E model (request.quantized)")
+            if wrapped:
+                # The shared PT2E graph takes normalised NCHW; a graph with another input needs its own
+                # observers at that input, so the same recipe is re-run on the wrapped model.
+                from ..quantize import quantize
+
+                calib = wrapper_calibration(request, opts)
+                quantized = quantize(model, calib, quantized.recipe, "same calibration images, wrapped input")
+                info["requantized"] = ("PT2E re-run with the same recipe and calibration images on the model "
+                                       "wrapped for NHWC / raw-pixel input; vs_pytorch_simulation still compares "
+                                       "with the shared (unwrapped) int8 model")
+            info["method"] = ("pt2e (shared project quantization) -> litert QDQ lowering: int8 weights "
+                              "per-channel symmetric, int8 activations per-tensor")
+            content = _convert_int8(quantized, example)
+            content = set_io_dtype(content, opts.io_dtype)
+        elif request.precision == "fp16":
+            from litert_torch.generative.quantize.quant_recipes import full_fp16_recipe
+
+            info["method"] = "float16 weights (ai-edge-quantizer float casting), float32 compute and I/O"
+            content = _convert(model, example, full_fp16_recipe())
+        else:
+            info["method"] = "float"
+            content = _convert(model, example, None)
+        Path(path).write_bytes(content)
+        info["seconds"] = round(time.perf_counter() - start, 2)
+        return info
+
+    def load(self, path: Path, request: ExportRequest) -> Runner:
+        opts: TfliteOptions = request.options
+        if request.precision == "int8" and opts.io_dtype != "float":
+            left = float_ops(path)
+            if left:
+                listed = ", ".join(f"{name} x{n}" for name, n in sorted(left.items(), key=lambda kv: -kv[1]))
+                raise VerificationError(
+                    f"full-integer ({opts.io_dtype} I/O) was asked but {sum(left.values())} ops still run in "
+                    f"float: {listed}; use --io-dtype float to ship it with float fallbacks")
+        return TfliteRunner(path, request.loaded.preprocessing, opts)
+
+    def describe(self, path: Path) -> dict[str, Any]:
+        ops, tensors = graph(path)
+        inputs, outputs = _io(path)
+        counts = collections.Counter(op["op_name"] for op in ops)
+        floats = collections.Counter(op["op_name"] for op in ops if _is_float_op(op, tensors))
+        integer = sum(1 for op in ops if _is_integer_op(op, tensors))
+        macs = sum(op_macs(op, tensors) for op in ops)
+        return {
+            "operators": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+            "ops_total": len(ops),
+            "ops_int8": integer,
+            "ops_float": sum(floats.values()),
+            "float_ops": dict(sorted(floats.items(), key=lambda kv: -kv[1])),
+            "full_integer": not floats,
+            "estimated_macs": macs,
+            "macs_note": "CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, BATCH_MATMUL from tensor shapes",
+            "inputs": [_tensor_spec(tensors[i]) for i in inputs],
+            "outputs": [_tensor_spec(tensors[i]) for i in outputs],
+        }
+
+    def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
+        from ..manifest import input_spec
+
+        opts: TfliteOptions = request.options
+        detail = _interpreter(path, delegates=False).get_input_details()[0]
+        scale, zero = detail["quantization"]
+        quant = {"scale": float(scale), "zero_point": int(zero)} if np.issubdtype(detail["dtype"], np.integer) else None
+        spec = input_spec([int(d) for d in detail["shape"]], request.loaded.preprocessing,
+                          np.dtype(detail["dtype"]).name, opts.layout.upper(), opts.bake_normalization, quant)
+        if opts.bake_normalization:
+            spec["normalization"]["feed"] = "raw RGB pixel values 0..255 (normalisation is inside the model)"
+        if quant:
+            spec["normalization"]["quantize_input"] = "q = round(x / scale + zero_point), clipped to the dtype"
+        return spec
+
+
+# ----------------------------------------------------------------------------- options and wrapping
+def check_options(opts: TfliteOptions, precision: str) -> None:
+    """Reject option combinations that cannot be built, with the fix."""
+    if opts.io_dtype != "float" and precision != "int8":
+        raise UserError(f"--io-dtype {opts.io_dtype} makes a full-integer model and needs --int8; "
+                        f"use --io-dtype float for {precision}")
+
+
+def needs_wrapper(opts: TfliteOptions) -> bool:
+    return opts.layout == "nhwc" or opts.bake_normalization
+
+
+def example_shape(input_size: tuple[int, int], opts: TfliteOptions) -> tuple[int, int, int, int]:
+    h, w = input_size
+    return (1, h, w, 3) if opts.layout == "nhwc" else (1, 3, h, w)
+
+
+def deploy_module(model: nn.Module, pre: Any, opts: TfliteOptions) -> nn.Module:
+    """`model` with the artifact's input convention (NHWC and/or raw 0..255 pixels), or `model` itself."""
+    if not needs_wrapper(opts):
+        return model
+    return DeployInput(model, pre, opts.layout == "nhwc", opts.bake_normalization).eval()
+
+
+class DeployInput(nn.Module):
+    """Input adapter converters fold: NHWC -> NCHW permute, raw pixels -> normalised.
+
+    Normalisation (x/255 - mean)/std is split as: add -255*mean (an int8-friendly add of a constant, before
+    the stem's zero padding, so borders stay exact), then 1/(255*std) folded into the stem convolution's
+    weights per input channel (on a copy of the model; the caller's model is untouched).
+    """
+
+    def __init__(self, model: nn.Module, pre: Any, nhwc: bool, bake: bool) -> None:
+        super().__init__()
+        self.nhwc, self.bake = nhwc, bake
+        if bake:
+            model = copy.deepcopy(model)
+            stem = getattr(model, "conv_stem", None)
+            if not isinstance(stem, nn.Conv2d) or stem.in_channels != 3:
+                raise ValueError("bake_normalization needs a timm MNv4 model with a 3-channel conv_stem")
+            std = torch.tensor(pre.std, dtype=stem.weight.dtype)
+            with torch.no_grad():
+                stem.weight.mul_((1.0 / (255.0 * std)).view(1, 3, 1, 1))
+            shape = (1, 1, 1, 3) if nhwc else (1, 3, 1, 1)
+            self.register_buffer("shift", (-255.0 * torch.tensor(pre.mean)).view(shape))
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bake:
+            x = x + self.shift
+        if self.nhwc:
+            x = x.permute(0, 3, 1, 2)
+        return self.model(x)
+
+
+def to_artifact_input(x: np.ndarray, pre: Any, opts: TfliteOptions) -> np.ndarray:
+    """Normalised NCHW float32 -> what the artifact's graph takes (before integer quantization)."""
+    if opts.bake_normalization:
+        mean = np.asarray(pre.mean, np.float32)[:, None, None]
+        std = np.asarray(pre.std, np.float32)[:, None, None]
+        # The images came from uint8 pixels: rounding recovers them exactly.
+        x = np.clip(np.rint((x * std + mean) * 255.0), 0, 255).astype(np.float32)
+    if opts.layout == "nhwc":
+        x = x.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def wrapper_calibration(request: ExportRequest, opts: TfliteOptions) -> Any:
+    """The calibration images in the wrapped model's input convention."""
+    from ..data import LoadedImages
+
+    calib = request.calibration
+    if calib is None:
+        raise ValueError("int8 with layout nhwc or baked normalisation re-quantizes and needs calibration images")
+    x = to_artifact_input(calib.x, request.loaded.preprocessing, opts)
+    return LoadedImages(x, None, 0, calib.uint8)
+
+
+# ----------------------------------------------------------------------------- conversion
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """litert-torch and ai-edge-quantizer print progress bars; keep the CLI's own output readable."""
+    old = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
+    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
+        else:
+            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
+
+
+def _convert(model: Any, example: Any, quant_config: Any) -> bytes:
+    import litert_torch
+
+    with _quiet():
+        edge = litert_torch.convert(model, (example,), quant_config=quant_config)
+        return bytes(edge.model_content())
+
+
+def _convert_int8(quantized: Any, example: Any) -> bytes:
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    graph_module = move_exported_model_to_eval(quantized.converted(fold_weights=False))
+    graph_module.training = False  # exported models refuse .eval(); litert warns on the flag alone
+    return _convert(graph_module, example, QuantConfig(pt2e_quantizer=quantized.quantizer))
+
+
+# ----------------------------------------------------------------------------- I/O retyping (flatbuffer)
+def set_io_dtype(content: bytes, io_dtype: str) -> bytes:
+    """Give a quantized model float, int8 or uint8 inputs/outputs.
+
+    litert-torch's QDQ lowering folds the boundary quantize/dequantize into int8 I/O. This first strips any
+    boundary QUANTIZE (float->int8) / DEQUANTIZE (int8->float) so the I/O is the int8 tensors, then adds
+    QUANTIZE/DEQUANTIZE (float) or QUANTIZE requantize ops (uint8, zero point + 128, same scale) as asked.
+    """
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model_from_bytearray(bytearray(content))
+    sg = model.subgraphs[0]
+    T = fb.TensorType
+    code_of = lambda op: fbu.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+    renumber: dict[int, int] = {}  # tensor index the signatures name -> the tensor that replaces it
+
+    def remap(old: int, new: int) -> None:
+        for k, v in renumber.items():
+            if v == old:
+                renumber[k] = new
+        renumber[old] = new
+
+    for pos, t in enumerate(list(sg.inputs)):
+        users = [op for op in sg.operators if t in op.inputs]
+        if (sg.tensors[t].type == T.FLOAT32 and len(users) == 1 and code_of(users[0]) == fb.BuiltinOperator.QUANTIZE
+                and sg.tensors[users[0].outputs[0]].type == T.INT8):
+            sg.inputs[pos] = users[0].outputs[0]
+            remap(t, users[0].outputs[0])
+            sg.operators.remove(users[0])
+    for pos, t in enumerate(list(sg.outputs)):
+        makers = [op for op in sg.operators if t in op.outputs]
+        if (sg.tensors[t].type == T.FLOAT32 and len(makers) == 1 and code_of(makers[0]) == fb.BuiltinOperator.DEQUANTIZE
+                and sg.tensors[makers[0].inputs[0]].type == T.INT8):
+            sg.outputs[pos] = makers[0].inputs[0]
+            remap(t, makers[0].inputs[0])
+            sg.operators.remove(makers[0])
+
+    if io_dtype != "int8":
+        def opcode(builtin: int) -> int:
+            for i, oc in enumerate(model.operatorCodes):
+                if fbu.get_builtin_code_from_operator_code(oc) == builtin:
+                    return i
+            oc = fb.OperatorCodeT()
+            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = builtin, min(builtin, 127), 2
+            model.operatorCodes.append(oc)
+            return len(model.operatorCodes) - 1
+
+        def outer_tensor(inner: int) -> int:
+            """A new I/O tensor beside the int8 one; it takes over the public name."""
+            src = sg.tensors[inner]
+            new = fb.TensorT()
+            new.shape, new.shapeSignature, new.name = list(src.shape), src.shapeSignature, src.name
+            src.name = f"{_name(src.name)}/int8"
+            model.buffers.append(fb.BufferT())
+            new.buffer = len(model.buffers) - 1
+            if io_dtype == "uint8":
+                new.type = T.UINT8
+                q = fb.QuantizationParametersT()
+                q.scale = list(src.quantization.scale)
+                q.zeroPoint = [int(z) + 128 for z in src.quantization.zeroPoint]
+                new.quantization = q
+            else:
+                new.type = T.FLOAT32
+            sg.tensors.append(new)
+            return len(sg.tensors) - 1
+
+        def op(builtin: int, inp: int, out: int) -> Any:
+            o = fb.OperatorT()
+            o.opcodeIndex, o.inputs, o.outputs = opcode(builtin), [inp], [out]
+            return o
+
+        for pos, t in enumerate(list(sg.inputs)):
+            if sg.tensors[t].type != T.INT8:
+                continue
+            new = outer_tensor(t)
+            sg.operators.insert(0, op(fb.BuiltinOperator.QUANTIZE, new, t))
+            sg.inputs[pos] = new
+            remap(t, new)
+        for pos, t in enumerate(list(sg.outputs)):
+            if sg.tensors[t].type != T.INT8:
+                continue
+            new = outer_tensor(t)
+            builtin = fb.BuiltinOperator.QUANTIZE if io_dtype == "uint8" else fb.BuiltinOperator.DEQUANTIZE
+            sg.operators.append(op(builtin, t, new))
+            sg.outputs[pos] = new
+            remap(t, new)
+
+    for sig in model.signatureDefs or []:
+        for item in list(sig.inputs or []) + list(sig.outputs or []):
+            item.tensorIndex = renumber.get(item.tensorIndex, item.tensorIndex)
+    return bytes(fbu.convert_object_to_bytearray(model))
+
+
+def _name(name: Any) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+# ----------------------------------------------------------------------------- graph inspection
+def _interpreter(path: Path, delegates: bool = True, threads: Optional[int] = None) -> Any:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kind = OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    it = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=kind)
+    it.allocate_tensors()
+    return it
+
+
+def graph(path: Path) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """The model's operators (as written, before any delegate) and its tensors by index."""
+    it = _interpreter(path, delegates=False)
+    return it._get_ops_details(), {t["index"]: t for t in it.get_tensor_details()}
+
+
+def _io(path: Path) -> tuple[list[int], list[int]]:
+    it = _interpreter(path, delegates=False)
+    return [d["index"] for d in it.get_input_details()], [d["index"] for d in it.get_output_details()]
+
+
+def _op_tensors(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [tensors[int(i)] for i in list(op["inputs"]) + list(op["outputs"]) if int(i) >= 0 and int(i) in tensors]
+
+
+def _is_float_op(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) -> bool:
+    return any(np.dtype(t["dtype"]) in _FLOAT_DTYPES for t in _op_tensors(op, tensors))
+
+
+def _is_integer_op(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) -> bool:
+    """An op whose activations are 8-bit integers (int32 biases and shape operands allowed)."""
+    ts = _op_tensors(op, tensors)
+    return not _is_float_op(op, tensors) and any(np.dtype(t["dtype"]) in (np.int8, np.uint8) for t in ts)
+
+
+def float_ops(path: Path) -> collections.Counter:
+    """Operators that compute in (or convert to/from) float: what a full-integer model must not have."""
+    ops, tensors = graph(path)
+    return collections.Counter(op["op_name"] for op in ops if _is_float_op(op, tensors))
+
+
+def op_macs(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) -> int:
+    """Multiply-accumulates of one op, from its output and weight shapes (0 for ops without MACs)."""
+    name = op["op_name"]
+    ins = [int(i) for i in op["inputs"] if int(i) >= 0]
+    if not ins or not len(op["outputs"]):
+        return 0
+    out = math.prod(int(d) for d in tensors[int(op["outputs"][0])]["shape"])
+    shape = lambda i: [int(d) for d in tensors[ins[i]]["shape"]] if len(ins) > i else []
+    if name == "CONV_2D" and len(shape(1)) == 4:  # filter [O, kh, kw, I/groups]
+        return out * math.prod(shape(1)[1:])
+    if name == "DEPTHWISE_CONV_2D" and len(shape(1)) == 4:  # filter [1, kh, kw, O]
+        return out * shape(1)[1] * shape(1)[2]
+    if name == "FULLY_CONNECTED" and len(shape(1)) == 2:  # weights [O, I]
+        return out * shape(1)[1]
+    if name == "BATCH_MATMUL" and shape(0):
+        return out * shape(0)[-1]
+    return 0
+
+
+def _tensor_spec(t: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": t["name"], "shape": [int(d) for d in t["shape"]],
+                            "dtype": np.dtype(t["dtype"]).name}
+    if np.issubdtype(t["dtype"], np.integer):
+        scale, zero = t["quantization"]
+        spec["scale"], spec["zero_point"] = float(scale), int(zero)
+    return spec
+
+
+# ----------------------------------------------------------------------------- runner
+class TfliteRunner(Runner):
+    """The artifact in ai_edge_litert's Interpreter (XNNPACK, fixed threads), one image per invoke."""
+
+    def __init__(self, path: Path, pre: Any, opts: TfliteOptions) -> None:
+        self.pre, self.opts = pre, opts
+        self.threads = opts.threads or None
+        self.interpreter = _interpreter(path, delegates=True, threads=self.threads)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        if int(self.input["shape"][0]) != 1:
+            raise ValueError(f"expected a batch-1 model, got input shape {list(self.input['shape'])}")
+
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        """Normalised NCHW float32 -> the artifact's input tensor (layout, raw pixels, integer quantization)."""
+        x = to_artifact_input(x, self.pre, self.opts)
+        dtype = np.dtype(self.input["dtype"])
+        if np.issubdtype(dtype, np.integer):
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(dtype)
+            x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(dtype)
+        return x
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        xin = self.quantize_input(np.asarray(x, np.float32))
+        it, i_in, i_out = self.interpreter, self.input["index"], self.output["index"]
+        outs = []
+        for k in range(len(xin)):
+            it.set_tensor(i_in, xin[k:k + 1])
+            it.invoke()
+            outs.append(it.get_tensor(i_out).copy())
+        y = np.concatenate(outs)
+        if np.issubdtype(y.dtype, np.integer):
+            scale, zero = self.output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
