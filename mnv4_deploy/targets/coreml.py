@@ -1,0 +1,410 @@
+"""CoreML target: ML Program (.mlpackage) in fp32, fp16, int8 weights-only, or W8A8 from the shared PT2E model.
+
+W8A8 does not use coremltools' own quantization helpers (with torch 2.14 `CoreMLQuantizer` fails to import and
+`LinearQuantizer.finalize` gives graphs the converter rejects). Instead the project's one PT2E quantization is
+converted directly: its quantize/dequantize nodes carry the scales calibrated in PyTorch and coremltools maps
+them onto MIL `quantize`/`dequantize` (activations) and `constexpr_affine_dequantize` (int8 per-channel weights).
+Two conversion paths reach the same program: torch.export (default; the PT2E graph as is) and torch.jit.trace
+(the PT2E ops rewritten to ATen's quantized-tensor ops, which coremltools' TorchScript frontend reads).
+
+CoreML cannot run on Linux: there the runner returns the PyTorch simulation of the same model and marks its
+numbers `simulated`; on macOS it runs the .mlpackage with `predict` and marks them `measured`.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import io
+import platform
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..errors import UserError
+from ..recipes import choice
+from .base import ExportRequest, Runner, Target
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+_QDQ_OPS = ("quantize", "dequantize", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
+# Oldest OS per artifact kind: constexpr weights need iOS16, activation quantize/dequantize need iOS17.
+_MIN_TARGET = {"fp32": "iOS15", "fp16": "iOS15", "int8-weights": "iOS16", "int8": "iOS17"}
+_COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
+
+
+@dataclass(frozen=True)
+class CoremlOptions:
+    # export: torch.export program (default; what coremltools recommends); trace: torch.jit.trace.
+    conversion: str = choice("export", "export", "trace")
+    weights_only: bool = False  # int8: weights int8 (per-channel symmetric), activations fp16
+    compute_units: str = choice("all", *_COMPUTE_UNITS)  # stored in the manifest; used for predict on macOS
+    minimum_deployment_target: str = "iOS17"  # e.g. iOS16, iOS17, iOS18, macOS14
+    image_input: bool = False  # ImageType input (RGB pixel buffer), normalisation inside the model
+
+
+class CoremlTarget(Target):
+    name = "coreml"
+    extra = "coreml"
+    artifact_name = "model.mlpackage"
+    precisions = ("fp32", "fp16", "int8")
+    requires = ("coremltools",)
+    Options = CoremlOptions
+
+    def distributions(self) -> tuple[str, ...]:
+        return ("coremltools",)
+
+    def export(self, request: ExportRequest, path: Path) -> dict[str, Any]:
+        import coremltools as ct
+
+        opts: CoremlOptions = request.options
+        kind = _kind(request)
+        deployment = _deployment_target(opts.minimum_deployment_target, kind)
+        if opts.compute_units not in _COMPUTE_UNITS:
+            raise UserError(f"unknown compute units '{opts.compute_units}': use one of {', '.join(_COMPUTE_UNITS)}")
+        if opts.conversion not in ("export", "trace"):
+            raise UserError(f"unknown coreml conversion '{opts.conversion}': use export or trace")
+
+        if kind == "int8":
+            model, method = _w8a8_module(request, opts.conversion), (
+                "pt2e -> MIL quantize/dequantize (int8 activations per-tensor with the PT2E-calibrated scales, "
+                "int8 weights per-channel symmetric as constexpr_affine_dequantize)")
+        else:
+            model, method = request.loaded.model, "float"
+        info: dict[str, Any] = {"format": "mlprogram", "minimum_deployment_target": opts.minimum_deployment_target,
+                                "compute_units": opts.compute_units, "image_input": opts.image_input}
+        mlmodel = _convert(model, request, opts, deployment, "fp32" if request.precision == "fp32" else "fp16")
+        if kind == "int8-weights":
+            mlmodel = _quantize_weights(mlmodel)
+            method = "coremltools.optimize.coreml.linear_quantize_weights (int8 per-channel symmetric, fp16 activations)"
+        info["method"] = method
+        info["conversion"] = ("torch.export -> ct.convert" if opts.conversion == "export"
+                              else "torch.jit.trace -> ct.convert")
+        info["compute_precision"] = "float32" if request.precision == "fp32" else "float16"
+        mlmodel.short_description = f"{request.loaded.name} ({request.precision}{', weights only' if kind == 'int8-weights' else ''})"
+        mlmodel.save(str(path))
+        return info
+
+    def load(self, path: Path, request: ExportRequest) -> Runner:
+        if platform.system() == "Darwin":
+            return CoremlRunner(path, request)
+        return SimulatedRunner(request)
+
+    def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
+        from ..manifest import input_spec
+
+        pre = request.loaded.preprocessing
+        if request.options.image_input:
+            spec = input_spec([1, *pre.input_size, 3], pre, dtype="uint8", layout="NHWC",
+                              normalization_inside=True)
+            spec["coreml_type"] = "ImageType (RGB pixel buffer, e.g. CVPixelBuffer / CGImage)"
+            return spec
+        return input_spec([1, 3, *pre.input_size], pre)
+
+    def describe(self, path: Path) -> dict[str, Any]:
+        import coremltools as ct
+
+        spec = ct.utils.load_spec(str(path))
+        ops: collections.Counter = collections.Counter()
+        weight_dtypes: collections.Counter = collections.Counter()
+        for function in spec.mlProgram.functions.values():
+            for block in function.block_specializations.values():
+                _walk(block, ops, weight_dtypes)
+        ops.pop("const", None)
+        plan = _compute_plan(path, "all") if platform.system() == "Darwin" else None
+        return {
+            "compute_plan": plan or "not available on Linux (MLComputePlan needs macOS 14.4+)",
+            "program": "mlprogram",
+            "spec_version": spec.specificationVersion,
+            "operators": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+            "quantize": ops.get("quantize", 0),
+            "dequantize": ops.get("dequantize", 0),
+            "constexpr_dequantize": sum(ops.get(o, 0) for o in _QDQ_OPS[2:]),
+            "quantize_dequantize_total": sum(ops.get(o, 0) for o in _QDQ_OPS),
+            "quantized_weight_dtypes": dict(weight_dtypes),
+            "inputs": [_feature(f) for f in spec.description.input],
+            "outputs": [_feature(f) for f in spec.description.output],
+        }
+
+
+def _kind(request: ExportRequest) -> str:
+    """fp32 | fp16 | int8-weights | int8 (W8A8)."""
+    if request.precision != "int8":
+        if request.options.weights_only:
+            raise UserError("--weights-only applies to --int8 only: add --int8 or drop --weights-only")
+        return request.precision
+    if request.options.weights_only:
+        return "int8-weights"
+    if request.quantized is None:
+        raise ValueError("W8A8 CoreML needs the shared PT2E-quantized model")
+    return "int8"
+
+
+def _deployment_target(name: str, kind: str) -> Any:
+    import coremltools as ct
+
+    valid = [t for t in ct.target.__members__ if t.startswith(("iOS", "macOS", "watchOS", "tvOS"))]
+    if name not in ct.target.__members__:
+        raise UserError(f"unknown --minimum-deployment-target '{name}': use one of {', '.join(valid)}")
+    target, need = ct.target[name], ct.target[_MIN_TARGET[kind]]
+    if target < need:
+        raise UserError(f"{kind} CoreML models need --minimum-deployment-target {_MIN_TARGET[kind]} "
+                        f"or later (the matching macOS/tvOS/watchOS also works), not {name}")
+    return target
+
+
+class _Normalize:
+    """Wraps a model so it takes RGB in 0..255 (an ImageType) and applies the per-channel mean/std itself.
+
+    ImageType has one scalar scale but ImageNet's std differs per channel, so the exact normalisation is two
+    per-channel constants (a multiply and an add) in front of the model.
+    """
+
+    @staticmethod
+    def wrap(model: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+        import torch
+        from torch import nn
+
+        class Normalized(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = model
+                self.register_buffer("mul", torch.tensor([1 / (255.0 * s) for s in std]).reshape(1, 3, 1, 1))
+                self.register_buffer("add", torch.tensor([-m / s for m, s in zip(mean, std)]).reshape(1, 3, 1, 1))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.inner(x * self.mul + self.add)
+
+        return Normalized().eval()
+
+
+def _convert(model: Any, request: ExportRequest, opts: CoremlOptions, deployment: Any, precision: str) -> Any:
+    import coremltools as ct
+    import torch
+
+    pre = request.loaded.preprocessing
+    example = torch.zeros(1, 3, *pre.input_size)
+    if opts.image_input:
+        model = _Normalize.wrap(model, pre.mean, pre.std)
+        example = example + 128.0
+        inputs = [ct.ImageType(name=INPUT_NAME, shape=tuple(example.shape), scale=1.0, bias=[0.0, 0.0, 0.0],
+                               color_layout=ct.colorlayout.RGB)]
+    else:
+        inputs = [ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape), dtype=np.float32)]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the sizes MobileMQA bakes in on purpose
+        if opts.conversion == "export":
+            source = torch.export.export(model, (example,)).run_decompositions({})
+        else:
+            source = torch.jit.trace(model, example)
+    with _quiet():
+        return ct.convert(
+            source, inputs=inputs, outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+            convert_to="mlprogram", minimum_deployment_target=deployment,
+            compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
+            compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()), skip_model_load=True,
+        )
+
+
+def _quantize_weights(mlmodel: Any) -> Any:
+    """int8 per-channel symmetric weights for every conv/linear/matmul constant (what PT2E quantizes)."""
+    import coremltools.optimize.coreml as cto
+
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0))
+    with _quiet():
+        return cto.linear_quantize_weights(mlmodel, config)
+
+
+def _w8a8_module(request: ExportRequest, conversion: str) -> Any:
+    """The shared PT2E int8 graph in the form the chosen coremltools frontend reads."""
+    if conversion == "export":
+        # torch.export frontend: quantized_decomposed ops map straight onto MIL (de)quantize ops.
+        return request.quantized.converted(fold_weights=True)
+    return _aten_quantized(request.quantized.converted(fold_weights=False))
+
+
+def _aten_quantized(gm: Any) -> Any:
+    """Rewrite PT2E's quantized_decomposed ops as ATen quantized-tensor ops for jit tracing.
+
+    coremltools' TorchScript frontend knows `quantize_per_tensor`/`quantize_per_channel`/`dequantize` (it
+    tracks the scales of quantized tensors) but not torchao's decomposed ops. Numerics are identical.
+    """
+    import torch
+
+    qd = torch.ops.quantized_decomposed
+    qtype = {torch.int8: torch.qint8, torch.uint8: torch.quint8}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == qd.quantize_per_tensor.default:
+            x, scale, zero_point, _, _, dtype = node.args
+            node.target, node.args, node.kwargs = torch.quantize_per_tensor, (x, float(scale), int(zero_point), qtype[dtype]), {}
+        elif node.target == qd.quantize_per_channel.default:
+            x, scales, zero_points, axis, _, _, dtype = node.args
+            node.target, node.args, node.kwargs = torch.quantize_per_channel, (x, scales, zero_points, axis, qtype[dtype]), {}
+        elif node.target in (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default):
+            node.target, node.args, node.kwargs = torch.dequantize, (node.args[0],), {}
+        elif "quantized_decomposed" in str(node.target):
+            raise NotImplementedError(f"no TorchScript form for {node.target}; use the export conversion")
+    gm.recompile()
+    return gm  # (PT2E graphs refuse .eval(); they were exported in eval mode already)
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """coremltools prints progress bars and torch-version warnings on every conversion."""
+    import logging
+
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _walk(block: Any, ops: collections.Counter, weight_dtypes: collections.Counter) -> None:
+    """Count the ops of a MIL block (and nested blocks); note the dtype of compressed weights."""
+    consts = {o.outputs[0].name: o.outputs[0].type.tensorType.dataType
+              for o in block.operations if o.type == "const" and o.outputs}
+    for op in block.operations:
+        ops[op.type] += 1
+        if op.type.startswith("constexpr_"):
+            if "quantized_data" in op.attributes:  # iOS16/17: constexpr_affine_dequantize
+                weight_dtypes[_dtype_name(op.attributes["quantized_data"].type.tensorType.dataType)] += 1
+            elif "data" in op.inputs and op.inputs["data"].arguments:  # iOS18: constexpr_blockwise_shift_scale
+                code = consts.get(op.inputs["data"].arguments[0].name)
+                if code is not None:
+                    weight_dtypes[_dtype_name(code)] += 1
+        for inner in op.blocks:
+            _walk(inner, ops, weight_dtypes)
+
+
+def _dtype_name(code: int) -> str:
+    from coremltools.proto import MIL_pb2
+
+    return MIL_pb2.DataType.Name(code).lower()
+
+
+def _feature(feature: Any) -> dict[str, Any]:
+    kind = feature.type.WhichOneof("Type")
+    out: dict[str, Any] = {"name": feature.name, "type": kind}
+    if kind == "multiArrayType":
+        t = feature.type.multiArrayType
+        out["shape"] = list(t.shape)
+        from coremltools.proto import FeatureTypes_pb2
+
+        out["dtype"] = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(t.dataType).lower()
+    elif kind == "imageType":
+        t = feature.type.imageType
+        from coremltools.proto import FeatureTypes_pb2
+
+        out.update(width=t.width, height=t.height,
+                   color=FeatureTypes_pb2.ImageFeatureType.ColorSpace.Name(t.colorSpace))
+    return out
+
+
+class SimulatedRunner(Runner):
+    """Linux: CoreML cannot run, so the numbers come from PyTorch running the same quantization."""
+
+    measured = False
+
+    def __init__(self, request: ExportRequest) -> None:
+        import torch
+
+        kind = _kind(request)
+        if kind == "int8":
+            self._fn: Callable[[np.ndarray], np.ndarray] = lambda x: request.quantized.simulate(x)
+            self.simulation = "PT2E int8 model (the same quantize/dequantize scales) in PyTorch"
+            return
+        model = request.loaded.model
+        if kind == "int8-weights":
+            model = _fake_quantize_weights(copy.deepcopy(model))
+            self.simulation = "float PyTorch model with int8 per-channel symmetric weights"
+        else:
+            self.simulation = "float32 PyTorch model"
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+        self._fn = run
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._fn(x)
+
+
+def _fake_quantize_weights(model: Any) -> Any:
+    """Round conv/linear weights to int8 per output channel, symmetric (as linear_quantize_weights does).
+
+    CoreML quantizes the BatchNorm-folded weights; per-output-channel symmetric rounding is invariant to the
+    per-channel factor BN folding multiplies in, so rounding the unfolded weights gives the same values.
+    """
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                w = m.weight
+                scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127.0
+                w.copy_(torch.clamp(torch.round(w / scale), -127, 127) * scale)
+    return model
+
+
+class CoremlRunner(Runner):
+    """macOS: the .mlpackage run by CoreML itself (`predict`), on the requested compute units."""
+
+    measured = True
+
+    def __init__(self, path: Path, request: ExportRequest) -> None:
+        import coremltools as ct
+
+        opts: CoremlOptions = request.options
+        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()))
+        self.image_input = opts.image_input
+        pre = request.loaded.preprocessing
+        self.mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(pre.std, dtype=np.float32).reshape(1, 3, 1, 1)
+
+    @property
+    def max_batch(self) -> Optional[int]:
+        return 1
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        outs = []
+        for one in np.asarray(x, dtype=np.float32):
+            if self.image_input:
+                rgb = np.clip(np.round((one[None] * self.std + self.mean) * 255.0), 0, 255)[0]
+                feed: Any = Image.fromarray(rgb.transpose(1, 2, 0).astype(np.uint8), "RGB")
+            else:
+                feed = one[None]
+            outs.append(np.asarray(self.model.predict({INPUT_NAME: feed})[OUTPUT_NAME], dtype=np.float32).reshape(1, -1))
+        return np.concatenate(outs)
+
+
+def _compute_plan(path: Path, compute_units: str) -> Optional[dict[str, Any]]:
+    """Where each op runs (MLComputePlan, macOS 14.4+): an int8 model falling back to CPU is ~100x slower."""
+    try:
+        import coremltools as ct
+        from coremltools.models.compute_plan import MLComputePlan
+
+        compiled = ct.models.utils.compile_model(str(path))
+        plan = MLComputePlan.load_from_path(path=compiled, compute_units=getattr(ct.ComputeUnit, compute_units.upper()))
+        program = plan.model_structure.program
+        devices: collections.Counter = collections.Counter()
+        for function in program.functions.values():
+            for op in function.block.operations:
+                usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+                devices[type(usage.preferred_compute_device).__name__ if usage else "none"] += 1
+        return dict(devices)
+    except Exception as exc:  # an optional diagnostic: never fail verification for it
+        return {"error": f"{type(exc).__name__}: {exc}"}
