@@ -8,9 +8,9 @@ from .base import ExportRequest, Runner, Target
 
 _REGISTRY: dict[str, str] = {
     "onnx": "mnv4_deploy.targets.onnx:OnnxTarget",
-    "coreml": "mnv4_deploy.targets.coreml:CoremlTarget",
-    "openvino": "mnv4_deploy.targets.openvino:OpenVinoTarget",
     "tflite": "mnv4_deploy.targets.tflite:TfliteTarget",
+    "openvino": "mnv4_deploy.targets.openvino:OpenVinoTarget",
+    "coreml": "mnv4_deploy.targets.coreml:CoremlTarget",
 }
 
 
