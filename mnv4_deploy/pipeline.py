@@ -107,9 +107,32 @@ def _installed(target: Any) -> bool:
         return False
 
 
+def _option_names(options_cls: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(options_cls)}
+
+
+def _select_targets(settings: ConvertSettings) -> list[Any]:
+    """The requested targets, checked: precision supported, toolchain installed, CLI target flags applicable."""
+    targets = [get_target(n) for n in parse_targets(settings.targets)]
+    if settings.targets.strip() == "all":  # 'all' = every target that is installed and supports the precision
+        targets = [t for t in targets if settings.precision in t.precisions and _installed(t)]
+        if not targets:
+            raise UserError(f"no installed target supports {settings.precision}: pip install 'mnv4-deploy[all]'")
+    for t in targets:
+        if settings.precision not in t.precisions:
+            raise UserError(f"target '{t.name}' does not support {settings.precision}: use {', '.join(t.precisions)}")
+        t.check_installed()
+    for key, value in settings.target_options.items():
+        if value is not None and not any(key in _option_names(t.Options) for t in targets):
+            owners = [n for n in target_names() if key in _option_names(get_target(n).Options)]
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} does not apply to {settings.targets}; it is an option of: {', '.join(owners)}")
+    return targets
+
+
 def apply_overrides(options: Any, overrides: dict[str, Any]) -> Any:
     """Set the given fields on a target's Options (frozen dataclass) where it has them."""
-    names = {f.name for f in dataclasses.fields(options)}
+    names = _option_names(options)
     given = {k: v for k, v in overrides.items() if v is not None and k in names}
     return dataclasses.replace(options, **given) if given else options
 
@@ -124,20 +147,7 @@ def convert(settings: ConvertSettings,
     if settings.precision not in PRECISIONS:
         raise UserError(f"unknown precision '{settings.precision}': use one of {', '.join(PRECISIONS)}")
     recipe = load_recipe(settings.recipe)
-    targets = [get_target(n) for n in parse_targets(settings.targets)]
-    if settings.targets.strip() == "all":  # 'all' = every target that is installed and supports the precision
-        targets = [t for t in targets if settings.precision in t.precisions and _installed(t)]
-        if not targets:
-            raise UserError(f"no installed target supports {settings.precision}: pip install 'mnv4-deploy[all]'")
-    for t in targets:
-        if settings.precision not in t.precisions:
-            raise UserError(f"target '{t.name}' does not support {settings.precision}: use {', '.join(t.precisions)}")
-        t.check_installed()
-    for key, value in settings.target_options.items():
-        if value is not None and not any(key in {f.name for f in dataclasses.fields(t.Options)} for t in targets):
-            owners = [n for n in target_names() if key in {f.name for f in dataclasses.fields(get_target(n).Options)}]
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{flag} does not apply to {settings.targets}; it is an option of: {', '.join(owners) or 'no built target yet'}")
+    targets = _select_targets(settings)
     progress = _progress(settings)
 
     loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)

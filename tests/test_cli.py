@@ -58,3 +58,9 @@ def test_inspect_lists_models_targets_recipes(capsys):
     assert main(["inspect", "--list"]) == 0
     out = capsys.readouterr().out
     assert "mobilenetv4_hybrid_medium" in out and "onnx" in out and "ptq-int8" in out
+
+
+def test_target_flag_for_another_target_is_refused(capsys):
+    rc = main(["convert", "--model", "mobilenetv4_conv_small_035", "--weights", "random", "--to", "onnx",
+               "--io-dtype", "int8"])
+    assert rc == 2 and "--io-dtype does not apply to onnx; it is an option of: tflite" in capsys.readouterr().err
