@@ -145,13 +145,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.sensitivity:
         return _inspect_sensitivity(args)
     if args.manifest is not None:
+        from .fileio import read_json
+
         path = args.manifest / "manifest.json" if args.manifest.is_dir() else args.manifest
-        if not path.is_file():
-            raise UserError(f"no manifest at '{path}'")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"'{path}' is not valid JSON: {exc}") from None
+        manifest = read_json(path, "manifest", "give a manifest.json written by `mnv4-deploy convert`")
         print(json.dumps({k: manifest.get(k) for k in ("model", "target", "precision", "artifact", "verification")},
                          indent=2))
         return 0

@@ -39,6 +39,19 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """Read a JSON `what` (report, manifest) the user pointed at; missing or malformed is a UserError naming `fix`."""
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no {what} at '{path}': {fix}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"'{path}' is not valid JSON ({exc}): {fix}") from None
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(text)

@@ -14,13 +14,13 @@ from older runs stay comparable as long as SCHEMA_VERSION is unchanged.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
+from ..fileio import read_json
 
 SCHEMA = "mnv4-deploy/report"
 SCHEMA_VERSION = 1
@@ -154,12 +154,7 @@ def load_report(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
-    if not path.is_file():
-        raise UserError(f"no report at '{path}': give a report.json written by `mnv4-deploy report`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"'{path}' is not valid JSON ({exc}): regenerate it with `mnv4-deploy report`") from None
+    data = read_json(path, "report", "give a report.json written by `mnv4-deploy report`")
     return validate(data, str(path))
 
 
