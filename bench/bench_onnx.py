@@ -8,7 +8,6 @@ times on a shared CI machine are noise.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path

@@ -5,7 +5,7 @@ Some MNv4 tags use Inception mean/std (0.5/0.5), others ImageNet's; all use bicu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional, Sequence
 
 import numpy as np

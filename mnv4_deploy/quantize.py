@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data import LoadedImages
-from .recipes import ActivationQuant, Quantization, Recipe, WeightQuant
+from .recipes import ActivationQuant, Quantization, Recipe
 
 
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:

@@ -1,7 +1,5 @@
 """Per-layer sensitivity and float fallback on the shared PT2E model."""
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -57,8 +57,6 @@ class CoremlTarget(Target):
         return ("coremltools",)
 
     def export(self, request: ExportRequest, path: Path) -> dict[str, Any]:
-        import coremltools as ct
-
         opts: CoremlOptions = request.options
         kind = _kind(request)
         deployment = _deployment_target(opts.minimum_deployment_target, kind)
