@@ -2,10 +2,14 @@
 
 Every artifact goes through the same pipeline step as `mnv4-deploy convert` (export -> load in the
 interpreter -> verify -> manifest), on the same val images and with the same interpreter thread count, so
-the ratios compare like with like. Prints a table and writes bench/results/tflite.json.
+the ratios compare like with like. Prints a table and writes bench/results/tflite.json (conv_small) or
+bench/results/tflite_<variant>.json (other models).
 
     python bench/bench_tflite.py --limit 1000        # quicker
     python bench/bench_tflite.py                     # all 5,050 shared val images
+    python bench/bench_tflite.py --model mobilenetv4_hybrid_medium --layouts nchw --limit 1000
+        # the 1-epoch hybrid checkpoint, full-integer int8 (Mobile MQA included); each hybrid int8
+        # conversion takes minutes, so --layouts nchw skips the re-quantized NHWC pair
 """
 from __future__ import annotations
 
@@ -20,7 +24,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
-DEFAULT_WEIGHTS = SHARED / "models" / "mnv4_conv_small_tin202.pth"
+# The shared reference checkpoints (Tiny ImageNet, 202 classes, 64x64); --weights for anything else.
+DEFAULT_WEIGHTS = {
+    "mobilenetv4_conv_small": SHARED / "models" / "mnv4_conv_small_tin202.pth",
+    "mobilenetv4_hybrid_medium": SHARED / "models" / "mnv4_hybrid_medium_tin202_e1.pth",
+}
 DEFAULT_DATA = SHARED / "data" / "tiny-imagenet-202"
 
 # (label, precision, tflite options): int8 artifacts are the full-integer ones a deployer ships.
@@ -35,7 +43,7 @@ CONFIGS = [
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mobilenetv4_conv_small")
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--weights", type=Path, help="state_dict (default: the shared checkpoint for --model)")
     p.add_argument("--num-classes", type=int, default=202)
     p.add_argument("--input-size", type=int, default=64)
     p.add_argument("--calib", type=Path, default=DEFAULT_DATA / "train")
@@ -44,8 +52,17 @@ def main() -> int:
     p.add_argument("--recipe", help="recipe name or file (default: ptq-int8)")
     p.add_argument("--threads", type=int, default=2, help="interpreter threads, the same for every artifact")
     p.add_argument("--runs", type=int, default=100, help="timed runs per artifact (batch 1)")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tflite.json")
+    p.add_argument("--layouts", default="nchw,nhwc", help="comma list of input layouts to build (nchw, nhwc)")
+    p.add_argument("--out", type=Path, help="JSON report (default: bench/results/tflite[_<variant>].json)")
     args = p.parse_args()
+    args.weights = args.weights or DEFAULT_WEIGHTS.get(args.model, Path("-"))
+    if args.out is None:
+        suffix = "" if args.model == "mobilenetv4_conv_small" else "_" + args.model.removeprefix("mobilenetv4_")
+        args.out = REPO / "bench" / "results" / f"tflite{suffix}.json"
+    layouts = [v.strip().lower() for v in args.layouts.split(",") if v.strip()]
+    configs = [c for c in CONFIGS if c[2]["layout"] in layouts]
+    if not configs:
+        p.error(f"--layouts: expected nchw and/or nhwc, got {args.layouts!r}")
     if not args.weights.is_file() or not args.val.is_dir():
         print(f"skipped: reference checkpoint or val images not found ({args.weights}, {args.val})", file=sys.stderr)
         return 0
@@ -80,7 +97,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     runners: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, precision, overrides) in enumerate(CONFIGS):
+        for i, (label, precision, overrides) in enumerate(configs):
             opts = dataclasses.replace(options_for(recipe, "tflite"), threads=args.threads, **overrides)
             request = ExportRequest(loaded, precision, opts, quantized if precision == "int8" else None, cal)
             log(f"[{label}] converting and verifying")
@@ -97,6 +114,7 @@ def main() -> int:
                                           if precision == "int8" else None),
                 "latency_median_ms": lat["median_ms"], "latency_p90_ms": lat["p90_ms"],
                 "size_bytes": m["artifact"]["size_bytes"], "full_integer": m["structure"]["full_integer"],
+                "ops_float": m["structure"]["ops_float"],
                 "estimated_macs": m["structure"]["estimated_macs"], "operators": m["structure"]["operators"],
                 "export_seconds": m["export"]["seconds"], "total_seconds": round(time.perf_counter() - start, 1),
                 "latency_pipeline_ms": lat["median_ms"],
@@ -110,13 +128,16 @@ def main() -> int:
 
     by = {r["config"]: r for r in rows}
     ms = lambda k: by[k]["latency_median_ms"]
-    ratios = {
-        "int8/fp32 latency, NCHW": round(ms("int8 NCHW") / ms("fp32 NCHW"), 3),
-        "int8/fp32 latency, NHWC": round(ms("int8 NHWC") / ms("fp32 NHWC"), 3),
-        "NHWC/NCHW latency, fp32": round(ms("fp32 NHWC") / ms("fp32 NCHW"), 3),
-        "NHWC/NCHW latency, int8": round(ms("int8 NHWC") / ms("int8 NCHW"), 3),
-        "int8 - float top-1 (points), NCHW": round(100 * (by["int8 NCHW"]["top1"] - by["int8 NCHW"]["top1_float"]), 2),
-    }
+    ratios = {}
+    for layout in ("NCHW", "NHWC"):
+        if f"int8 {layout}" in by:
+            ratios[f"int8/fp32 latency, {layout}"] = round(ms(f"int8 {layout}") / ms(f"fp32 {layout}"), 3)
+    for precision in ("fp32", "int8"):
+        if f"{precision} NHWC" in by and f"{precision} NCHW" in by:
+            ratios[f"NHWC/NCHW latency, {precision}"] = round(ms(f"{precision} NHWC") / ms(f"{precision} NCHW"), 3)
+    first_int8 = next(r for r in rows if r["precision"] == "int8")
+    ratios[f"int8 - float top-1 (points), {first_int8['config'].split()[-1]}"] = round(
+        100 * (first_int8["top1"] - first_int8["top1_float"]), 2)
     report = {
         "model": loaded.describe(), "val_images": len(val), "calibration": quantized.calibration,
         "recipe": recipe.name, "threads": args.threads, "latency_runs": args.runs, "rows": rows, "ratios": ratios,
@@ -153,10 +174,12 @@ def interleaved_latency(runners: dict[str, Any], x: Any, runs: int, warmup: int 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ("config", "size MB", "top1", "top1 float", "agree", "cosine", "full int", "median ms", "p90 ms")
+    header = ("config", "size MB", "top1", "top1 float", "agree", "cosine", "full int", "median ms", "p90 ms",
+              "export s")
     cells = [(r["config"], f"{r['size_bytes'] / 1e6:.2f}", f"{100 * r['top1']:.2f}%", f"{100 * r['top1_float']:.2f}%",
               f"{100 * r['top1_agreement']:.2f}%", f"{r['cosine']:.4f}", "yes" if r["full_integer"] else "no",
-              f"{r['latency_median_ms']:.3f}", f"{r['latency_p90_ms']:.3f}") for r in rows]
+              f"{r['latency_median_ms']:.3f}", f"{r['latency_p90_ms']:.3f}", f"{r['export_seconds']:.0f}")
+             for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     line = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(c) for c in cells])

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import UserError, VerificationError
 
@@ -23,6 +23,22 @@ Each artifact lands in OUT/<target>/ with a manifest.json (model, weights hash, 
 input/output spec, size, verification numbers). Nothing is written unless export and verification succeed.
 """
 
+
+EPILOG_QAT = """\
+examples:
+  # fine-tune the reference checkpoint for the recipe's 2 epochs, export to ONNX and TFLite
+  mnv4-deploy qat --model mobilenetv4_conv_small --weights model.pth --num-classes 202 --input-size 64 \\
+      --crop-pct 1.0 --train train/ --val val/ --to onnx,tflite --out build/qat
+
+  # continue an interrupted run
+  mnv4-deploy qat ... --resume build/qat/qat/last.pt
+
+  # data-parallel over 4 GPUs (or CPU processes with Gloo)
+  torchrun --nproc_per_node 4 -m mnv4_deploy qat ...
+
+The recipe's qat: section sets epochs, optimizer, distillation loss, when BatchNorm and observers freeze
+and whether activation ranges are learned; see recipes/qat-int8-kd.yaml.
+"""
 
 # CLI flags that map onto fields of the same name in a target's Options dataclass.
 TARGET_OPTION_FLAGS = ("io_dtype", "layout", "bake_normalization", "weights_only", "compute_units",
@@ -42,6 +58,21 @@ def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> Non
     g.add_argument("--std", metavar="R,G,B", help="normalisation std")
     g.add_argument("--crop-pct", type=float, metavar="F", help="centre-crop fraction (1.0 = no crop)")
     g.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest", "lanczos"))
+
+
+def _add_target_option_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target options (each applies to the targets that have it; see the recipe's targets: section)")
+    g.add_argument("--io-dtype", choices=("float", "int8", "uint8"),
+                   help="tflite: float keeps (de)quantize inside the model; int8/uint8 = full-integer I/O (EdgeTPU)")
+    g.add_argument("--layout", choices=("nchw", "nhwc"), help="input layout (nhwc avoids transposes on mobile)")
+    g.add_argument("--bake-normalization", action="store_const", const=True,
+                   help="put mean/std normalisation inside the model, so apps feed raw RGB")
+    g.add_argument("--weights-only", action="store_const", const=True,
+                   help="coreml: quantize weights only (W8, float activations)")
+    g.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"), help="coreml")
+    g.add_argument("--minimum-deployment-target", metavar="OS", help="coreml, e.g. iOS17 or macOS14")
+    g.add_argument("--image-input", action="store_const", const=True,
+                   help="coreml: ImageType input (pixel buffer) with the normalisation as scale/bias")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,18 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="artifact precision (default fp32)")
     g.add_argument("--recipe", metavar="NAME|FILE", help="a shipped recipe name (e.g. ptq-int8) or a YAML file")
     g.add_argument("--out", type=Path, default=Path("build"), metavar="DIR", help="output folder (default: build/)")
-    g = conv.add_argument_group("target options (each applies to the targets that have it; see the recipe's targets: section)")
-    g.add_argument("--io-dtype", choices=("float", "int8", "uint8"),
-                   help="tflite: float keeps (de)quantize inside the model; int8/uint8 = full-integer I/O (EdgeTPU)")
-    g.add_argument("--layout", choices=("nchw", "nhwc"), help="input layout (nhwc avoids transposes on mobile)")
-    g.add_argument("--bake-normalization", action="store_const", const=True,
-                   help="put mean/std normalisation inside the model, so apps feed raw RGB")
-    g.add_argument("--weights-only", action="store_const", const=True,
-                   help="coreml: quantize weights only (W8, float activations)")
-    g.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"), help="coreml")
-    g.add_argument("--minimum-deployment-target", metavar="OS", help="coreml, e.g. iOS17 or macOS14")
-    g.add_argument("--image-input", action="store_const", const=True,
-                   help="coreml: ImageType input (pixel buffer) with the normalisation as scale/bias")
+    _add_target_option_flags(conv)
     g = conv.add_argument_group("data")
     g.add_argument("--calib", type=Path, metavar="DIR",
                    help="calibration images (flat or class sub-folders); some are held back for verification. "
@@ -89,6 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout instead of a table")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     conv.set_defaults(func=cmd_convert)
+
+    qat = sub.add_parser("qat", help="quantization-aware fine-tuning with distillation, then export like convert",
+                         description="PTQ calibration -> QAT fine-tuning (the float model teaches the int8 one) -> "
+                                     "export per target -> verify -> manifest. Runs on CPU, a GPU when present, "
+                                     "and data-parallel under torchrun.",
+                         epilog=EPILOG_QAT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(qat)
+    g = qat.add_argument_group("training")
+    g.add_argument("--train", type=Path, required=True, metavar="DIR",
+                   help="train images (flat or class sub-folders); calibration and held-back images come from here")
+    g.add_argument("--val", type=Path, metavar="DIR", help="labelled images scored after every epoch and at export")
+    g.add_argument("--val-limit", type=int, metavar="N", help="use a random N images of --val for the final check")
+    g.add_argument("--recipe", default="qat-int8-kd", metavar="NAME|FILE",
+                   help="recipe with a qat: section (default: qat-int8-kd)")
+    g.add_argument("--epochs", type=int, metavar="N", help="override the recipe's qat.epochs")
+    g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps (smoke runs, budgets)")
+    g.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a checkpoint (OUT/qat/last.pt)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when present")
+    g = qat.add_argument_group("what to build")
+    g.add_argument("--to", default="onnx", metavar="TARGETS", help="a target, a comma list, or 'all' (default: onnx)")
+    g.add_argument("--out", type=Path, default=Path("build/qat"), metavar="DIR",
+                   help="output folder; checkpoints go to OUT/qat/ (default: build/qat)")
+    _add_target_option_flags(qat)
+    g = qat.add_argument_group("other")
+    g.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding processes for val/calibration")
+    g.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per artifact")
+    g.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout instead of a table")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    qat.set_defaults(func=cmd_qat)
 
     insp = sub.add_parser("inspect", help="list models, targets and recipes, or show a manifest")
     insp.add_argument("--list", action="store_true", help="list MNv4 variants, targets and shipped recipes")
@@ -121,23 +170,74 @@ def _preprocessing_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .pipeline import ConvertSettings, convert, summary_table
+    from .pipeline import convert
 
     if args.int8 and args.precision not in (None, "int8"):
         raise UserError(f"--int8 conflicts with --precision {args.precision}: give one of them")
-    settings = ConvertSettings(
-        model=args.model, out=args.out, targets=args.to, precision="int8" if args.int8 else (args.precision or "fp32"),
-        weights=args.weights, num_classes=args.num_classes, preprocessing=_preprocessing_overrides(args),
-        calib=args.calib, val=args.val, val_limit=args.val_limit, recipe=args.recipe, workers=args.workers,
-        latency_runs=args.latency_runs, target_options={k: getattr(args, k) for k in TARGET_OPTION_FLAGS}, progress=not args.no_progress and sys.stderr.isatty(),
-    )
-    results = convert(settings)
-    if args.json:
+    settings = _settings(args, precision="int8" if args.int8 else (args.precision or "fp32"), calib=args.calib)
+    _print_results(convert(settings), args.json)
+    return 0
+
+
+def _print_tensorwise(results: list) -> None:
+    """One line per int8 artifact: its quantized tensors against the PyTorch simulation's."""
+    checked = [(r.target, r.manifest["verification"]["tensorwise"]) for r in results
+               if "tensorwise" in r.manifest["verification"]]
+    if checked:
+        from .tensorwise import summary_line
+
+        print("tensor by tensor vs the PyTorch simulation (tensorwise.json beside each manifest):")
+        for target, summary in checked:
+            print("  " + summary_line(target, summary))
+
+
+def _settings(args: argparse.Namespace, **kw: Any) -> Any:
+    """ConvertSettings from the options `convert` and `qat` share."""
+    from .pipeline import ConvertSettings
+
+    return ConvertSettings(
+        model=args.model, out=args.out, targets=args.to, weights=args.weights, num_classes=args.num_classes,
+        preprocessing=_preprocessing_overrides(args), val=args.val, val_limit=args.val_limit, recipe=args.recipe,
+        workers=args.workers, latency_runs=args.latency_runs,
+        target_options={k: getattr(args, k) for k in TARGET_OPTION_FLAGS},
+        progress=not args.no_progress and sys.stderr.isatty(), **kw)
+
+
+def _print_results(results: list, as_json: bool) -> None:
+    from .pipeline import summary_table
+
+    if as_json:
         print(json.dumps([r.manifest for r in results], indent=2))
     else:
         print(summary_table(results))
+        _print_tensorwise(results)
         for r in results:
             print(f"wrote {r.path} and {r.manifest_path}")
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    from . import qat
+    from .data import scan_folder
+    from .pipeline import deploy, start_run
+
+    dist = qat.init_distributed(args.device)
+    settings = _settings(args, precision="int8", calib=args.train)
+    run = start_run(settings)
+    recipe = run.recipe
+    q = recipe.quantization
+    train_images = qat.held_back_excluded(scan_folder(args.train), q.calibration.images, recipe.verification.images,
+                                          q.calibration.seed)
+    scored = run.evals[-1]  # val when given, else the held-back train images
+    n = min(len(scored.images), recipe.qat.eval_images)
+    evaluation = (scored.images.x[:n], scored.float_logits[:n],
+                  scored.images.labels[:n] if scored.images.labels is not None else None)
+    options = qat.QatOptions(checkpoint_dir=Path(args.out) / "qat", resume=args.resume, device=args.device,
+                             epochs=args.epochs, max_steps=args.max_steps, progress=settings.progress)
+    quantized = qat.train(run.loaded.model, run.loaded.name, train_images, run.loaded.preprocessing,
+                          run.calibration, recipe, options, evaluation, dist)
+    if not dist.main:
+        return 0
+    _print_results(deploy(run, quantized), args.json)
     return 0
 
 

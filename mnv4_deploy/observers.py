@@ -93,3 +93,92 @@ class MSEObserver(_BatchAveragedObserver):
             if best_err is None or err < best_err:
                 best, best_err = (a, b), err
         return best
+
+
+class KLObserver(MinMaxObserver):
+    """TensorRT-style entropy calibration: the clipping threshold whose int8 histogram loses least information.
+
+    A histogram of |x| is accumulated over all calibration batches (2048 bins; the range doubles, merging bin
+    pairs, when a batch exceeds it). At the end, each candidate threshold T (bin 128 or more) is scored by the
+    KL divergence between the clipped reference distribution P (outliers folded into the last bin) and Q,
+    P squeezed into the int8 levels that cover [0, T] and expanded back. Unlike a percentile, the clip adapts
+    to each tensor's shape: heavy-tailed activations get clipped hard, compact ones keep their full range.
+    Non-negative tensors (after ReLU) use all 256 levels on [0, T]; signed ones 128 per side. Exact zeros are
+    left out of the histogram: they quantize exactly, and as a spike in the first bin they drive T far too low
+    (measured on the reference checkpoint: 20% top-1 agreement with them, see bench/bench_recipes.py without).
+    """
+
+    BINS = 2048
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("histogram", torch.zeros(self.BINS, dtype=torch.float64))
+        self.register_buffer("hist_max", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("seen_min", torch.tensor(float("inf")))
+        self.register_buffer("seen_max", torch.tensor(float("-inf")))
+        self.fitted = False  # min_val/max_val hold the KL threshold (set on the first calculate_qparams)
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        x = x_orig.detach().float()
+        lo, hi = torch.aminmax(x)
+        self.seen_min.copy_(torch.minimum(self.seen_min, lo))
+        self.seen_max.copy_(torch.maximum(self.seen_max, hi))
+        a = x.abs().flatten()
+        a = a[a > 0]  # exact zeros (half of every ReLU output) are exact in int8; as a spike they bias KL to tiny T
+        top = float(a.max()) if a.numel() else 0.0
+        if top <= 0:
+            return x_orig
+        if float(self.hist_max) == 0:
+            self.hist_max.fill_(top)
+        while top > float(self.hist_max):  # double the range: merge bin pairs into the lower half
+            merged = self.histogram.view(self.BINS // 2, 2).sum(1)
+            self.histogram.zero_()
+            self.histogram[: self.BINS // 2] = merged
+            self.hist_max.mul_(2)
+        self.histogram += torch.histc(a, self.BINS, 0.0, float(self.hist_max)).double()
+        self.fitted = False
+        return x_orig
+
+    @torch.jit.export
+    def calculate_qparams(self):  # type: ignore[override]
+        if not self.fitted and float(self.hist_max) > 0:
+            signed = float(self.seen_min) < 0
+            t = kl_threshold(self.histogram, float(self.hist_max), 128 if signed else 256)
+            lo = max(float(self.seen_min), -t) if signed else 0.0
+            self.min_val.resize_(()).fill_(lo)
+            self.max_val.resize_(()).fill_(min(float(self.seen_max), t))
+            self.fitted = True
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+
+def kl_threshold(histogram: torch.Tensor, hist_max: float, levels: int, stride: int = 16) -> float:
+    """The threshold (in x units) minimising KL(P || Q) over candidate bin counts, TensorRT's entropy method."""
+    import numpy as np
+
+    hist = histogram.cpu().numpy().astype(np.float64)
+    nbins = len(hist)
+    last = int(np.nonzero(hist)[0].max()) + 1 if hist.any() else nbins
+    best_i, best_kl = nbins, float("inf")
+    for i in list(range(levels, last, stride)) + [max(levels, last)]:
+        if i > nbins:
+            break
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()  # outliers clipped into the last bin
+        ref = hist[:i]
+        # Q: the first i bins merged into `levels` groups, each group's mass spread over its non-empty bins.
+        groups = np.minimum((np.arange(i) * levels) // i, levels - 1)
+        nonzero = (ref > 0).astype(np.float64)
+        mass = np.bincount(groups, weights=ref, minlength=levels)
+        count = np.bincount(groups, weights=nonzero, minlength=levels)
+        q = np.where(nonzero > 0, mass[groups] / np.maximum(count[groups], 1), 0.0)
+        ps, qs = p.sum(), q.sum()
+        if ps <= 0 or qs <= 0:
+            continue
+        p, q = p / ps, q / qs
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return (best_i + 0.5) * hist_max / nbins if best_i < nbins else hist_max

@@ -137,19 +137,26 @@ def apply_overrides(options: Any, overrides: dict[str, Any]) -> Any:
     return dataclasses.replace(options, **given) if given else options
 
 
-def convert(settings: ConvertSettings,
-            on_target_error: Optional[Callable[[str, Exception], None]] = None) -> list[ArtifactResult]:
-    """Run the whole pipeline for each requested target; return one result per artifact.
+@dataclass
+class Run:
+    """A convert/qat run after loading: checked targets, the prepared model, its data and float logits."""
 
-    `on_target_error(target, exc)`, when given, receives a target's export/verification failure and the other
-    targets go on with the same quantized model (the report grid uses this); by default the error propagates.
-    """
+    settings: ConvertSettings
+    recipe: Recipe
+    targets: list[Any]
+    loaded: LoadedModel
+    calibration: LoadedImages
+    calibration_source: str
+    evals: list[EvalData]
+    progress: Optional[Callable]
+
+
+def start_run(settings: ConvertSettings) -> Run:
+    """Check the request, load and prepare the model, read calibration/held-back/val images."""
     if settings.precision not in PRECISIONS:
         raise UserError(f"unknown precision '{settings.precision}': use one of {', '.join(PRECISIONS)}")
     recipe = load_recipe(settings.recipe)
     targets = _select_targets(settings)
-    progress = _progress(settings)
-
     loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
     prepare(loaded.model)
     log(f"model: {loaded.name} ({loaded.weights}), input {loaded.preprocessing.input_size}, {loaded.num_classes} classes")
@@ -163,20 +170,38 @@ def convert(settings: ConvertSettings,
             val_set = val_set.sample(settings.val_limit, seed=0)
         val = load_images(val_set, loaded.preprocessing, settings.workers, "reading val" if settings.progress else "")
         evals.append(EvalData("val", f"{settings.val} ({len(val)} images)", val, torch_logits(loaded.model, val.x, batch)))
+    return Run(settings, recipe, targets, loaded, cal, cal_src, evals, _progress(settings))
 
+
+def convert(settings: ConvertSettings,
+            on_target_error: Optional[Callable[[str, Exception], None]] = None) -> list[ArtifactResult]:
+    """Run the whole pipeline for each requested target; return one result per artifact.
+
+    `on_target_error(target, exc)`, when given, receives a target's export/verification failure and the other
+    targets go on with the same quantized model (the report grid uses this); by default the error propagates.
+    """
+    run = start_run(settings)
     quantized: Optional[QuantizedModel] = None
     if settings.precision == "int8":
-        log(f"quantizing with recipe '{recipe.name}' on {cal_src}")
-        quantized = quantize(loaded.model, cal, recipe, cal_src, progress)
+        log(f"quantizing with recipe '{run.recipe.name}' on {run.calibration_source}")
+        quantized = quantize(run.loaded.model, run.calibration, run.recipe, run.calibration_source, run.progress)
+    return deploy(run, quantized, on_target_error)
+
+
+def deploy(run: Run, quantized: Optional[QuantizedModel],
+           on_target_error: Optional[Callable[[str, Exception], None]] = None) -> list[ArtifactResult]:
+    """Export the (PTQ- or QAT-) quantized model, or the float model, to every target and verify each."""
+    settings, recipe, evals = run.settings, run.recipe, run.evals
+    if quantized is not None:
         # The fake-quant simulation is slow in PyTorch; the held-back images suffice to catch a runtime
         # that disagrees with it (a converter that re-quantizes or drops a quantizer).
-        evals[0].simulated_logits = quantized.simulate(evals[0].images.x, batch)
+        evals[0].simulated_logits = quantized.simulate(evals[0].images.x, recipe.verification.batch_size)
 
     results = []
-    for target in targets:
+    for target in run.targets:
         log(f"[{target.name}] exporting {settings.precision}")
         options = apply_overrides(options_for(recipe, target.name), settings.target_options)
-        request = ExportRequest(loaded, settings.precision, options, quantized, cal)
+        request = ExportRequest(run.loaded, settings.precision, options, quantized, run.calibration)
         try:
             results.append(export_and_verify(target, request, recipe, evals, settings))
         except Exception as exc:
@@ -204,6 +229,9 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
             verification[ev.name] = entry
         one = evals[0].images.x[:1]
         verification["latency"] = measure_latency(runner, one, runs=settings.latency_runs).to_dict()
+        tensor_table = None
+        if request.precision == "int8":
+            verification["tensorwise"], tensor_table = tensorwise_check(target, tmp, request, evals[0].images.x)
         described = target.describe(tmp)
         spec = target.input_spec(tmp, request)
         facts = artifact_facts(tmp)
@@ -224,7 +252,33 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
     )
     manifest_path = out_dir / "manifest.json"
     write_json(manifest_path, manifest)
+    if tensor_table is not None:
+        write_json(out_dir / "tensorwise.json", tensor_table)
     return ArtifactResult(target.name, request.precision, final, manifest_path, manifest)
+
+
+def tensorwise_check(target: Any, path: Path, request: ExportRequest,
+                     x: np.ndarray) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """Every quantized activation of the artifact, from its runtime, against the PyTorch simulation.
+
+    Returns the manifest's summary and the full table (for tensorwise.json beside the manifest). A flagged
+    layer is a warning, never a failure; neither is an error in the check itself.
+    """
+    from . import tensorwise
+
+    try:
+        result = tensorwise.check(target, path, request, x[:tensorwise.IMAGES])
+    except Exception as exc:  # the check must not cost the user a verified artifact
+        log(f"warning: [{target.name}] tensor-by-tensor check failed: {type(exc).__name__}: {exc}")
+        return {"status": f"error: {type(exc).__name__}: {exc}"}, None
+    summary = result["summary"]
+    line = tensorwise.warning_line(target.name, summary)
+    if line:
+        log(line)
+    if "table" not in result:
+        return summary, None
+    summary["table"] = "tensorwise.json"
+    return summary, {"target": target.name, "summary": summary, "tensors": result["table"]}
 
 
 def sensitivity_report(settings: ConvertSettings, images: int = 128) -> dict[str, Any]:

@@ -7,6 +7,7 @@ simulation each target's runtime output is compared against.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -39,6 +40,7 @@ def _activation_observer(spec: ActivationQuant) -> Any:
         "mean_minmax": observers.MeanMinMaxObserver,
         "percentile": observers.PercentileObserver,
         "mse": observers.MSEObserver,
+        "kl": observers.KLObserver,
     }[spec.observer]
 
 
@@ -46,32 +48,194 @@ def _activation_observer_args(spec: ActivationQuant) -> dict[str, Any]:
     return {"percentile": spec.percentile} if spec.observer == "percentile" else {}
 
 
-def build_quantizer(q: Quantization) -> Any:
+def build_quantizer(q: Quantization, qat: str = "") -> Any:
     """A PT2E quantizer for int8 (weights symmetric, per-channel by default; activations affine per-tensor).
+
+    `qat`: '' for PTQ (observers); 'fixed' for QAT with fake-quantizers whose ranges come from the observers;
+    'learned' for QAT whose activation ranges are then learned by gradient (LSQ).
 
     Built on litert-torch's PT2E quantizer (XNNPACK-style patterns: conv+relu, add, pooling, linear) with
     the recipe's observers, so the graph it produces lowers to int8 kernels on every target.
     """
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
     from litert_torch.quantize.pt2e_quantizer_utils import QuantizationConfig
     from torchao.quantization.pt2e import observer as obs
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
     base = get_symmetric_quantization_config(is_per_channel=q.weights.granularity == "per_channel")
+    per_channel = q.weights.granularity == "per_channel"
+    act_ctr = _activation_observer(q.activations).with_args(eps=2**-12, **_activation_observer_args(q.activations))
+    weight_ctr = (obs.PerChannelMinMaxObserver if per_channel else obs.MinMaxObserver).with_args(eps=2**-12)
+    if qat:
+        act_ctr, weight_ctr = _fake_quantizers(q, qat)
     act = QuantizationSpec(
         dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
-        observer_or_fake_quant_ctr=_activation_observer(q.activations).with_args(
-            eps=2**-12, **_activation_observer_args(q.activations)),
+        observer_or_fake_quant_ctr=act_ctr,
     )
-    per_channel = q.weights.granularity == "per_channel"
     weight = QuantizationSpec(
         dtype=torch.int8, quant_min=-127, quant_max=127, ch_axis=0,
         qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
-        observer_or_fake_quant_ctr=(obs.PerChannelMinMaxObserver if per_channel else obs.MinMaxObserver)
-        .with_args(eps=2**-12),
+        observer_or_fake_quant_ctr=weight_ctr,
     )
-    config = QuantizationConfig(act, act, weight, None, base.fixed_qparams, False, False)
-    return PT2EQuantizer().set_global(config)
+    config = QuantizationConfig(act, act, weight, None, base.fixed_qparams, bool(qat), False)
+    return _attention_quantizer_class()().set_global(config)
+
+
+def _fake_quantizers(q: Quantization, qat: str) -> tuple[Any, Any]:
+    """Fake-quantizer constructors for QAT: the recipe's activation observer inside each, so training starts
+    from the same ranges PTQ would pick; 'learned' makes activation scales trainable parameters (LSQ)."""
+    from torchao.quantization.pt2e import observer as obs
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+    from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
+
+    _allow_litert_qat_patterns()
+    per_channel = q.weights.granularity == "per_channel"
+    observer = _activation_observer(q.activations)
+    extra = _activation_observer_args(q.activations)
+    if qat == "learned":
+        act = LearnableFakeQuantize.with_args(observer=observer, eps=2**-12, use_grad_scaling=True, **extra)
+    else:
+        act = FakeQuantize.with_args(observer=observer, eps=2**-12, **extra)
+    weight = FakeQuantize.with_args(
+        observer=obs.PerChannelMinMaxObserver if per_channel else obs.MinMaxObserver, eps=2**-12)
+    return act, weight
+
+
+def _allow_litert_qat_patterns() -> None:
+    """litert-torch 0.10's conv+BN QAT annotator hands torch.export a plain function, which current torchao
+    refuses ("Expected `mod` to be an instance of `torch.nn.Module`"); wrap such patterns in a module."""
+    from litert_torch.quantize import pt2e_quantizer_utils as utils
+    from torchao.quantization.pt2e.export_utils import WrapperModule
+
+    original = utils._get_aten_graph_module_for_pattern
+    if getattr(original, "_wraps_functions", False):
+        return
+
+    def wrapped(pattern: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(pattern if isinstance(pattern, nn.Module) else WrapperModule(pattern), *args, **kwargs)
+
+    wrapped._wraps_functions = True  # type: ignore[attr-defined]
+    utils._get_aten_graph_module_for_pattern = wrapped
+
+
+_VIEW_OPS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.transpose.int,
+             torch.ops.aten.permute.default)
+_MATMUL_OPS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+_SOFTMAX_OPS = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
+
+
+@functools.cache
+def _attention_quantizer_class() -> type:
+    """litert-torch's PT2EQuantizer, plus what it leaves float in the hybrids' Mobile MQA blocks: the
+    standalone BatchNorm before the attention (`batchnorm_as_depthwise`) and the attention matmuls and
+    softmax (`annotate_attention`)."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+
+    class AttentionPT2EQuantizer(PT2EQuantizer):
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            return batchnorm_as_depthwise(super().transform_for_annotation(model))
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            annotate_attention(model, self.global_config)
+            return model
+
+    return AttentionPT2EQuantizer
+
+
+def batchnorm_as_depthwise(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite each eval-mode BatchNorm that follows no convolution as the 1x1 depthwise conv it is.
+
+    prepare_pt2e folds BatchNorm into a preceding conv; the hybrids' MobileAttention blocks also normalise
+    their input (a residual sum) with a BatchNorm of their own, which nothing annotates: it stayed float
+    (dequantize, sub, mul, mul, add, quantize in TFLite). As a depthwise conv (weight gamma/sqrt(var+eps) per
+    channel, bias beta - mean*weight) it is quantized like every conv: int8 per-channel weights, which
+    represent one value per channel exactly. Runs after PT2E's conv-BN folding (prepare_pt2e calls
+    `transform_for_annotation` then); training-mode BatchNorms (QAT) are left as they are.
+    """
+    def value(node: Any) -> Optional[torch.Tensor]:
+        if node is None:
+            return None
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj.detach()
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.batch_norm.default:
+            continue
+        x, weight, bias, mean, var, training, _, eps = node.args[:8]
+        params = (weight, bias, mean, var)
+        if training or not all(p is None or (isinstance(p, torch.fx.Node) and p.op == "get_attr") for p in params):
+            continue
+        if mean is None or var is None or len(node.meta["val"].shape) != 4:
+            continue
+        scale = torch.rsqrt(value(var) + eps)
+        if weight is not None:
+            scale = scale * value(weight)
+        shift = -value(mean) * scale + (value(bias) if bias is not None else 0.0)
+        channels = scale.numel()
+        name = f"_{node.name}_as_depthwise"
+        gm.register_buffer(f"{name}_weight", scale.reshape(channels, 1, 1, 1).contiguous())
+        gm.register_buffer(f"{name}_bias", shift.contiguous())
+        with gm.graph.inserting_before(node):
+            w = gm.graph.get_attr(f"{name}_weight")
+            b = gm.graph.get_attr(f"{name}_bias")
+            conv = gm.graph.call_function(torch.ops.aten.conv2d.default, (x, w, b, [1, 1], [0, 0], [1, 1], channels))
+        conv.meta.update({k: v for k, v in node.meta.items() if k != "source_fn_stack"})
+        node.replace_all_uses_with(conv)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def annotate_attention(model: torch.fx.GraphModule, config: Any) -> None:
+    """Quantize the Mobile MQA attention: activation-activation matmuls, softmax and the reshapes between.
+
+    litert-torch's quantizer annotates neither (its softmax pattern only matches `aten._softmax`, which
+    torch.export does not produce): they stayed float, so no hybrid could be full-integer. Here:
+      - matmul: both inputs and the output int8 per-tensor (TFLite FULLY_CONNECTED/BATCH_MATMUL int8),
+      - softmax: int8 output with the fixed scale 1/256 and zero point -128 that TFLite's int8 SOFTMAX
+        kernel requires (the range [0, 1) exactly),
+      - reshape/transpose/view/permute after a quantized tensor share its quantizer (they move values, so a
+        second, different scale on the same values would only add a requantization).
+    Inputs of matmul/softmax that are already quantized share that quantizer instead of observing again.
+    """
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+
+    act = config.input_activation
+    if act is None or config.fixed_qparams is None:  # dynamic quantization: nothing to do here
+        return
+
+    def annotated(node: Any) -> bool:
+        ann = node.meta.get("quantization_annotation") if isinstance(node, torch.fx.Node) else None
+        return ann is not None and ann._annotated
+
+    def quantized_output(node: Any) -> bool:
+        return annotated(node) and node.meta["quantization_annotation"].output_qspec is not None
+
+    def input_spec(node: torch.fx.Node) -> Any:
+        return SharedQuantizationSpec(node) if quantized_output(node) else act
+
+    for node in model.graph.nodes:
+        if node.op != "call_function" or annotated(node):
+            continue
+        if node.target in _VIEW_OPS and quantized_output(node.args[0]):
+            src = node.args[0]
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={src: SharedQuantizationSpec(src)}, output_qspec=SharedQuantizationSpec(src),
+                _annotated=True)
+        elif node.target in _MATMUL_OPS and all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
+            a, b = node.args[:2]
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={a: input_spec(a), b: input_spec(b)}, output_qspec=act, _annotated=True)
+        elif node.target in _SOFTMAX_OPS and isinstance(node.args[0], torch.fx.Node):
+            src = node.args[0]
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={src: input_spec(src)}, output_qspec=config.fixed_qparams, _annotated=True)
 
 
 @dataclass
@@ -125,11 +289,15 @@ def quantize(
     """Post-training int8 quantization: export, insert observers, run the calibration images."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
+    from . import ptq
+
     q = recipe.quantization
     example = torch.from_numpy(calibration.x[:2])
     start = time.perf_counter()
+    # PTQ algorithms (mnv4_deploy/ptq/): an equalized float copy is what gets exported and quantized.
+    float_model, algorithms = ptq.transform_float_model(model, calibration.x, q)
     quantizer = build_quantizer(q)
-    prepared = prepare_pt2e(_tag_adds(export_program(model, example).module()), quantizer)
+    prepared = prepare_pt2e(_tag_adds(export_program(float_model, example).module()), quantizer)
     batches = list(calibration.batches(q.calibration.batch_size))
     it = progress(batches, desc="calibrating", unit="batch") if progress else batches
     with torch.no_grad():
@@ -143,6 +311,10 @@ def quantize(
         "activations": f"int{q.activations.bits} per_tensor affine, {q.activations.observer} observer",
         "seconds": round(time.perf_counter() - start, 2),
     }
+    algorithms |= ptq.refine(prepared, model, calibration.x, q)
+    if algorithms:
+        info["algorithms"] = algorithms
+        info["seconds"] = round(time.perf_counter() - start, 2)
     if q.fallback.max_layers > 0:
         prepared, info["fallback"] = _apply_fallback(prepared, model, calibration, q)
     return QuantizedModel(prepared, recipe, info, quantizer)

@@ -33,8 +33,9 @@ class ActivationQuant:
     bits: int = choice(8, 8)
     # How activation ranges are chosen from calibration data (see mnv4_deploy/observers.py):
     # per-batch statistics averaged over batches (mean_minmax, percentile, mse) resist MNv4's outliers;
-    # minmax and histogram (torchao's HistogramObserver) are the naive baselines.
-    observer: str = choice("percentile", "percentile", "mse", "mean_minmax", "histogram", "minmax", "moving_average")
+    # minmax and histogram (torchao's HistogramObserver) are the naive baselines; kl is TensorRT's entropy method.
+    observer: str = choice("percentile", "percentile", "mse", "kl", "mean_minmax", "histogram", "minmax",
+                           "moving_average")
     percentile: float = 99.99  # for observer: percentile
 
 
@@ -54,11 +55,55 @@ class Fallback:
 
 
 @dataclass(frozen=True)
+class Equalization:
+    """Rescale channels between consecutive convs of the float model before quantization (mnv4_deploy/ptq/equalize.py)."""
+
+    # cle: balance the weight ranges of each conv pair (Nagel et al. 2019); activation: balance the per-channel
+    # ranges of the activation between them (SmoothQuant-style), which is what per-tensor int8 activations need.
+    method: str = choice("none", "none", "cle", "activation")
+    alpha: float = 0.5  # activation: share of the activation range moved into a dense next conv (depthwise: all)
+    iterations: int = 2  # cle: passes over the chain
+
+
+@dataclass(frozen=True)
+class AdaRound:
+    """Learn each weight's rounding (up or down) against the float layer output (mnv4_deploy/ptq/adaround.py)."""
+
+    enabled: bool = False
+    iterations: int = 50  # optimisation steps per layer
+    images: int = 128  # calibration images used
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class RangeLearning:
+    """Tune activation scales on calibration images against the float logits (mnv4_deploy/ptq/range_learning.py)."""
+
+    steps: int = 0  # 0 = off
+    lr: float = 0.01  # Adam, on the log of each scale
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """Remove each conv's per-channel mean output error from its bias (mnv4_deploy/ptq/bias_correction.py)."""
+
+    enabled: bool = False
+    images: int = 512  # calibration images used (a trimmed mean over them)
+
+
+@dataclass(frozen=True)
 class Quantization:
     weights: WeightQuant = field(default_factory=WeightQuant)
     activations: ActivationQuant = field(default_factory=ActivationQuant)
     calibration: Calibration = field(default_factory=Calibration)
     fallback: Fallback = field(default_factory=Fallback)
+    # PTQ algorithms (mnv4_deploy/ptq/), applied in this order: equalization (float model), calibration,
+    # adaround (weights), range_learning (activation scales), bias_correction.
+    equalization: Equalization = field(default_factory=Equalization)
+    adaround: AdaRound = field(default_factory=AdaRound)
+    range_learning: RangeLearning = field(default_factory=RangeLearning)
+    bias_correction: BiasCorrection = field(default_factory=BiasCorrection)
 
 
 @dataclass(frozen=True)
@@ -68,11 +113,49 @@ class Verification:
 
 
 @dataclass(frozen=True)
+class Distillation:
+    """The float model teaches the fake-quantized one (knowledge distillation)."""
+
+    # mse: match the teacher's logits (pushes every logit, so the int8 model keeps the float top-1);
+    # kl: match softened probabilities at `temperature` (Hinton et al.).
+    loss: str = choice("mse", "mse", "kl")
+    temperature: float = 1.0  # for loss: kl
+    alpha: float = 1.0  # weight of distillation vs cross-entropy on the labels (1.0 = distillation only)
+
+
+@dataclass(frozen=True)
+class Qat:
+    """Quantization-aware fine-tuning (`mnv4-deploy qat`). Steps count optimizer updates over all processes."""
+
+    epochs: int = 2
+    batch_size: int = 64  # per process
+    optimizer: str = choice("adamw", "adamw", "sgd")
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    # Learn the activation scales and zero points by gradient (LSQ, Esser et al. 2020) once observers freeze;
+    # off: the ranges stay where the observers left them.
+    range_learning: bool = True
+    range_lr: float = 1e-4
+    # BatchNorm uses batch statistics (and updates its running stats) for this many steps, then freezes.
+    # 0 = frozen from the start (best when the train images are few or batches small).
+    freeze_bn_after: int = 0
+    # Observers keep refining the ranges for this many steps (from the PTQ calibration start), then freeze.
+    freeze_observers_after: int = 0
+    distillation: Distillation = field(default_factory=Distillation)
+    augment: str = choice("flip", "flip", "none")  # random horizontal flips of train images
+    eval_images: int = 1000  # --val images scored (agreement with float) after every epoch
+    checkpoint_every: int = 200  # steps between checkpoints (and at each epoch end)
+    workers: int = 2  # data-loader worker processes per training process
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "ptq-int8"
     description: str = ""
     quantization: Quantization = field(default_factory=Quantization)
     verification: Verification = field(default_factory=Verification)
+    qat: Qat = field(default_factory=Qat)  # used by `mnv4-deploy qat` only
     # Per-target options, e.g. {'onnx': OnnxOptions(opset=18)}; each target declares its own options class.
     targets: dict = field(default_factory=dict)
     source: str = field(default="<built-in>", compare=False)

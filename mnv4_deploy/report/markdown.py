@@ -40,6 +40,9 @@ def cells_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         note = [c.get("note", "")] if c.get("note") else []
         if c.get("numbers") == "simulated":
             note.append("simulated (no runtime on this host)")
+        if value(c, "tensorwise.flagged"):
+            note.append(f"{value(c, 'tensorwise.flagged')} layer(s) disagree with the int8 simulation "
+                        "(manifest verification.tensorwise)")
         drop = value(c, "val.top1_drop")
         rows.append([
             c["target"], c["precision"], c["status"],

@@ -88,6 +88,12 @@ def cell_from_manifest(manifest: dict[str, Any], status: str, artifact: str, man
         if sim:
             metrics[f"{name}.sim_agreement"] = metric(sim["top1_agreement"], "fraction", runtime,
                                                       "argmax equals the PyTorch int8 simulation's", n)
+    tw = v.get("tensorwise") or {}
+    if tw.get("status") == "compared":
+        metrics["tensorwise.flagged"] = metric(
+            tw["flagged"] + len(tw["unmatched_pytorch"]), "layers", runtime,
+            f"quantized activations that disagree with the PyTorch simulation or are missing in the runtime "
+            f"({tw['matched']}/{tw['pytorch_quantizers']} matched; {tw['flag_rule']})", tw["images"])
     return {
         "target": manifest["target"],
         "precision": manifest["precision"],

@@ -89,6 +89,12 @@ class Target(ABC):
         """Structural facts for the manifest: operator histogram, precisions, input/output spec."""
         return {}
 
+    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> Any:
+        """The int8 artifact's quantized activations on `x` (normalised NCHW float32), from its runtime with
+        intermediates exposed: `(list of tensorwise.QTensor, info dict)`; a string says why they are not
+        available; None: not implemented. Used by the tensor-by-tensor check (mnv4_deploy/tensorwise.py)."""
+        return None
+
     def tool_versions(self) -> dict[str, str]:
         out = {}
         for dist in self.distributions():

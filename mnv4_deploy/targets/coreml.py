@@ -90,6 +90,11 @@ class CoremlTarget(Target):
             return CoremlRunner(path, request)
         return SimulatedRunner(request)
 
+    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> Any:
+        if platform.system() != "Darwin":
+            return "not available: simulated (no CoreML runtime on Linux; its numbers are the PyTorch simulation)"
+        return "not available: CoreML predict does not expose intermediate tensors (not implemented)"
+
     def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
         from ..manifest import input_spec
 

@@ -61,6 +61,13 @@ class OnnxTarget(Target):
     def load(self, path: Path, request: ExportRequest) -> Runner:
         return OnnxRunner(path, request.options.threads)
 
+    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> Any:
+        if request.options.method != "pt2e":
+            return "not applicable: quantized by onnxruntime's quantize_static, not the shared PT2E model"
+        from ..tensorwise import onnx_quantized
+
+        return onnx_quantized(path, x)
+
     def describe(self, path: Path) -> dict[str, Any]:
         import onnx
 

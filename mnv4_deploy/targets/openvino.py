@@ -129,6 +129,13 @@ class OpenVinoTarget(Target):
         self._options = request.options
         return OpenVinoRunner(path, request.options)
 
+    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> Any:
+        if request.options.method != "pt2e":
+            return "not applicable: quantized by NNCF, not the shared PT2E model"
+        from ..tensorwise import openvino_quantized
+
+        return openvino_quantized(Path(path), x, request.options.compile_config())
+
     def describe(self, path: Path) -> dict[str, Any]:
         import openvino as ov
 

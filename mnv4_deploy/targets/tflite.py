@@ -2,7 +2,10 @@
 
 fp32: plain conversion. fp16: float16 weights (ai-edge-quantizer float casting through litert-torch's
 `full_fp16_recipe`; DEQUANTIZE ops feed float kernels). int8: the project's shared PT2E model converted with
-litert-torch's QDQ lowering into int8 kernels.
+litert-torch's QDQ lowering into int8 kernels. Hybrids' attention softmax is marked as litert's `odml.softmax`
+composite (`softmax_composites`), so it becomes the fused SOFTMAX builtin (int8 in int8 models) instead of
+float REDUCE_MAX/EXP/SUM/DIV: with the int8 attention matmuls from the shared quantizer, hybrids are
+full-integer too.
 
 I/O is the deployer's choice: `io_dtype` float keeps QUANTIZE/DEQUANTIZE inside the model; int8/uint8 give a
 full-integer model (EdgeTPU, NNAPI) whose input is quantized with the model's own scale/zero point.
@@ -78,6 +81,11 @@ class TfliteTarget(Target):
                 # observers at that input, so the same recipe is re-run on the wrapped model.
                 from ..quantize import quantize
 
+                if quantized.calibration.get("method") == "qat":
+                    raise UserError("--layout nhwc / --bake-normalization re-calibrate a wrapped copy of the float "
+                                    "model, which would discard QAT's training: export QAT models with the default "
+                                    "NCHW normalised input (--layout nchw, no --bake-normalization)")
+
                 calib = wrapper_calibration(request, opts)
                 quantized = quantize(model, calib, quantized.recipe, "same calibration images, wrapped input")
                 info["requantized"] = ("PT2E re-run with the same recipe and calibration images on the model "
@@ -91,10 +99,10 @@ class TfliteTarget(Target):
             from litert_torch.generative.quantize.quant_recipes import full_fp16_recipe
 
             info["method"] = "float16 weights (ai-edge-quantizer float casting), float32 compute and I/O"
-            content = _convert(model, example, full_fp16_recipe())
+            content = _convert(float_graph(model, example), example, full_fp16_recipe())
         else:
             info["method"] = "float"
-            content = _convert(model, example, None)
+            content = _convert(float_graph(model, example), example, None)
         Path(path).write_bytes(content)
         info["seconds"] = round(time.perf_counter() - start, 2)
         return info
@@ -109,6 +117,15 @@ class TfliteTarget(Target):
                     f"full-integer ({opts.io_dtype} I/O) was asked but {sum(left.values())} ops still run in "
                     f"float: {listed}; use --io-dtype float to ship it with float fallbacks")
         return TfliteRunner(path, request.loaded.preprocessing, opts)
+
+    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> Any:
+        if needs_wrapper(request.options):
+            return ("not applicable: NHWC / baked-normalisation artifacts are re-quantized on the wrapped model, "
+                    "so their tensors are not the shared PT2E model's")
+        from ..tensorwise import tflite_quantized
+
+        return tflite_quantized(path, to_artifact_input(np.asarray(x, np.float32), request.loaded.preprocessing,
+                                                        request.options))
 
     def describe(self, path: Path) -> dict[str, Any]:
         ops, tensors = graph(path)
@@ -255,7 +272,65 @@ def _convert_int8(quantized: Any, example: Any) -> bytes:
 
     graph_module = move_exported_model_to_eval(quantized.converted(fold_weights=False))
     graph_module.training = False  # exported models refuse .eval(); litert warns on the flag alone
+    softmax_composites(graph_module)
     return _convert(graph_module, example, QuantConfig(pt2e_quantizer=quantized.quantizer))
+
+
+def float_graph(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """What the float conversions convert: hybrids exported with their softmax marked as the fused SOFTMAX
+    builtin (as in the int8 model, so int8/float comparisons are like for like); other models as they are."""
+    from ..mqa import MobileMQA
+
+    if not any(isinstance(m, MobileMQA) for m in model.modules()):
+        return model
+    gm = torch.export.export(model, (example,)).module()
+    gm.training = False  # exported models refuse .eval()
+    softmax_composites(gm)
+    return gm
+
+
+def softmax_composites(gm: torch.fx.GraphModule) -> int:
+    """Mark every softmax as an `odml.softmax` composite on the last axis; return how many.
+
+    litert-torch lowers a bare softmax through JAX into REDUCE_MAX/SUB/EXP/SUM/DIV, which have no int8
+    kernels: between the quantized matmuls of the Mobile MQA they stayed float (dequantize, 5 float ops,
+    quantize) and no hybrid could be full-integer. litert-converter lowers the composite to the fused
+    SOFTMAX builtin instead, int8 when the PT2E graph quantizes its output with the kernel's fixed 1/256
+    scale (quantize.annotate_attention does). The builtin always normalises the last axis whatever the
+    composite's attribute says, so a softmax over another axis (MobileMQA's is over keys, axis 2) is
+    transposed there and back; the converter keeps both transposes int8 and folds the second into the
+    following matmul. Only the TFLite graph is changed: the shared PT2E model and other targets are not.
+    """
+    import uuid
+
+    from litert_torch.backend.composite import mark_tensor
+
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.softmax.int,
+                                                              torch.ops.aten._softmax.default):
+            continue
+        if node.target == torch.ops.aten.softmax.int and len(node.args) > 2 and node.args[2] is not None:
+            continue  # a dtype-casting softmax: leave it to the default lowering
+        src, val = node.args[0], node.meta.get("val")
+        if val is None or (src.op == "call_function" and src.target == mark_tensor.mark_tensor_op):
+            continue  # no shape known, or already marked
+        rank = len(val.shape)
+        dim, last = int(node.args[1]) % rank, rank - 1
+        uid, attr = uuid.uuid4().hex, mark_tensor.serialize_composite_attr({"axis": -1})
+        with graph.inserting_before(node):
+            x = src if dim == last else graph.call_function(torch.ops.aten.transpose.int, (src, dim, last))
+            x = graph.call_function(mark_tensor.mark_tensor_op, (x, "odml.softmax", 0, uid, True, None))
+            y = graph.call_function(torch.ops.aten._softmax.default, (x, last, False))
+            y = graph.call_function(mark_tensor.mark_tensor_op, (y, "odml.softmax", 0, uid, False, attr))
+            if dim != last:
+                y = graph.call_function(torch.ops.aten.transpose.int, (y, dim, last))
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 # ----------------------------------------------------------------------------- I/O retyping (flatbuffer)

@@ -1,0 +1,67 @@
+"""Post-training quantization algorithms, each selected by a recipe key under `quantization:`.
+
+| module | recipe key | what it fixes |
+|---|---|---|
+| `equalize` | `equalization: {method: cle / activation, alpha}` | channel ranges across conv pairs (float model, before export) |
+| `adaround` | `adaround: {enabled: true, iterations, images}` | weight rounding, layer by layer |
+| `range_learning` | `range_learning: {steps, lr, batch_size}` | activation scales, against the float logits |
+| `bias_correction` | `bias_correction: {enabled: true, images}` | per-channel mean output shift of each conv |
+
+(`observer: kl`, the entropy activation observer, lives with the other observers in `mnv4_deploy/observers.py`.)
+`quantize()` runs them in the order of that table, around calibration; each returns a small dict for the manifest.
+All of them use calibration images only.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import numpy as np
+from torch import fx, nn
+
+from ..recipes import Quantization
+
+
+def transform_float_model(model: nn.Module, x: np.ndarray, q: Quantization) -> tuple[nn.Module, dict[str, Any]]:
+    """The float model the quantizer should see (equalized copy, or the model itself) and what was done."""
+    if q.equalization.method == "none":
+        return model, {}
+    from .equalize import equalize
+
+    start = time.perf_counter()
+    out, info = equalize(model, q.equalization.method, x, q.equalization.alpha, q.equalization.iterations)
+    return out, {"equalization": info | {"seconds": round(time.perf_counter() - start, 2)}}
+
+
+def refine(prepared: fx.GraphModule, float_model: nn.Module, x: np.ndarray, q: Quantization) -> dict[str, Any]:
+    """Run the enabled graph-level algorithms on the calibrated graph, in place; their reports by name."""
+    info: dict[str, Any] = {}
+    # The float reference for layer-wise algorithms: AdaRound and bias correction edit weights and biases in
+    # place, after which the graph with its quantizers off is no longer the float model.
+    reference = copy.deepcopy(prepared) if q.adaround.enabled or q.bias_correction.enabled else None
+    if q.adaround.enabled:
+        from .adaround import adaround
+
+        start = time.perf_counter()
+        info["adaround"] = adaround(prepared, x[:q.adaround.images], q.adaround.iterations,
+                                     q.adaround.batch_size, reference=reference)
+        info["adaround"]["seconds"] = round(time.perf_counter() - start, 2)
+    if q.range_learning.steps > 0:
+        from ..verify import torch_logits
+        from .range_learning import learn_ranges
+
+        start = time.perf_counter()
+        info["range_learning"] = learn_ranges(prepared, x, torch_logits(float_model, x), q.range_learning.steps,
+                                              q.range_learning.lr, q.range_learning.batch_size)
+        info["range_learning"]["seconds"] = round(time.perf_counter() - start, 2)
+    if q.bias_correction.enabled:
+        from .bias_correction import bias_correct
+
+        start = time.perf_counter()
+        info["bias_correction"] = bias_correct(prepared, x[:q.bias_correction.images], reference)
+        info["bias_correction"]["seconds"] = round(time.perf_counter() - start, 2)
+    return info
+
+
+__all__ = ["transform_float_model", "refine"]

@@ -1,0 +1,426 @@
+"""Quantization-aware training (QAT) with knowledge distillation, on the PT2E graph every target exports.
+
+Start where PTQ ends: the recipe's calibration sets the initial activation ranges. Then the fake-quantized
+student learns to reproduce the float teacher's logits on the train images. BatchNorm statistics freeze after
+`freeze_bn_after` steps, observers after `freeze_observers_after`; from then on activation scales are learned
+by gradient (LSQ) when `range_learning` is on. The result is a QuantizedModel, deployed by the same
+`pipeline.deploy` step as a PTQ model, so every target gets the same fine-tuned int8 model.
+
+Runs on CPU, on a GPU when present, and data-parallel (DistributedDataParallel) when started by `torchrun`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .data import ImageSet, LoadedImages
+from .errors import UserError
+from .fileio import atomic_path
+from .preprocessing import Preprocessing
+from .quantize import QuantizedModel, _tag_adds, build_quantizer, export_program
+from .recipes import Qat, Recipe
+from .verify import compare
+
+CHECKPOINT_FORMAT = "mnv4-deploy-qat/1"
+
+
+@dataclass
+class QatOptions:
+    """What `mnv4-deploy qat` adds to the recipe's `qat:` section (run-specific, not part of a recipe)."""
+
+    checkpoint_dir: Path
+    resume: Optional[Path] = None
+    device: str = "auto"  # auto | cpu | cuda
+    epochs: Optional[int] = None  # overrides the recipe
+    max_steps: Optional[int] = None  # stop after this many steps (smoke runs, time budgets)
+    progress: bool = True
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (a single process when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> Distributed:
+    """Read torchrun's environment; start the process group (NCCL on GPUs, Gloo on CPUs) when world > 1."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked but torch sees no CUDA GPU: use --device cpu (or auto)")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Distributed(rank, world, local, dev)
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Train images decoded on the fly by data-loader workers, with the model's own preprocessing."""
+
+    def __init__(self, images: ImageSet, pre: Preprocessing, flip: bool) -> None:
+        self.images, self.pre, self.flip = images, pre, flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        label = self.images.labels[i] if self.images.labels is not None else -1
+        try:
+            with Image.open(self.images.paths[i]) as img:
+                arr = self.pre.to_uint8_image(img)
+        except (OSError, ValueError, SyntaxError):
+            return torch.zeros(self.pre.input_shape[1:]), -1, False
+        if self.flip and torch.rand(()) < 0.5:
+            arr = arr[:, ::-1]
+        return torch.from_numpy(self.pre.normalize(np.ascontiguousarray(arr))), label, True
+
+
+def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor) -> torch.fx.GraphModule:
+    """The fake-quantized copy of the float model (conv+BN kept apart so BN can still train)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    mode = "learned" if recipe.qat.range_learning else "fixed"
+    graph = _tag_adds(export_program(copy.deepcopy(teacher).train(), example).module())
+    return prepare_qat_pt2e(graph, build_quantizer(recipe.quantization, mode))
+
+
+def _fake_quantizers(student: nn.Module) -> list[nn.Module]:
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+    return [m for m in student.modules() if isinstance(m, FakeQuantizeBase)]
+
+
+def set_observers(student: nn.Module, enabled: bool) -> None:
+    """Observers on (ranges follow the data) or off (ranges frozen, or learned by gradient with LSQ).
+
+    Flags only: whether LSQ ranges are trainable is fixed once (`make_ranges_trainable`), before any
+    DistributedDataParallel wrapper registers which parameters it synchronises.
+    """
+    from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
+
+    for fq in _fake_quantizers(student):
+        fq.observer_enabled[0] = int(enabled)
+        if isinstance(fq, LearnableFakeQuantize):
+            fq.learning_enabled[0] = int(not enabled)
+
+
+def make_ranges_trainable(student: nn.Module, trainable: bool) -> None:
+    from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
+
+    for fq in _fake_quantizers(student):
+        if isinstance(fq, LearnableFakeQuantize) and fq.scale is not None:
+            fq.scale.requires_grad_(trainable)
+            affine = fq.qscheme not in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+            fq.zero_point.requires_grad_(trainable and affine)
+
+
+def set_batchnorm_training(student: torch.fx.GraphModule, training: bool) -> None:
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    (move_exported_model_to_train if training else move_exported_model_to_eval)(student)
+
+
+class _ObserversPaused:
+    """Evaluate without letting observers see the evaluation images."""
+
+    def __init__(self, student: nn.Module) -> None:
+        self.fqs = _fake_quantizers(student)
+
+    def __enter__(self) -> None:
+        self.saved = [int(fq.observer_enabled[0]) for fq in self.fqs]
+        for fq in self.fqs:
+            fq.observer_enabled[0] = 0
+
+    def __exit__(self, *exc: Any) -> None:
+        for fq, was in zip(self.fqs, self.saved):
+            fq.observer_enabled[0] = was
+
+
+def calibrate(student: torch.fx.GraphModule, calibration: LoadedImages, batch_size: int, device: torch.device) -> None:
+    """PTQ calibration of the student's observers: QAT starts from the ranges PTQ would ship."""
+    set_batchnorm_training(student, False)
+    with torch.no_grad():
+        for batch in calibration.batches(batch_size):
+            student(torch.from_numpy(batch).to(device))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      qat: Qat) -> torch.Tensor:
+    kd = qat.distillation
+    if kd.loss == "mse":
+        loss = F.mse_loss(student_logits, teacher_logits)
+    else:
+        t = kd.temperature
+        loss = F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1),
+                        reduction="batchmean") * t * t
+    if kd.alpha < 1.0:
+        loss = kd.alpha * loss + (1.0 - kd.alpha) * F.cross_entropy(student_logits, labels, ignore_index=-1)
+    return loss
+
+
+def _optimizer(student: nn.Module, qat: Qat) -> torch.optim.Optimizer:
+    ranges = [p for n, p in student.named_parameters() if n.endswith((".scale", ".zero_point"))]
+    ids = {id(p) for p in ranges}
+    weights = [p for p in student.parameters() if id(p) not in ids]
+    groups = [{"params": weights}, {"params": ranges, "lr": qat.range_lr, "weight_decay": 0.0}]
+    if qat.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=qat.lr, momentum=0.9, weight_decay=qat.weight_decay)
+    return torch.optim.AdamW(groups, lr=qat.lr, weight_decay=qat.weight_decay)
+
+
+def agreement(student: torch.fx.GraphModule, x: np.ndarray, reference: np.ndarray, labels: Optional[np.ndarray],
+              device: torch.device, batch_size: int = 128) -> dict[str, float]:
+    """Top-1 agreement of the fake-quantized student with float (and top-1 if labelled), BN frozen."""
+    was_training = getattr(student, "_exported_training", False)  # torchao's flag for exported models
+    set_batchnorm_training(student, False)
+    with torch.no_grad(), _ObserversPaused(student):
+        logits = np.concatenate([student(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu().numpy()
+                                 for i in range(0, len(x), batch_size)])
+    if was_training:
+        set_batchnorm_training(student, True)
+    f = compare(logits, reference, labels)
+    out = {"images": int(f.images), "top1_agreement": float(f.top1_agreement), "sqnr_db": float(f.sqnr_db)}
+    if f.top1 is not None:  # plain floats: checkpoints must load with weights_only=True
+        out |= {"top1": float(f.top1), "float_top1": float(f.reference_top1)}
+    return out
+
+
+@dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer, state: _State,
+                    model_name: str, recipe: Recipe) -> None:
+    """Tensors and plain Python values only, so resuming can load it with weights_only=True."""
+    payload = {
+        "format": CHECKPOINT_FORMAT, "model": model_name, "recipe": recipe.name,
+        "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+        "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "history": state.history,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer, model_name: str) -> _State:
+    if not Path(path).is_file():
+        raise UserError(f"--resume: checkpoint '{path}' not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors name no fix; say what the file should be
+        raise UserError(f"--resume: '{path}' is not a QAT checkpoint written by mnv4-deploy qat "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"--resume: '{path}' is not a QAT checkpoint written by mnv4-deploy qat")
+    if payload["model"] != model_name:
+        raise UserError(f"--resume: '{path}' was trained from {payload['model']}, not {model_name}: "
+                        f"give the same --model/--weights as the run that wrote it")
+    try:
+        student.load_state_dict(payload["student"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--resume: '{path}' does not match this model/recipe "
+                        f"({str(exc).splitlines()[0][:160]}): resume with the recipe that wrote it") from None
+    return _State(payload["step"], payload["epoch"], payload["batch_in_epoch"], list(payload["history"]))
+
+
+def train(
+    teacher: nn.Module,
+    model_name: str,
+    train_images: ImageSet,
+    preprocessing: Preprocessing,
+    calibration: LoadedImages,
+    recipe: Recipe,
+    options: QatOptions,
+    evaluation: Optional[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = None,
+    dist: Optional[Distributed] = None,
+) -> QuantizedModel:
+    """Fine-tune the fake-quantized model against the float teacher; return it ready to export.
+
+    `evaluation` = (images, float logits, labels) scored after every epoch (on the main process).
+    """
+    dist = dist or Distributed()
+    qat = recipe.qat
+    if qat.distillation.alpha < 1.0 and not train_images.labelled:
+        raise UserError(f"recipe {recipe.name}: qat.distillation.alpha < 1 mixes in label cross-entropy, but "
+                        f"{train_images.source} has no class sub-folders: set alpha: 1.0 or give an ImageFolder")
+    epochs = options.epochs if options.epochs is not None else qat.epochs
+    torch.manual_seed(qat.seed)
+    start = time.perf_counter()
+    device = dist.device
+    student = build_student(teacher, recipe, torch.from_numpy(calibration.x[:2])).to(device)
+    teacher = copy.deepcopy(teacher).eval().to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    calibrate(student, calibration, recipe.quantization.calibration.batch_size, device)
+    make_ranges_trainable(student, qat.range_learning)
+    optimizer = _optimizer(student, qat)
+    state = _State()
+    if options.resume is not None:
+        state = load_checkpoint(options.resume, student, optimizer, model_name)
+        _log(dist, f"resumed from {options.resume}: step {state.step}, epoch {state.epoch + 1}, "
+                   f"batch {state.batch_in_epoch}")
+    student = student.to(device)
+    _apply_phase(student, qat, state.step)
+
+    model: nn.Module = student
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    dataset = TrainImages(train_images, preprocessing, qat.augment == "flip")
+    steps_per_epoch = len(dataset) // (qat.batch_size * dist.world_size)
+    if steps_per_epoch == 0:
+        raise UserError(f"{train_images.source}: {len(dataset)} train images are fewer than one batch "
+                        f"({qat.batch_size} x {dist.world_size} processes): lower qat.batch_size")
+    total = epochs * steps_per_epoch if options.max_steps is None else min(options.max_steps, epochs * steps_per_epoch)
+    ckpt_dir = Path(options.checkpoint_dir)
+    _log(dist, f"qat: {len(dataset)} train images, {epochs} epochs x {steps_per_epoch} steps "
+               f"(batch {qat.batch_size} x {dist.world_size} process(es), {device}), {total} steps to run")
+
+    while state.step < total and state.epoch < epochs:
+        order = _epoch_order(len(dataset), qat.seed, state.epoch)
+        mine = order[dist.rank::dist.world_size][state.batch_in_epoch * qat.batch_size:steps_per_epoch * qat.batch_size]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=qat.batch_size,
+                                             drop_last=True, num_workers=qat.workers,
+                                             pin_memory=device.type == "cuda",
+                                             persistent_workers=False)
+        bar = _bar(loader, dist, options, f"qat epoch {state.epoch + 1}/{epochs}",
+                   steps_per_epoch, state.batch_in_epoch)
+        running = None
+        for x, labels, ok in bar:
+            _apply_phase(student, qat, state.step)
+            x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            labels = torch.where(ok.to(device), labels, torch.full_like(labels, -1))
+            with torch.no_grad():
+                target = teacher(x)
+            loss = distillation_loss(model(x), target, labels, qat)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"QAT loss became {loss.item()} at step {state.step}: lower qat.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state.step += 1
+            state.batch_in_epoch += 1
+            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{running:.4g}", step=state.step)
+            if dist.main and qat.checkpoint_every and state.step % qat.checkpoint_every == 0:
+                save_checkpoint(ckpt_dir / "last.pt", student, optimizer, state, model_name, recipe)
+            if state.step >= total:
+                break
+        epoch_done = state.batch_in_epoch >= steps_per_epoch
+        record: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step, "loss": float(running or 0.0),
+                                  "seconds": round(time.perf_counter() - start, 1)}
+        if dist.main and evaluation is not None:
+            x_eval, ref, labels_eval = evaluation
+            record |= {"eval": agreement(student, x_eval, ref, labels_eval, device)}
+        if epoch_done:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        state.history.append(record)
+        if dist.main:
+            save_checkpoint(ckpt_dir / "last.pt", student, optimizer, state, model_name, recipe)
+            _log(dist, _epoch_line(record, epochs))
+
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    student = student.cpu()
+    set_batchnorm_training(student, False)
+    set_observers(student, False)
+    info = {
+        "method": "qat",
+        "source": f"{train_images.source} ({len(dataset)} train images), ranges initialised on "
+                  f"{len(calibration)} calibration images",
+        "images": len(dataset),
+        "weights": f"int{recipe.quantization.weights.bits} {recipe.quantization.weights.granularity} symmetric",
+        "activations": f"int{recipe.quantization.activations.bits} per_tensor affine, "
+                       f"{recipe.quantization.activations.observer} observer init"
+                       + (", learned ranges (LSQ)" if qat.range_learning else ""),
+        "qat": {"epochs": epochs, "steps": state.step, "processes": dist.world_size, "device": str(device),
+                "history": state.history, "checkpoint": str(ckpt_dir / "last.pt")},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return QuantizedModel(student, recipe, info, build_quantizer(recipe.quantization, "fixed"))
+
+
+def _apply_phase(student: torch.fx.GraphModule, qat: Qat, step: int) -> None:
+    """Switch BN and observers at the recipe's step boundaries (also right after a resume)."""
+    phase = (step < qat.freeze_bn_after, step < qat.freeze_observers_after)
+    if getattr(student, "_mnv4_phase", None) == phase:
+        return
+    set_batchnorm_training(student, phase[0])
+    set_observers(student, phase[1])
+    student._mnv4_phase = phase  # type: ignore[attr-defined]
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The same shuffled order on every process and after a resume."""
+    g = torch.Generator()
+    g.manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _bar(loader: Any, dist: Distributed, options: QatOptions, desc: str, total: int, done: int) -> Any:
+    if not (options.progress and dist.main):
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, total=total, initial=done, unit="step", file=sys.stderr, leave=False)
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    line = f"epoch {record['epoch']}/{epochs}: step {record['step']}, loss {record['loss']:.4g}"
+    if "eval" in record:
+        ev = record["eval"]
+        line += f", val agreement with float {100 * ev['top1_agreement']:.2f}% ({ev['images']} images)"
+        if "top1" in ev:
+            line += f", top-1 {100 * ev['top1']:.2f}% (float {100 * ev['float_top1']:.2f}%)"
+    return line + f", {record['seconds']:.0f} s"
+
+
+def _log(dist: Distributed, msg: str) -> None:
+    if dist.main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def held_back_excluded(images: ImageSet, calibration_images: int, verification_images: int, seed: int) -> ImageSet:
+    """The train images minus the ones `pipeline.load_data` holds back for verification (same split)."""
+    _, held = images.split(calibration_images, verification_images, seed)
+    held_paths = set(held.paths)
+    keep = [i for i, p in enumerate(images.paths) if p not in held_paths]
+    return images.subset(keep)

@@ -1,0 +1,156 @@
+"""QAT with distillation: training mechanics, checkpoints and resume, export through the same pipeline."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="pip install 'mnv4-deploy[onnx]'")
+
+from mnv4_deploy.cli import main  # noqa: E402
+from mnv4_deploy.errors import UserError  # noqa: E402
+
+from .conftest import REFERENCE_ARGS  # noqa: E402
+
+
+def _small_train_folder(root: Path, tin: Path, classes: int = 4, per_class: int = 20) -> Path:
+    """A few Tiny ImageNet classes, linked (not copied) into an ImageFolder."""
+    folder = root / "train"
+    for cls in sorted(p.name for p in (tin / "train").iterdir() if p.is_dir())[:classes]:
+        (folder / cls).mkdir(parents=True)
+        for f in sorted((tin / "train" / cls).rglob("*.JPEG"))[:per_class]:
+            (folder / cls / f.name).symlink_to(f)
+    return folder
+
+
+def _recipe(tmp_path: Path, **qat) -> Path:
+    """qat-int8-kd with a tiny budget: small batches, few calibration images, checkpoint every step."""
+    import yaml
+
+    from mnv4_deploy.recipes import RECIPES_DIR
+
+    data = yaml.safe_load((RECIPES_DIR / "qat-int8-kd.yaml").read_text())
+    data["qat"].update({"batch_size": 8, "checkpoint_every": 1, "eval_images": 16, "workers": 0, **qat})
+    data["quantization"]["calibration"]["images"] = 16
+    data["verification"]["images"] = 8
+    path = tmp_path / "qat-tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture()
+def small_train(tmp_path: Path, tiny_imagenet: Path) -> Path:
+    return _small_train_folder(tmp_path, tiny_imagenet)
+
+
+def _qat(tmp_path: Path, train: Path, recipe: Path, *extra: str) -> int:
+    return main(["qat", *REFERENCE_ARGS, "--train", str(train), "--val", str(train), "--recipe", str(recipe),
+                 "--out", str(tmp_path / "out"), "--latency-runs", "2", "--no-progress", *extra])
+
+
+def test_qat_cli_trains_checkpoints_and_exports(tmp_path: Path, reference_checkpoint: Path, small_train: Path):
+    recipe = _recipe(tmp_path, epochs=2, freeze_bn_after=1, freeze_observers_after=1)
+    assert _qat(tmp_path, small_train, recipe, "--max-steps", "2") == 0
+    saved = torch.load(tmp_path / "out" / "qat" / "last.pt", weights_only=True)  # loadable without pickled code
+    assert saved["step"] == 2 and saved["format"] == "mnv4-deploy-qat/1"
+    m = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())
+    assert m["quantization"]["method"] == "qat" and m["quantization"]["qat"]["steps"] == 2
+    assert m["recipe"]["qat"]["freeze_bn_after"] == 1
+    # The exported model is the trained one: onnxruntime reproduces the PyTorch simulation of the QAT model.
+    assert m["verification"]["held_back"]["vs_pytorch_simulation"]["top1_agreement"] >= 0.9
+    assert m["verification"]["held_back"]["vs_float"]["top1_agreement"] >= 0.5
+
+
+def test_qat_learns_and_resumes(tiny_imagenet: Path, reference_checkpoint: Path, tmp_path: Path):
+    """Steps move the weights and (LSQ) the activation scales; a resumed run continues the same state."""
+    from mnv4_deploy import qat
+    from mnv4_deploy.data import load_images, scan_folder
+    from mnv4_deploy.models import load_model
+    from mnv4_deploy.prepare import prepare
+    from mnv4_deploy.recipes import load_recipe
+
+    loaded = load_model("mobilenetv4_conv_small", str(reference_checkpoint), 202, {"input_size": [64], "crop_pct": 1.0})
+    prepare(loaded.model)
+    train = scan_folder(_small_train_folder(tmp_path, tiny_imagenet))
+    cal = load_images(train.sample(16), loaded.preprocessing)
+    recipe = load_recipe(str(_recipe(tmp_path, lr=1.0e-4, range_lr=1.0e-2)))
+    start = qat.build_student(loaded.model, recipe, torch.from_numpy(cal.x[:2]))
+    qat.calibrate(start, cal, 8, torch.device("cpu"))
+    scales_before = {n: p.detach().clone() for n, p in start.named_parameters() if n.endswith(".scale")}
+    weights_before = {n: p.detach().clone() for n, p in start.named_parameters()
+                      if not n.endswith((".scale", ".zero_point"))}
+
+    options = qat.QatOptions(checkpoint_dir=tmp_path / "ck", max_steps=2, progress=False)
+    first = qat.train(loaded.model, loaded.name, train, loaded.preprocessing, cal, recipe, options)
+    trained = dict(first.prepared.named_parameters())
+    assert scales_before and any(not torch.equal(trained[n], s) for n, s in scales_before.items())
+    assert any(not torch.equal(trained[n], w) for n, w in weights_before.items())
+
+    resumed_options = qat.QatOptions(checkpoint_dir=tmp_path / "ck", resume=tmp_path / "ck" / "last.pt",
+                                     max_steps=3, progress=False)
+    resumed = qat.train(loaded.model, loaded.name, train, loaded.preprocessing, cal, recipe, resumed_options)
+    assert resumed.calibration["qat"]["steps"] == 3
+    assert torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["step"] == 3
+    with pytest.raises(UserError, match="trained from"):
+        qat.train(loaded.model, "mobilenetv4_conv_medium", train, loaded.preprocessing, cal, recipe, resumed_options)
+
+
+def test_resume_refuses_foreign_files(tmp_path: Path):
+    from mnv4_deploy import qat
+
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a QAT checkpoint"):
+        qat.load_checkpoint(tmp_path / "other.pt", None, None, "mobilenetv4_conv_small")  # type: ignore[arg-type]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a QAT checkpoint"):
+        qat.load_checkpoint(tmp_path / "junk.pt", None, None, "mobilenetv4_conv_small")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="not found"):
+        qat.load_checkpoint(tmp_path / "missing.pt", None, None, "mobilenetv4_conv_small")  # type: ignore[arg-type]
+
+
+def test_qat_alpha_needs_labels(tmp_path: Path, reference_checkpoint: Path, tiny_imagenet: Path):
+    from mnv4_deploy import qat
+    from mnv4_deploy.data import ImageSet
+    from mnv4_deploy.models import load_model
+    from mnv4_deploy.recipes import load_recipe
+
+    loaded = load_model("mobilenetv4_conv_small", str(reference_checkpoint), 202, {"input_size": [64], "crop_pct": 1.0})
+    flat = ImageSet(sorted((tiny_imagenet / "val").rglob("*.JPEG"))[:8], None, None, "flat/")
+    recipe = load_recipe(str(_recipe(tmp_path)))
+    import dataclasses
+
+    mixed = dataclasses.replace(recipe, qat=dataclasses.replace(
+        recipe.qat, distillation=dataclasses.replace(recipe.qat.distillation, alpha=0.5)))
+    with pytest.raises(UserError, match="alpha"):
+        qat.train(loaded.model, loaded.name, flat, loaded.preprocessing, None, mixed,  # type: ignore[arg-type]
+                  qat.QatOptions(checkpoint_dir=tmp_path))
+
+
+def test_qat_recipe_keys_validate(tmp_path: Path):
+    from mnv4_deploy.recipes import load_recipe
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("qat:\n  epochs: 1\n  freeze_bn_aftr: 10\n")
+    with pytest.raises(UserError, match=r"bad.yaml:3.*qat.freeze_bn_aftr.*freeze_bn_after"):
+        load_recipe(str(bad))
+    bad.write_text("qat:\n  distillation:\n    loss: kld\n")
+    with pytest.raises(UserError, match=r"bad.yaml:3.*must be one of mse, kl"):
+        load_recipe(str(bad))
+
+
+@pytest.mark.slow
+def test_qat_data_parallel_under_torchrun(tmp_path: Path, reference_checkpoint: Path, small_train: Path):
+    """Two CPU processes (Gloo) train one model; rank 0 alone writes checkpoints and artifacts."""
+    recipe = _recipe(tmp_path, epochs=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "mnv4_deploy", "qat", *REFERENCE_ARGS, "--train", str(small_train), "--recipe", str(recipe),
+           "--out", str(tmp_path / "out"), "--latency-runs", "2", "--no-progress", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())
+    assert m["quantization"]["qat"]["processes"] == 2
+    # 72 train images (80 minus 8 held back) / (batch 8 x 2 processes) = 4 steps per epoch
+    assert m["quantization"]["qat"]["steps"] == 4
