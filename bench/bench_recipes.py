@@ -8,7 +8,7 @@ noisy when it is shared). Numbers are from the PyTorch simulation of the int8 gr
 every target's runtime matches to within 1-2% agreement (see the manifests' `vs_pytorch_simulation`).
 Prints a table and writes JSON (bench/results/recipes.json).
 
-  python bench/bench_recipes.py [--val-images 1000] [--only NAME ...] [--list]
+  python bench/bench_recipes.py [--val-images 1000] [--only NAME ...] [--list]   (--only updates those rows)
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -100,10 +99,19 @@ def main(argv: list[str] | None = None) -> int:
                      "sqnr_db": f.sqnr_db, "seconds": round(seconds, 1),
                      "algorithms": q.calibration.get("algorithms", {})})
         print(_row(rows[-1]), flush=True)
+    out = Path(args.out)
+    if args.only and out.is_file():  # a partial run updates its rows in the existing results
+        import json
+
+        old = json.loads(out.read_text())
+        if old.get("val_images") == len(val):
+            mine = {r["config"] for r in rows}
+            rows = [r for r in old["rows"] if r["config"] not in mine] + rows
+            rows.sort(key=lambda r: list(CONFIGS).index(r["config"]) if r["config"] in CONFIGS else len(CONFIGS))
     result = {"model": "mobilenetv4_conv_small", "checkpoint": str(CHECKPOINT.name), "val_images": len(val),
               "calibration": "Tiny ImageNet train (recipe calibration.images, seed)", "float_top1": float_top1,
               "numbers": "PyTorch simulation of the int8 graph", "rows": rows}
-    write_json(Path(args.out), result)
+    write_json(out, result)
     print()
     print(table(result))
     return 0

@@ -115,6 +115,7 @@ class CoremlTarget(Target):
         for function in spec.mlProgram.functions.values():
             for block in function.block_specializations.values():
                 _walk(block, ops, weight_dtypes)
+        float_conv_weights = ops.pop("conv with a float weight", 0)
         ops.pop("const", None)
         plan = _compute_plan(path, "all") if platform.system() == "Darwin" else None
         return {
@@ -127,6 +128,7 @@ class CoremlTarget(Target):
             "constexpr_dequantize": sum(ops.get(o, 0) for o in _QDQ_OPS[2:]),
             "quantize_dequantize_total": sum(ops.get(o, 0) for o in _QDQ_OPS),
             "quantized_weight_dtypes": dict(weight_dtypes),
+            "float_conv_weights": float_conv_weights,  # convs whose weight is a plain float constant
             "inputs": [_feature(f) for f in spec.description.input],
             "outputs": [_feature(f) for f in spec.description.output],
         }
@@ -278,6 +280,9 @@ def _walk(block: Any, ops: collections.Counter, weight_dtypes: collections.Count
               for o in block.operations if o.type == "const" and o.outputs}
     for op in block.operations:
         ops[op.type] += 1
+        weight = op.inputs["weight"].arguments if op.type == "conv" and "weight" in op.inputs else []
+        if weight and weight[0].name in consts:
+            ops["conv with a float weight"] += 1
         if op.type.startswith("constexpr_"):
             if "quantized_data" in op.attributes:  # iOS16/17: constexpr_affine_dequantize
                 weight_dtypes[_dtype_name(op.attributes["quantized_data"].type.tensorType.dataType)] += 1
