@@ -282,7 +282,18 @@ def train(
     torch.manual_seed(qat.seed)
     start = time.perf_counter()
     device = dist.device
-    student = build_student(teacher, recipe, torch.from_numpy(calibration.x[:2])).to(device)
+    # The recipe's equalization (a float-model rewrite) applies to QAT's starting point too; the other PTQ
+    # steps (AdaRound, bias correction, range learning, fallback) edit a calibrated graph that QAT trains anyway.
+    from .ptq import transform_float_model
+
+    start_model, algorithms = transform_float_model(teacher, calibration.x, recipe.quantization)
+    q = recipe.quantization
+    skipped = [name for name, on in (("adaround", q.adaround.enabled), ("bias_correction", q.bias_correction.enabled),
+                                     ("range_learning", q.range_learning.steps > 0),
+                                     ("fallback", q.fallback.max_layers > 0)) if on]
+    if skipped:
+        _log(dist, f"note: qat ignores the recipe's PTQ-only steps: {', '.join(skipped)} (training replaces them)")
+    student = build_student(start_model, recipe, torch.from_numpy(calibration.x[:2])).to(device)
     teacher = copy.deepcopy(teacher).eval().to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -362,6 +373,7 @@ def train(
     student = student.cpu()
     set_batchnorm_training(student, False)
     set_observers(student, False)
+    _drop_batchnorm_counters(student)
     info = {
         "method": "qat",
         "source": f"{train_images.source} ({len(dataset)} train images), ranges initialised on "
@@ -371,11 +383,27 @@ def train(
         "activations": f"int{recipe.quantization.activations.bits} per_tensor affine, "
                        f"{recipe.quantization.activations.observer} observer init"
                        + (", learned ranges (LSQ)" if qat.range_learning else ""),
+        **({"algorithms": algorithms} if algorithms else {}),
         "qat": {"epochs": epochs, "steps": state.step, "processes": dist.world_size, "device": str(device),
                 "history": state.history, "checkpoint": str(ckpt_dir / "last.pt")},
         "seconds": round(time.perf_counter() - start, 2),
     }
     return QuantizedModel(student, recipe, info, build_quantizer(recipe.quantization, "fixed"))
+
+
+def _drop_batchnorm_counters(student: torch.fx.GraphModule) -> None:
+    """Remove the `num_batches_tracked += 1` updates a train-mode export leaves behind.
+
+    Frozen BatchNorm never reads them, but a graph that mutates buffers is a stateful model to converters
+    (coremltools then demands iOS18 `State` inputs).
+    """
+    for node in list(student.graph.nodes):
+        if (node.op == "call_function" and node.target == torch.ops.aten.add_.Tensor and not node.users
+                and getattr(node.args[0], "op", None) == "get_attr"
+                and str(node.args[0].target).endswith("num_batches_tracked")):
+            student.graph.erase_node(node)
+    student.graph.eliminate_dead_code()
+    student.recompile()
 
 
 def _apply_phase(student: torch.fx.GraphModule, qat: Qat, step: int) -> None:

@@ -154,3 +154,33 @@ def test_qat_data_parallel_under_torchrun(tmp_path: Path, reference_checkpoint: 
     assert m["quantization"]["qat"]["processes"] == 2
     # 72 train images (80 minus 8 held back) / (batch 8 x 2 processes) = 4 steps per epoch
     assert m["quantization"]["qat"]["steps"] == 4
+
+
+def test_qat_graph_converts_to_coreml(tmp_path: Path):
+    """A trained (train-mode exported) QAT graph is stateless after training: CoreML converts it pre-iOS18."""
+    pytest.importorskip("coremltools", reason="pip install 'mnv4-deploy[coreml]'")
+    from mnv4_deploy import qat
+    from mnv4_deploy.models import load_model
+    from mnv4_deploy.prepare import prepare
+    from mnv4_deploy.quantize import QuantizedModel
+    from mnv4_deploy.recipes import load_recipe, options_for
+    from mnv4_deploy.targets import ExportRequest, get_target
+
+    loaded = load_model("mobilenetv4_conv_small_035", "random", None, {"input_size": [32], "crop_pct": 1.0})
+    prepare(loaded.model)
+    recipe = load_recipe("qat-int8-kd")
+    student = qat.build_student(loaded.model, recipe, torch.randn(2, 3, 32, 32))
+    qat.set_batchnorm_training(student, False)
+    with torch.no_grad():
+        student(torch.randn(4, 3, 32, 32))
+    qat.set_observers(student, False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = student(x)
+    qat._drop_batchnorm_counters(student)
+    with torch.no_grad():
+        assert torch.equal(before, student(x))
+    target = get_target("coreml")
+    request = ExportRequest(loaded, "int8", options_for(recipe, "coreml"), QuantizedModel(student, recipe, {}))
+    target.export(request, tmp_path / "model.mlpackage")
+    assert target.describe(tmp_path / "model.mlpackage")["quantize"] > 10
