@@ -303,8 +303,8 @@ def train(
     state = _State()
     if options.resume is not None:
         state = load_checkpoint(options.resume, student, optimizer, model_name)
-        _log(dist, f"resumed from {options.resume}: step {state.step}, epoch {state.epoch + 1}, "
-                   f"batch {state.batch_in_epoch}")
+        _log(dist, f"resumed from {options.resume}: step {state.step} ({state.epoch} epochs done, "
+                   f"{state.batch_in_epoch} batches into the next)")
     student = student.to(device)
     _apply_phase(student, qat, state.step)
 
