@@ -75,6 +75,14 @@ def _add_target_option_flags(p: argparse.ArgumentParser) -> None:
                    help="coreml: ImageType input (pixel buffer) with the normalisation as scale/bias")
 
 
+def _add_run_options(g: argparse._ArgumentGroup) -> None:
+    """Options `convert` and `qat` share: decoding workers, latency runs, output format, progress bars."""
+    g.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding worker processes")
+    g.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per artifact")
+    g.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout instead of a table")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnv4-deploy",
@@ -104,10 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Default: sample photos shipped with scikit-image")
     g.add_argument("--val", type=Path, metavar="DIR", help="labelled ImageFolder to measure top-1/top-5 on")
     g.add_argument("--val-limit", type=int, metavar="N", help="evaluate on a random N images of --val")
-    g.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding worker processes")
-    g.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per artifact")
-    g.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout instead of a table")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_options(g)
     conv.set_defaults(func=cmd_convert)
 
     qat = sub.add_parser("qat", help="quantization-aware fine-tuning with distillation, then export like convert",
@@ -133,10 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder; checkpoints go to OUT/qat/ (default: build/qat)")
     _add_target_option_flags(qat)
     g = qat.add_argument_group("other")
-    g.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding processes for val/calibration")
-    g.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per artifact")
-    g.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout instead of a table")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_options(g)
     qat.set_defaults(func=cmd_qat)
 
     insp = sub.add_parser("inspect", help="list models, targets and recipes, or show a manifest")
@@ -224,9 +226,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     settings = _settings(args, precision="int8", calib=args.train)
     run = start_run(settings)
     recipe = run.recipe
-    q = recipe.quantization
-    train_images = qat.held_back_excluded(scan_folder(args.train), q.calibration.images, recipe.verification.images,
-                                          q.calibration.seed)
+    train_images = qat.without(scan_folder(args.train), run.evals[0].images.files)
     scored = run.evals[-1]  # val when given, else the held-back train images
     n = min(len(scored.images), recipe.qat.eval_images)
     evaluation = (scored.images.x[:n], scored.float_logits[:n],

@@ -119,6 +119,7 @@ class LoadedImages:
     labels: Optional[np.ndarray]
     unreadable: int = 0
     uint8: Optional[np.ndarray] = field(default=None, repr=False)  # (N, H, W, 3)
+    files: Optional[ImageSet] = field(default=None, repr=False)  # the image files these were read from
 
     def __len__(self) -> int:
         return len(self.x)
@@ -158,7 +159,7 @@ def load_images(images: ImageSet, pre: Preprocessing, workers: int = 0, progress
     x = np.stack([pre.normalize(a) for a in u8]) if len(u8) else np.zeros((0, 3, *pre.input_size), np.float32)
     if len(x) == 0:
         raise UserError(f"none of the {len(images)} images in '{images.source}' could be read")
-    return LoadedImages(x.astype(np.float32), labs, int((~keep).sum()), u8)
+    return LoadedImages(x.astype(np.float32), labs, int((~keep).sum()), u8, images)
 
 
 def _progress(it, desc: str, total: int):

@@ -115,7 +115,7 @@ def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor) -> 
     return prepare_qat_pt2e(graph, build_quantizer(recipe.quantization, mode))
 
 
-def _fake_quantizers(student: nn.Module) -> list[nn.Module]:
+def _fake_quant_modules(student: nn.Module) -> list[nn.Module]:
     from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
     return [m for m in student.modules() if isinstance(m, FakeQuantizeBase)]
@@ -129,7 +129,7 @@ def set_observers(student: nn.Module, enabled: bool) -> None:
     """
     from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
 
-    for fq in _fake_quantizers(student):
+    for fq in _fake_quant_modules(student):
         fq.observer_enabled[0] = int(enabled)
         if isinstance(fq, LearnableFakeQuantize):
             fq.learning_enabled[0] = int(not enabled)
@@ -138,7 +138,7 @@ def set_observers(student: nn.Module, enabled: bool) -> None:
 def make_ranges_trainable(student: nn.Module, trainable: bool) -> None:
     from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
 
-    for fq in _fake_quantizers(student):
+    for fq in _fake_quant_modules(student):
         if isinstance(fq, LearnableFakeQuantize) and fq.scale is not None:
             fq.scale.requires_grad_(trainable)
             affine = fq.qscheme not in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
@@ -155,7 +155,7 @@ class _ObserversPaused:
     """Evaluate without letting observers see the evaluation images."""
 
     def __init__(self, student: nn.Module) -> None:
-        self.fqs = _fake_quantizers(student)
+        self.fqs = _fake_quant_modules(student)
 
     def __enter__(self) -> None:
         self.saved = [int(fq.observer_enabled[0]) for fq in self.fqs]
@@ -305,7 +305,6 @@ def train(
         state = load_checkpoint(options.resume, student, optimizer, model_name)
         _log(dist, f"resumed from {options.resume}: step {state.step} ({state.epoch} epochs done, "
                    f"{state.batch_in_epoch} batches into the next)")
-    student = student.to(device)
     _apply_phase(student, qat, state.step)
 
     model: nn.Module = student
@@ -446,9 +445,7 @@ def _log(dist: Distributed, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def held_back_excluded(images: ImageSet, calibration_images: int, verification_images: int, seed: int) -> ImageSet:
-    """The train images minus the ones `pipeline.load_data` holds back for verification (same split)."""
-    _, held = images.split(calibration_images, verification_images, seed)
-    held_paths = set(held.paths)
-    keep = [i for i, p in enumerate(images.paths) if p not in held_paths]
-    return images.subset(keep)
+def without(images: ImageSet, held_back: ImageSet) -> ImageSet:
+    """The train images minus the ones the pipeline holds back for verification."""
+    held = set(held_back.paths)
+    return images.subset([i for i, p in enumerate(images.paths) if p not in held])

@@ -1,4 +1,5 @@
 """QAT with distillation: training mechanics, checkpoints and resume, export through the same pipeline."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -120,8 +121,6 @@ def test_qat_alpha_needs_labels(tmp_path: Path, reference_checkpoint: Path, tiny
     loaded = load_model("mobilenetv4_conv_small", str(reference_checkpoint), 202, {"input_size": [64], "crop_pct": 1.0})
     flat = ImageSet(sorted((tiny_imagenet / "val").rglob("*.JPEG"))[:8], None, None, "flat/")
     recipe = load_recipe(str(_recipe(tmp_path)))
-    import dataclasses
-
     mixed = dataclasses.replace(recipe, qat=dataclasses.replace(
         recipe.qat, distillation=dataclasses.replace(recipe.qat.distillation, alpha=0.5)))
     with pytest.raises(UserError, match="alpha"):

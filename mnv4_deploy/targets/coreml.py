@@ -227,22 +227,8 @@ def _w8a8_module(request: ExportRequest, conversion: str) -> Any:
     """The shared PT2E int8 graph in the form the chosen coremltools frontend reads."""
     if conversion == "export":
         # torch.export frontend: quantized_decomposed ops map straight onto MIL (de)quantize ops.
-        return _buffers_as_constants(request.quantized.converted(fold_weights=True))
-    return _aten_quantized(_buffers_as_constants(request.quantized.converted(fold_weights=False)))
-
-
-def _buffers_as_constants(gm: Any) -> Any:
-    """Make module buffers plain constant attributes.
-
-    torch.export turns buffers into program state, which coremltools maps to iOS18 `State` inputs; a QAT
-    graph keeps its (frozen) quantization parameters as buffers, where PTQ's are already constants.
-    """
-    for name, buffer in list(gm.named_buffers()):
-        path, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(path) if path else gm
-        del owner._buffers[attr]
-        setattr(owner, attr, buffer.detach().clone())
-    return gm
+        return request.quantized.converted(fold_weights=True)
+    return _aten_quantized(request.quantized.converted(fold_weights=False))
 
 
 def _aten_quantized(gm: Any) -> Any:
