@@ -17,8 +17,11 @@ Each row is read back from the manifest that convert wrote (`verification.val.vs
   quantize s  the recipe's quantization time (manifest quantization.seconds: calibration + PTQ algorithms;
               NNCF: nncf.quantize; onnxruntime: inside export s; QAT: the whole training run)
   export s    seconds in the target's export (conversion; for ort-baseline also quantize_static)
+  latency ms  median batch-1 latency in the runtime, default threads (--latency-runs calls; one run's rows are
+              comparable with each other, not with other runs); CoreML: the PyTorch simulation's, not a device
 
 Rows:
+  - with --with-float: the float model per target (agreement 100% by definition; the latency reference)
   - each PTQ recipe (--recipes, default ptq-int8) x each target (--targets, default onnx,tflite,openvino,coreml)
   - baselines (--baselines, default all three; 'none' to skip):
       ort-baseline   onnx:     the shipped ort-baseline recipe = onnxruntime.quantization.quantize_static with
@@ -31,7 +34,7 @@ Rows:
                                per-tensor symmetric (MinMax), int8 activations per-tensor affine (HistogramObserver),
                                no equalization / bias correction, 512 calibration images
   - QAT runs (--qat-manifests DIR): DIR/<target>/manifest.json written by `mnv4-deploy qat` (quantization.method
-    'qat'), as recipe 'qat-int8-kd'; quantize s = the QAT run's seconds. Their val set is whatever that run used:
+    'qat'), labelled with the run's recipe name; quantize s = the QAT run's seconds. Their val set is whatever that run used:
     the 'val images' column says how many (compare rows only at equal counts).
 
 The PT2E quantization runs in every convert call, also for the onnxruntime and NNCF baselines, which ignore it
@@ -43,6 +46,8 @@ Slow: at 2 CPU cores the full run (5,050 val images, 4 targets, 3 baselines) tak
   /work/venv/bin/python bench/bench_targets.py --val-limit 100 --targets onnx --baselines none   # quick check
   /work/venv/bin/python bench/bench_targets.py --recipes ptq-int8 ptq-int8-edgetpu --baselines nncf-defaults
   /work/venv/bin/python bench/bench_targets.py --recipes --baselines none --qat-manifests build/qat  # QAT rows only
+  /work/venv/bin/python bench/bench_targets.py --recipes ptq-int8 ptq-int8-mixed --baselines none --with-float \
+      --latency-runs 300          # mixed precision: accuracy and latency against pure int8 and float
 """
 from __future__ import annotations
 
@@ -114,11 +119,12 @@ def _timed_exports(times: dict[str, float]) -> Iterator[None]:
                 cls.export = originals[name]
 
 
-def _convert(args: argparse.Namespace, recipe: str, targets: str, out: Path) -> tuple[list[Any], dict, dict, float]:
+def _convert(args: argparse.Namespace, recipe: str, targets: str, out: Path,
+             precision: str = "int8") -> tuple[list[Any], dict, dict, float]:
     from mnv4_deploy.pipeline import ConvertSettings, convert
 
     settings = ConvertSettings(
-        model="mobilenetv4_conv_small", out=out, targets=targets, precision="int8", weights=str(args.weights),
+        model="mobilenetv4_conv_small", out=out, targets=targets, precision=precision, weights=str(args.weights),
         num_classes=202, preprocessing={"input_size": [64, 64], "crop_pct": 1.0}, calib=args.calib, val=args.val,
         val_limit=args.val_limit or None, recipe=recipe, latency_runs=args.latency_runs, progress=False,
         workers=args.workers)
@@ -144,20 +150,23 @@ def _row(manifest: dict[str, Any], recipe: str, method: str, quantize_s: float |
         "quantize_s": quantize_s, "export_s": export_s, "numbers": ver.get("numbers"),
         "eval_set": "val" if "val" in ver else "held_back", "val_images": f.get("images"),
         "vs_pytorch_simulation": (ver.get("held_back") or {}).get("vs_pytorch_simulation", {}).get("top1_agreement"),
+        "latency_ms": (ver.get("latency") or {}).get("median_ms"),
         "note": note,
     }
 
 
 def _recipe_rows(args: argparse.Namespace, recipe: str, targets: str, tmp: Path, name: str = "",
-                 method: str = "") -> list[dict[str, Any]]:
-    results, export_s, errors, wall = _convert(args, recipe, targets, tmp / (name or recipe))
+                 method: str = "", precision: str = "int8") -> list[dict[str, Any]]:
+    results, export_s, errors, wall = _convert(args, recipe, targets, tmp / (name or recipe), precision)
     rows = []
     for r in results:
         m = r.manifest
         q = m.get("quantization") or {}
         exp = m.get("export") or {}
         quantize_s, note = q.get("seconds"), ""
-        if name == "nncf-defaults":
+        if precision != "int8":
+            quantize_s, note = None, "float reference for the latency column"
+        elif name == "nncf-defaults":
             quantize_s, note = (exp.get("nncf") or {}).get("seconds"), "shared PT2E quantization unused"
         elif name == "ort-baseline":
             quantize_s, note = None, "quantize_static time is in export s; shared PT2E quantization unused"
@@ -171,7 +180,11 @@ def _recipe_rows(args: argparse.Namespace, recipe: str, targets: str, tmp: Path,
 def _method(manifest: dict[str, Any]) -> str:
     q = manifest.get("quantization") or {}
     algos = ", ".join(q.get("algorithms", {})) or "no PTQ algorithms"
-    return f"{q.get('weights', '?')} weights, {q.get('activations', '?')}; {algos}"
+    method = f"{q.get('weights', '?')} weights, {q.get('activations', '?')}; {algos}"
+    fallback = q.get("fallback")
+    if fallback:
+        method += f"; {len(fallback['sites'])} activations {fallback.get('precision_here', fallback['precision'])}"
+    return method
 
 
 def qat_rows(folder: Path) -> list[dict[str, Any]]:
@@ -187,7 +200,10 @@ def qat_rows(folder: Path) -> list[dict[str, Any]]:
         history = info.get("history") or []
         method = (f"QAT + distillation from float, {info.get('epochs', '?')} epoch(s), {info.get('steps', '?')} steps "
                   f"on {info.get('device', '?')}")
-        rows.append(_row(m, "qat-int8-kd", method, q.get("seconds"), None, f"from {path}")
+        if q.get("fallback"):
+            method += f"; {len(q['fallback']['sites'])} activations float"
+        recipe = (m.get("recipe") or {}).get("name") or "qat"
+        rows.append(_row(m, recipe, method, q.get("seconds"), None, f"from {path}")
                     | {"qat_history": history})
     if not rows:
         print(f"note: no QAT manifests (OUT/<target>/manifest.json, method 'qat') under {folder}", file=sys.stderr)
@@ -204,12 +220,13 @@ def table(result: dict[str, Any]) -> str:
     title = (f"mobilenetv4_conv_small (mnv4_conv_small_tin202.pth), int8, {result['val_images']} Tiny ImageNet val "
              f"images; measured in each target's runtime (CoreML on Linux: PyTorch simulation)")
     lines = [title, "",
-             "| target | recipe/method | top-1 | float | drop pts | agreement | SQNR dB | quantize s | export s | numbers |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| target | recipe/method | top-1 | float | drop pts | agreement | SQNR dB | quantize s | export s | "
+             "latency ms | numbers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         label = f"{r['recipe']}: {r['method']}" if r.get("method") else r["recipe"]
         if "error" in r:
-            lines.append(f"| {r['target']} | {label} | failed: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['target']} | {label} | failed: {r['error'][:80]} | | | | | | | | |")
             continue
         numbers = r.get("numbers") or "-"
         if numbers == "simulated":
@@ -220,7 +237,8 @@ def table(result: dict[str, Any]) -> str:
             numbers += f" ({r['val_images']} val images)"
         lines.append(f"| {r['target']} | {label} | {_fmt(r['top1'], True)} | {_fmt(r['float_top1'], True)} | "
                      f"{_fmt(r['drop_pts'])} | {_fmt(r['agreement'], True, 1)} | {_fmt(r['sqnr_db'])} | "
-                     f"{_fmt(r['quantize_s'], nd=1)} | {_fmt(r['export_s'], nd=1)} | {numbers} |")
+                     f"{_fmt(r['quantize_s'], nd=1)} | {_fmt(r['export_s'], nd=1)} | "
+                     f"{_fmt(r.get('latency_ms'))} | {numbers} |")
     return "\n".join(lines)
 
 
@@ -235,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qat-manifests", type=Path, default=None,
                     help="folder written by `mnv4-deploy qat --out DIR`: adds DIR/<target>/manifest.json rows")
     ap.add_argument("--val-limit", type=int, default=0, help="fixed seed-0 sample of N val images (default: all 5,050)")
-    ap.add_argument("--latency-runs", type=int, default=5, help="timed batch-1 calls per artifact (latency not tabled)")
+    ap.add_argument("--latency-runs", type=int, default=5,
+                    help="timed batch-1 calls per artifact (median in the table; CoreML: the PyTorch simulation's)")
+    ap.add_argument("--with-float", action="store_true",
+                    help="also export and time the float model per target (a latency reference in the same run)")
     ap.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     ap.add_argument("--weights", type=Path, default=CHECKPOINT)
     ap.add_argument("--calib", type=Path, default=DATA / "train")
@@ -257,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_targets.") as tmp_name:
         tmp = args.keep or Path(tmp_name)
+        if args.with_float:
+            rows += _recipe_rows(args, "ptq-int8", args.targets, tmp, "fp32", "float model", precision="fp32")
         for recipe in args.recipes:
             rows += _recipe_rows(args, recipe, args.targets, tmp)
         for name in baselines:

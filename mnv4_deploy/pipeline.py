@@ -185,6 +185,10 @@ def convert(settings: ConvertSettings,
     if settings.precision == "int8":
         log(f"quantizing with recipe '{run.recipe.name}' on {run.calibration_source}")
         quantized = quantize(run.loaded.model, run.calibration, run.recipe, run.calibration_source, run.progress)
+        if quantized.calibration.get("fallback"):
+            from .sensitivity import fallback_line
+
+            log(fallback_line(quantized.calibration["fallback"]))
     return deploy(run, quantized, on_target_error)
 
 
@@ -192,16 +196,20 @@ def deploy(run: Run, quantized: Optional[QuantizedModel],
            on_target_error: Optional[Callable[[str, Exception], None]] = None) -> list[ArtifactResult]:
     """Export the (PTQ- or QAT-) quantized model, or the float model, to every target and verify each."""
     settings, recipe, evals = run.settings, run.recipe, run.evals
-    if quantized is not None:
-        # The fake-quant simulation is slow in PyTorch; the held-back images suffice to catch a runtime
-        # that disagrees with it (a converter that re-quantizes or drops a quantizer).
-        evals[0].simulated_logits = quantized.simulate(evals[0].images.x, recipe.verification.batch_size)
-
+    simulated: dict[int, np.ndarray] = {}
     results = []
     for target in run.targets:
         log(f"[{target.name}] exporting {settings.precision}")
         options = apply_overrides(options_for(recipe, target.name), settings.target_options)
-        request = ExportRequest(run.loaded, settings.precision, options, quantized, run.calibration)
+        deployed = quantized.for_target(target.int16_activations) if quantized is not None else None
+        if deployed is not None:
+            # The fake-quant simulation is slow in PyTorch; the held-back images suffice to catch a runtime
+            # that disagrees with it (a converter that re-quantizes or drops a quantizer). Targets without
+            # int16 activations deploy (and are compared with) the int16 fallback's float variant.
+            if id(deployed) not in simulated:
+                simulated[id(deployed)] = deployed.simulate(evals[0].images.x, recipe.verification.batch_size)
+            evals[0].simulated_logits = simulated[id(deployed)]
+        request = ExportRequest(run.loaded, settings.precision, options, deployed, run.calibration)
         try:
             results.append(export_and_verify(target, request, recipe, evals, settings))
         except Exception as exc:

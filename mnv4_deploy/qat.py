@@ -29,7 +29,7 @@ from .errors import UserError
 from .fileio import atomic_path
 from .preprocessing import Preprocessing
 from .quantize import QuantizedModel, _tag_adds, build_quantizer, export_program
-from .recipes import Qat, Recipe
+from .recipes import Qat, Quantization, Recipe
 from .verify import compare
 
 CHECKPOINT_FORMAT = "mnv4-deploy-qat/1"
@@ -283,14 +283,14 @@ def train(
     start = time.perf_counter()
     device = dist.device
     # The recipe's equalization (a float-model rewrite) applies to QAT's starting point too; the other PTQ
-    # steps (AdaRound, bias correction, range learning, fallback) edit a calibrated graph that QAT trains anyway.
+    # steps (AdaRound, bias correction, range learning) edit a calibrated graph that QAT trains anyway. A
+    # fallback is chosen on the calibrated student, and those tensors then train and deploy float.
     from .ptq import transform_float_model
 
     start_model, algorithms = transform_float_model(teacher, calibration.x, recipe.quantization)
     q = recipe.quantization
     skipped = [name for name, on in (("adaround", q.adaround.enabled), ("bias_correction", q.bias_correction.enabled),
-                                     ("range_learning", q.range_learning.steps > 0),
-                                     ("fallback", q.fallback.max_layers > 0)) if on]
+                                     ("range_learning", q.range_learning.steps > 0)) if on]
     if skipped:
         _log(dist, f"note: qat ignores the recipe's PTQ-only steps: {', '.join(skipped)} (training replaces them)")
     student = build_student(start_model, recipe, torch.from_numpy(calibration.x[:2])).to(device)
@@ -298,6 +298,12 @@ def train(
     for p in teacher.parameters():
         p.requires_grad_(False)
     calibrate(student, calibration, recipe.quantization.calibration.batch_size, device)
+    fallback = None
+    if q.fallback.max_layers > 0:
+        student, fallback = _float_fallback(student, start_model, calibration, q)
+        from .sensitivity import fallback_line
+
+        _log(dist, fallback_line(fallback))
     make_ranges_trainable(student, qat.range_learning)
     optimizer = _optimizer(student, qat)
     state = _State()
@@ -383,11 +389,31 @@ def train(
                        f"{recipe.quantization.activations.observer} observer init"
                        + (", learned ranges (LSQ)" if qat.range_learning else ""),
         **({"algorithms": algorithms} if algorithms else {}),
+        **({"fallback": fallback} if fallback else {}),
         "qat": {"epochs": epochs, "steps": state.step, "processes": dist.world_size, "device": str(device),
                 "history": state.history, "checkpoint": str(ckpt_dir / "last.pt")},
         "seconds": round(time.perf_counter() - start, 2),
     }
     return QuantizedModel(student, recipe, info, build_quantizer(recipe.quantization, "fixed"))
+
+
+def _float_fallback(student: torch.fx.GraphModule, float_model: nn.Module, calibration: LoadedImages,
+                    q: Quantization) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
+    """The recipe's fallback, chosen on the calibrated student exactly as PTQ chooses it; QAT keeps the sites
+    float (an int16 fake-quantizer would need its own learned range), so `precision: int16` trains as float."""
+    from . import sensitivity
+    from .verify import torch_logits
+
+    x = calibration.x[:q.fallback.images]
+    device = next(student.parameters()).device
+    chosen = sensitivity.choose_fallback(student, x, torch_logits(copy.deepcopy(float_model).cpu(), x),
+                                         q.fallback.target_agreement, q.fallback.max_layers)
+    sites, history = chosen["float_sites"], chosen["agreement_history"]
+    info = {"precision": "float", "precision_here": "float (QAT trains the fallback sites float)",
+            "budget_agreement": q.fallback.target_agreement, "judged_on_images": len(x), "sites": sites,
+            "layers": chosen["float_layers"], "agreement_before": history[0], "agreement_after": history[-1],
+            "agreement_history": history}
+    return sensitivity.remove_sites(student, sites).to(device), info
 
 
 def _drop_batchnorm_counters(student: torch.fx.GraphModule) -> None:

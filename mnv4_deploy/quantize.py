@@ -246,6 +246,21 @@ class QuantizedModel:
     recipe: Recipe
     calibration: dict[str, Any] = field(default_factory=dict)
     quantizer: Any = None
+    # Observers widened to int16 by an int16 fallback: targets that cannot run int16 activations export
+    # `for_target(int16=False)`, the same model with those tensors left float.
+    int16_sites: tuple[str, ...] = ()
+
+    def for_target(self, int16: bool) -> "QuantizedModel":
+        """The model a target deploys: this one, or (no int16 activations there) the int16 sites kept float."""
+        if not self.int16_sites or int16:
+            return self
+        if not hasattr(self, "_float_variant"):
+            from .sensitivity import remove_sites
+
+            fallback = dict(self.calibration["fallback"], precision_here="float (this target has no int16 activations)")
+            self._float_variant = QuantizedModel(remove_sites(self.prepared, self.int16_sites), self.recipe,
+                                                 self.calibration | {"fallback": fallback}, self.quantizer)
+        return self._float_variant
 
     def converted(self, fold_weights: bool = True) -> torch.fx.GraphModule:
         """The int8 graph (quantize/dequantize ops); `fold_weights` stores weights as int8 constants."""
@@ -315,18 +330,30 @@ def quantize(
     if algorithms:
         info["algorithms"] = algorithms
         info["seconds"] = round(time.perf_counter() - start, 2)
+    int16_sites: tuple[str, ...] = ()
     if q.fallback.max_layers > 0:
         prepared, info["fallback"] = _apply_fallback(prepared, model, calibration, q)
-    return QuantizedModel(prepared, recipe, info, quantizer)
+        if q.fallback.precision == "int16":
+            int16_sites = tuple(info["fallback"]["sites"])
+        info["seconds"] = round(time.perf_counter() - start, 2)
+    return QuantizedModel(prepared, recipe, info, quantizer, int16_sites)
 
 
 def _apply_fallback(prepared: torch.fx.GraphModule, model: nn.Module, calibration: LoadedImages,
                     q: Quantization) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
-    """Leave the most sensitive activations float, judged on the calibration images (never the held-back ones)."""
+    """Keep the most sensitive activations in float or int16, judged on the calibration images (never the
+    held-back ones): the greedy choice stops at the recipe's agreement budget."""
     from . import sensitivity
     from .verify import torch_logits
 
-    x = calibration.x[:256]
+    x = calibration.x[:q.fallback.images]
     chosen = sensitivity.choose_fallback(prepared, x, torch_logits(model, x), q.fallback.target_agreement,
                                          q.fallback.max_layers)
-    return sensitivity.remove_sites(prepared, chosen["float_sites"]), chosen
+    sites, layers, history = chosen["float_sites"], chosen["float_layers"], chosen["agreement_history"]
+    info = {"precision": q.fallback.precision, "budget_agreement": q.fallback.target_agreement,
+            "judged_on_images": len(x), "sites": sites, "layers": layers,
+            "agreement_before": history[0], "agreement_after": history[-1], "agreement_history": history}
+    if q.fallback.precision == "int16":
+        info["precision_here"] = "int16"
+        return sensitivity.widen_sites(prepared, sites), info
+    return sensitivity.remove_sites(prepared, sites), info

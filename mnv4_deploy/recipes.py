@@ -48,10 +48,20 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Fallback:
-    """Keep the most sensitive activations in float (targets that allow mixed precision only)."""
+    """Keep the most sensitive activations in higher precision, under an accuracy budget (mnv4_deploy/sensitivity.py).
+
+    Sites are added greedily, most helpful first, until top-1 agreement with float on the calibration images
+    reaches `target_agreement` or `max_layers` sites are chosen.
+    """
 
     max_layers: int = 0  # 0 = off
-    target_agreement: float = 0.97  # stop once top-1 agreement with float (calibration images) reaches this
+    target_agreement: float = 0.97  # the budget: stop once top-1 agreement with float (calibration images) reaches this
+    # float: those tensors stay float on every target. int16: int16 activations with int8 weights (w8a16, as
+    # Qualcomm's w8a16_mixed_int16) on targets whose runtime runs them (ONNX QDQ, opset 21); the others keep
+    # those tensors float (TFLite's converter rejects mixed int8/int16 operands, OpenVINO 2026.4 computes
+    # 65536-level FakeQuantize wrongly, CoreML has no int16 activations). Each manifest says which it got.
+    precision: str = choice("float", "float", "int16")
+    images: int = 512  # calibration images the choice is judged on (at most the calibration set)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,11 @@ Sensitivity = what happens to the logits when only that site is quantized (SQNR 
 To measure it cheaply, observers are swapped for switchable fake-quantizers with the calibrated
 scale/zero point, so each site is toggled without re-converting the graph.
 
-A fallback removes the chosen sites' observers before conversion, so those tensors stay float in the
-exported model (ONNX, OpenVINO; TFLite with float I/O). Full-integer targets cannot take a fallback.
+A float fallback removes the chosen sites' observers before conversion, so those tensors stay float in the
+exported model (ONNX, OpenVINO, CoreML; TFLite with float I/O). Full-integer targets cannot take a fallback.
+An int16 fallback widens the chosen observers to int16 instead (w8a16 for those tensors): convert_pt2e then
+writes int16 quantize/dequantize pairs, which ONNX carries as int16 QDQ. The choice is the same for both, made
+with the sites left float, since an int16 tensor is within 1/256 of an int8 one's error.
 """
 from __future__ import annotations
 
@@ -33,13 +36,20 @@ class Site:
 
 
 def find_sites(prepared: torch.fx.GraphModule) -> list[Site]:
+    """Every observer (PTQ) or fake-quantizer (QAT) in the graph, in graph order."""
     modules = dict(prepared.named_modules())
     sites: dict[str, Site] = {}
+    constant: dict[str, bool] = {}
     for node in prepared.graph.nodes:
+        # QAT's conv+BN weights reach their quantizer through ops on parameters only (weight * BN scale).
+        constant[node.name] = node.op == "get_attr" or (
+            node.op in ("call_function", "call_module") and bool(node.all_input_nodes)
+            and all(constant.get(a.name, False) for a in node.all_input_nodes)
+            and not _is_observer(modules.get(node.target)))
         if node.op != "call_module" or not _is_observer(modules.get(node.target)) or node.target in sites:
             continue
         src = node.args[0]
-        kind = "weight" if src.op == "get_attr" else "activation"
+        kind = "weight" if constant.get(src.name, False) else "activation"
         user = next(iter(node.users), None)
         described = src if kind == "activation" and src.op == "call_function" else user
         sites[node.target] = Site(node.target, kind, _layer_name(described), _op_name(described))
@@ -47,7 +57,9 @@ def find_sites(prepared: torch.fx.GraphModule) -> list[Site]:
 
 
 def _is_observer(module: Optional[nn.Module]) -> bool:
-    return module is not None and hasattr(module, "calculate_qparams") and hasattr(module, "min_val")
+    """A PTQ observer, or a QAT fake-quantizer (which holds one)."""
+    return module is not None and hasattr(module, "calculate_qparams") and (
+        hasattr(module, "min_val") or hasattr(module, "activation_post_process"))
 
 
 def _layer_name(node: Any) -> str:
@@ -90,8 +102,9 @@ class SiteToggler:
         self.model = copy.deepcopy(prepared)
         self.sites = find_sites(self.model)
         self.switches: dict[str, _SwitchableFakeQuant] = {}
+        device = next(self.model.parameters()).device
         for site in self.sites:
-            switch = _SwitchableFakeQuant(getattr(self.model, site.name))
+            switch = _SwitchableFakeQuant(getattr(self.model, site.name)).to(device)
             setattr(self.model, site.name, switch)
             self.switches[site.name] = switch
 
@@ -100,8 +113,9 @@ class SiteToggler:
             switch.enabled = enabled(name)
 
     def logits(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+        device = next(self.model.parameters()).device
         with torch.no_grad():
-            return np.concatenate([self.model(torch.from_numpy(x[i:i + batch_size])).numpy()
+            return np.concatenate([self.model(torch.from_numpy(x[i:i + batch_size]).to(device)).cpu().numpy()
                                    for i in range(0, len(x), batch_size)])
 
 
@@ -163,3 +177,26 @@ def remove_sites(prepared: torch.fx.GraphModule, names: Sequence[str]) -> torch.
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+INT16_MIN, INT16_MAX = -(2 ** 15), 2 ** 15 - 1
+
+
+def widen_sites(prepared: torch.fx.GraphModule, names: Sequence[str]) -> torch.fx.GraphModule:
+    """A copy of the calibrated graph whose named observers produce int16 qparams (same calibrated range).
+
+    The observed range is kept as calibrated for int8 (it may clip a little); only the grid is 256x finer.
+    """
+    gm = copy.deepcopy(prepared)
+    for name in names:
+        observer = getattr(gm, name)
+        observer.dtype = torch.int16
+        observer.quant_min, observer.quant_max = INT16_MIN, INT16_MAX
+    return gm
+
+
+def fallback_line(info: dict[str, Any]) -> str:
+    """One log line for a recipe fallback's choice (PTQ and QAT alike)."""
+    return (f"fallback: {len(info['sites'])} activation(s) kept {info['precision']} (top-1 agreement on "
+            f"{info['judged_on_images']} calibration images {100 * info['agreement_before']:.1f}% -> "
+            f"{100 * info['agreement_after']:.1f}%, budget {100 * info['budget_agreement']:.1f}%)")

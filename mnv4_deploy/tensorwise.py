@@ -177,7 +177,7 @@ def onnx_quantized(path: Any, x: np.ndarray) -> tuple[list[QTensor], dict[str, A
         if len(names) <= k[1] or names[k[0]] not in consts or names[k[1]] not in consts:
             return None
         scale, zero = consts[names[k[0]]], consts[names[k[1]]]
-        if scale.size != 1 or zero.size != 1 or zero.dtype not in (np.int8, np.uint8):
+        if scale.size != 1 or zero.size != 1 or zero.dtype not in (np.int8, np.uint8, np.int16):
             return None
         return float(scale.reshape(())), zero.reshape(())
 

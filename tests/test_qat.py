@@ -65,6 +65,22 @@ def test_qat_cli_trains_checkpoints_and_exports(tmp_path: Path, reference_checkp
     assert m["verification"]["held_back"]["vs_float"]["top1_agreement"] >= 0.5
 
 
+def test_qat_with_fallback_trains_those_sites_float(tmp_path: Path, reference_checkpoint: Path, small_train: Path):
+    """A recipe fallback is chosen on the calibrated student; those tensors train and export float."""
+    import yaml
+
+    recipe = _recipe(tmp_path, epochs=1)
+    data = yaml.safe_load(recipe.read_text())
+    data["quantization"]["fallback"] = {"max_layers": 2, "target_agreement": 1.01, "images": 16}
+    recipe.write_text(yaml.safe_dump(data))
+    assert _qat(tmp_path, small_train, recipe, "--max-steps", "1") == 0
+    m = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())
+    fallback = m["quantization"]["fallback"]
+    assert len(fallback["sites"]) == 2 and fallback["precision_here"].startswith("float")
+    assert m["structure"]["quantize_linear"] < 60  # conv_small int8 ONNX: 60 QuantizeLinear, less the float sites
+    assert m["verification"]["held_back"]["vs_pytorch_simulation"]["top1_agreement"] >= 0.9
+
+
 def test_qat_learns_and_resumes(tiny_imagenet: Path, reference_checkpoint: Path, tmp_path: Path):
     """Steps move the weights and (LSQ) the activation scales; a resumed run continues the same state."""
     from mnv4_deploy import qat

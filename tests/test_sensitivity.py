@@ -1,5 +1,6 @@
 """Per-layer sensitivity and float fallback on the shared PT2E model."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,5 +58,68 @@ def test_recipe_fallback_records_float_layers(calibrated):
     recipe = parse_recipe("quantization:\n  calibration: {images: 32, batch_size: 16}\n"
                           "  fallback: {max_layers: 2, target_agreement: 1.01}\n")
     q = quantize(loaded.model, images, recipe)
-    assert len(q.calibration["fallback"]["float_sites"]) == 2
-    assert len(q.calibration["fallback"]["float_layers"]) == 2
+    fallback = q.calibration["fallback"]
+    assert fallback["precision"] == "float" and len(fallback["sites"]) == 2 and len(fallback["layers"]) == 2
+    assert len(fallback["agreement_history"]) == 3 and q.int16_sites == ()
+    assert q.for_target(int16=False) is q  # a float fallback is the same model everywhere
+
+
+def test_fallback_stops_at_the_budget(calibrated):
+    loaded, images, _ = calibrated
+    recipe = parse_recipe("quantization:\n  calibration: {images: 32, batch_size: 16}\n"
+                          "  fallback: {max_layers: 5, target_agreement: 0.0, precision: int16}\n")
+    q = quantize(loaded.model, images, recipe)
+    assert q.calibration["fallback"]["sites"] == [] and q.int16_sites == ()
+
+
+def test_int16_fallback_widens_the_chosen_sites(calibrated):
+    loaded, images, _ = calibrated
+    recipe = parse_recipe("quantization:\n  calibration: {images: 32, batch_size: 16}\n"
+                          "  fallback: {max_layers: 3, target_agreement: 1.01, precision: int16}\n")
+    q = quantize(loaded.model, images, recipe)
+    assert len(q.int16_sites) == 3 and q.calibration["fallback"]["precision_here"] == "int16"
+    dtypes = [n.args[-1] for n in q.converted().graph.nodes
+              if n.op == "call_function" and "quantize_per_tensor" in str(n.target) and "dequantize" not in str(n.target)]
+    widened = dtypes.count(torch.int16)  # a site read by two ops converts to two quantize nodes
+    assert widened >= 3 and dtypes.count(torch.int8) > 20
+    # Targets without int16 activations get the same model with those tensors float.
+    as_float = q.for_target(int16=False)
+    assert as_float is not q and as_float.calibration["fallback"]["precision_here"].startswith("float")
+    assert _count_quantize_ops(as_float.converted()) == _count_quantize_ops(q.converted()) - widened
+    x = images.x[:8]
+    int16_logits, float_logits = q.simulate(x), as_float.simulate(x)
+    cosine = (int16_logits * float_logits).sum(1) / np.linalg.norm(int16_logits, axis=1) / np.linalg.norm(float_logits, axis=1)
+    assert cosine.min() > 0.99  # int16 is near float: the rest is the int8 sites' rounding, flipped downstream
+
+
+def test_int16_fallback_deploys_per_target(tmp_path, image_folder):
+    """ONNX carries the int16 sites as int16 QDQ (opset 21); OpenVINO gets them float; both match their simulation."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    import json
+
+    from mnv4_deploy.pipeline import ConvertSettings, convert
+
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text("quantization:\n  calibration: {images: 16, batch_size: 8}\n"
+                      "  fallback: {max_layers: 3, target_agreement: 1.01, precision: int16}\n")
+    results = convert(ConvertSettings(
+        model="mobilenetv4_conv_small_035", weights="random", preprocessing={"input_size": [32], "crop_pct": 1.0},
+        out=tmp_path / "out", targets="onnx,openvino", precision="int8", calib=image_folder, recipe=str(recipe),
+        latency_runs=2, progress=False))
+    manifests = {r.target: json.loads(r.manifest_path.read_text()) for r in results}
+    onnx, ov = manifests["onnx"], manifests["openvino"]
+    assert onnx["quantization"]["fallback"]["precision_here"] == "int16"
+    assert onnx["export"]["opset"] == 21 and onnx["structure"]["opset"] == 21
+    import onnx as onnx_lib
+
+    model = onnx_lib.load(str(tmp_path / "out" / "onnx" / "model.onnx"))
+    zero_points = {i.name: i.data_type for i in model.graph.initializer}
+    int16_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+               and zero_points.get(n.input[2]) == onnx_lib.TensorProto.INT16]
+    assert len(int16_q) >= 3
+    assert ov["quantization"]["fallback"]["precision_here"].startswith("float")
+    for m in (onnx, ov):
+        assert m["verification"]["held_back"]["vs_pytorch_simulation"]["cosine"] > 0.99, m["target"]
+        tw = m["verification"]["tensorwise"]
+        assert tw["status"] == "compared" and tw["flagged"] == 0 and tw["unmatched_pytorch"] == [], (m["target"], tw)

@@ -62,6 +62,8 @@ class Target(ABC):
     precisions: ClassVar[tuple[str, ...]]
     requires: ClassVar[tuple[str, ...]]  # importable modules the target needs
     Options: ClassVar[type]
+    # Whether the runtime runs int16 activations (an int16 fallback's sites); others keep those tensors float.
+    int16_activations: ClassVar[bool] = False
 
     def check_installed(self) -> None:
         for module in self.requires:

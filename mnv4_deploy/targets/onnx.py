@@ -18,6 +18,9 @@ from .base import ExportRequest, Runner, Target
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
+INT16_OPSET = 21  # first opset whose QuantizeLinear/DequantizeLinear take int16
+
+
 @dataclass(frozen=True)
 class OnnxOptions:
     opset: int = choice(18, 17, 18, 19, 20, 21)
@@ -36,6 +39,7 @@ class OnnxTarget(Target):
     precisions = ("fp32", "int8")
     requires = ("onnx", "onnxruntime", "onnxscript")
     Options = OnnxOptions
+    int16_activations = True  # int16 QuantizeLinear/DequantizeLinear (opset 21): what QNN's w8a16 consumes
 
     def distributions(self) -> tuple[str, ...]:
         return ("onnx", "onnxruntime", "onnxscript")
@@ -49,13 +53,20 @@ class OnnxTarget(Target):
                 _export(request.loaded.model, request.example, float_path, opts.opset)
                 info.update(_ort_quantize_static(float_path, path, request, opts))
             return info
+        opset = opts.opset
         if request.precision == "int8":
             model = request.quantized.converted(fold_weights=True)
             info["method"] = "pt2e -> QDQ (int8 weights per-channel symmetric, int8 activations per-tensor)"
+            if request.quantized.int16_sites:
+                opset = max(opset, INT16_OPSET)
+                info["method"] += f", int16 activations at {len(request.quantized.int16_sites)} fallback sites"
+                if opset != opts.opset:
+                    info["opset"] = opset
+                    info["opset_note"] = f"raised from {opts.opset}: int16 QuantizeLinear needs opset {INT16_OPSET}"
         else:
             model = request.loaded.model
             info["method"] = "float"
-        _export(model, request.example, path, opts.opset)
+        _export(model, request.example, path, opset)
         return info
 
     def load(self, path: Path, request: ExportRequest) -> Runner:
