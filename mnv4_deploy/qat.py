@@ -189,6 +189,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss
 
 
+def _set_learning_rates(optimizer: torch.optim.Optimizer, qat: Qat, step: int, total: int) -> None:
+    """The schedule as a pure function of the step, so a resumed run continues it exactly."""
+    import math
+
+    factor = 1.0 if qat.lr_schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    for group, base in zip(optimizer.param_groups, (qat.lr, qat.range_lr)):
+        group["lr"] = base * factor
+
+
 def _optimizer(student: nn.Module, qat: Qat) -> torch.optim.Optimizer:
     ranges = [p for n, p in student.named_parameters() if n.endswith((".scale", ".zero_point"))]
     ids = {id(p) for p in ranges}
@@ -339,6 +348,7 @@ def train(
         running = None
         for x, labels, ok in bar:
             _apply_phase(student, qat, state.step)
+            _set_learning_rates(optimizer, qat, state.step, epochs * steps_per_epoch)  # not --max-steps: resumable
             x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             labels = torch.where(ok.to(device), labels, torch.full_like(labels, -1))
             with torch.no_grad():
@@ -408,12 +418,9 @@ def _float_fallback(student: torch.fx.GraphModule, float_model: nn.Module, calib
     device = next(student.parameters()).device
     chosen = sensitivity.choose_fallback(student, x, torch_logits(copy.deepcopy(float_model).cpu(), x),
                                          q.fallback.target_agreement, q.fallback.max_layers)
-    sites, history = chosen["float_sites"], chosen["agreement_history"]
-    info = {"precision": "float", "precision_here": "float (QAT trains the fallback sites float)",
-            "budget_agreement": q.fallback.target_agreement, "judged_on_images": len(x), "sites": sites,
-            "layers": chosen["float_layers"], "agreement_before": history[0], "agreement_after": history[-1],
-            "agreement_history": history}
-    return sensitivity.remove_sites(student, sites).to(device), info
+    info = sensitivity.fallback_record(chosen, q.fallback.target_agreement, len(x), "float",
+                                       "float (QAT trains the fallback sites float)")
+    return sensitivity.remove_sites(student, chosen["float_sites"]).to(device), info
 
 
 def _drop_batchnorm_counters(student: torch.fx.GraphModule) -> None:

@@ -349,11 +349,9 @@ def _apply_fallback(prepared: torch.fx.GraphModule, model: nn.Module, calibratio
     x = calibration.x[:q.fallback.images]
     chosen = sensitivity.choose_fallback(prepared, x, torch_logits(model, x), q.fallback.target_agreement,
                                          q.fallback.max_layers)
-    sites, layers, history = chosen["float_sites"], chosen["float_layers"], chosen["agreement_history"]
-    info = {"precision": q.fallback.precision, "budget_agreement": q.fallback.target_agreement,
-            "judged_on_images": len(x), "sites": sites, "layers": layers,
-            "agreement_before": history[0], "agreement_after": history[-1], "agreement_history": history}
-    if q.fallback.precision == "int16":
-        info["precision_here"] = "int16"
+    sites = chosen["float_sites"]
+    precision = q.fallback.precision
+    info = sensitivity.fallback_record(chosen, q.fallback.target_agreement, len(x), precision, precision)
+    if precision == "int16":
         return sensitivity.widen_sites(prepared, sites), info
     return sensitivity.remove_sites(prepared, sites), info

@@ -141,6 +141,9 @@ class Qat:
     batch_size: int = 64  # per process
     optimizer: str = choice("adamw", "adamw", "sgd")
     lr: float = 1e-5
+    # constant, or cosine: every learning rate (weights and ranges) decays from its value to 0 over the run's
+    # steps, so the exported weights are a settled point rather than one step of a noisy walk.
+    lr_schedule: str = choice("constant", "constant", "cosine")
     weight_decay: float = 0.0
     # Learn the activation scales and zero points by gradient (LSQ, Esser et al. 2020) once observers freeze;
     # off: the ranges stay where the observers left them.

@@ -65,6 +65,24 @@ def test_qat_cli_trains_checkpoints_and_exports(tmp_path: Path, reference_checkp
     assert m["verification"]["held_back"]["vs_float"]["top1_agreement"] >= 0.5
 
 
+def test_cosine_schedule_is_a_function_of_the_step():
+    """Weights and ranges decay together from their recipe values to 0; a resumed run gets the same values."""
+    from mnv4_deploy.qat import _set_learning_rates
+    from mnv4_deploy.recipes import Qat
+
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": [params[0]]}, {"params": [params[1]]}], lr=1.0)
+    qat = Qat(lr=1e-2, range_lr=1e-4, lr_schedule="cosine")
+    seen = []
+    for step in (0, 50, 100):
+        _set_learning_rates(optimizer, qat, step, 100)
+        seen.append([g["lr"] for g in optimizer.param_groups])
+    assert seen[0] == pytest.approx([1e-2, 1e-4]) and seen[1] == pytest.approx([5e-3, 5e-5])
+    assert seen[2] == pytest.approx([0.0, 0.0], abs=1e-12)
+    _set_learning_rates(optimizer, Qat(lr=1e-2, range_lr=1e-4), 99, 100)  # constant
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-2, 1e-4])
+
+
 def test_qat_with_fallback_trains_those_sites_float(tmp_path: Path, reference_checkpoint: Path, small_train: Path):
     """A recipe fallback is chosen on the calibrated student; those tensors train and export float."""
     import yaml

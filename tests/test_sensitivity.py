@@ -8,8 +8,8 @@ from mnv4_deploy import load_model, prepare
 from mnv4_deploy.data import default_calibration
 from mnv4_deploy.quantize import quantize
 from mnv4_deploy.recipes import parse_recipe
-from mnv4_deploy.sensitivity import analyse, find_sites, remove_sites
-from mnv4_deploy.verify import torch_logits
+from mnv4_deploy.sensitivity import SiteToggler, analyse, choose_fallback, find_sites, remove_sites
+from mnv4_deploy.verify import compare, torch_logits
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,25 @@ def test_fallback_stops_at_the_budget(calibrated):
                           "  fallback: {max_layers: 5, target_agreement: 0.0, precision: int16}\n")
     q = quantize(loaded.model, images, recipe)
     assert q.calibration["fallback"]["sites"] == [] and q.int16_sites == ()
+
+
+def test_fallback_choice_meets_the_budget_it_reports(calibrated):
+    """After the greedy pass and the pass that returns sites to int8, the kept set really has that agreement."""
+    loaded, images, q = calibrated
+    x = images.x
+    reference = torch_logits(loaded.model, x)
+    tog = SiteToggler(q.prepared)
+    base = compare(tog.logits(x), reference).top1_agreement
+    target = (base + 1.0) / 2
+    chosen = choose_fallback(q.prepared, x, reference, target, max_sites=60)
+    kept = chosen["float_sites"]
+    tog.set_enabled(lambda n: n not in kept)
+    reached = compare(tog.logits(x), reference).top1_agreement
+    assert reached == chosen["agreement_history"][-1]
+    if reached >= target:  # every site left is needed: returning any one to int8 breaks the budget
+        for name in kept:
+            tog.set_enabled(lambda n: n not in kept or n == name)
+            assert compare(tog.logits(x), reference).top1_agreement < target, name
 
 
 def test_int16_fallback_widens_the_chosen_sites(calibrated):
