@@ -234,12 +234,16 @@ class _State:
 
 
 def save_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer, state: _State,
-                    model_name: str, recipe: Recipe) -> None:
-    """Tensors and plain Python values only, so resuming can load it with weights_only=True."""
+                    model_name: str, recipe: Recipe, fallback: Optional[dict[str, Any]] = None) -> None:
+    """Tensors and plain Python values only, so resuming can load it with weights_only=True.
+
+    A recipe fallback's choice is saved too: a resumed run removes the same quantizers rather than choosing again.
+    """
     payload = {
         "format": CHECKPOINT_FORMAT, "model": model_name, "recipe": recipe.name,
         "student": student.state_dict(), "optimizer": optimizer.state_dict(),
         "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "history": state.history,
+        "fallback": fallback,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -309,10 +313,14 @@ def train(
     calibrate(student, calibration, recipe.quantization.calibration.batch_size, device)
     fallback = None
     if q.fallback.max_layers > 0:
-        student, fallback = _float_fallback(student, start_model, calibration, q)
-        from .sensitivity import fallback_line
+        from .sensitivity import fallback_line, remove_sites
 
-        _log(dist, fallback_line(fallback))
+        fallback = _saved_fallback(options.resume)
+        if fallback is not None:
+            student = remove_sites(student, fallback["sites"]).to(device)
+        else:
+            student, fallback = _float_fallback(student, start_model, calibration, q)
+            _log(dist, fallback_line(fallback))
     make_ranges_trainable(student, qat.range_learning)
     optimizer = _optimizer(student, qat)
     state = _State()
@@ -365,7 +373,7 @@ def train(
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running:.4g}", step=state.step)
             if dist.main and qat.checkpoint_every and state.step % qat.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir / "last.pt", student, optimizer, state, model_name, recipe)
+                save_checkpoint(ckpt_dir / "last.pt", student, optimizer, state, model_name, recipe, fallback)
             if state.step >= total:
                 break
         epoch_done = state.batch_in_epoch >= steps_per_epoch
@@ -378,7 +386,7 @@ def train(
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         state.history.append(record)
         if dist.main:
-            save_checkpoint(ckpt_dir / "last.pt", student, optimizer, state, model_name, recipe)
+            save_checkpoint(ckpt_dir / "last.pt", student, optimizer, state, model_name, recipe, fallback)
             _log(dist, _epoch_line(record, epochs))
 
     if dist.enabled:
@@ -405,6 +413,17 @@ def train(
         "seconds": round(time.perf_counter() - start, 2),
     }
     return QuantizedModel(student, recipe, info, build_quantizer(recipe.quantization, "fixed"))
+
+
+def _saved_fallback(resume: Optional[Path]) -> Optional[dict[str, Any]]:
+    """The fallback a checkpoint was trained with (None: no checkpoint, or it has none)."""
+    if resume is None or not Path(resume).is_file():
+        return None
+    try:
+        payload = torch.load(resume, map_location="cpu", weights_only=True)
+    except Exception:  # load_checkpoint reports an unreadable checkpoint with its fix
+        return None
+    return payload.get("fallback") if isinstance(payload, dict) else None
 
 
 def _float_fallback(student: torch.fx.GraphModule, float_model: nn.Module, calibration: LoadedImages,

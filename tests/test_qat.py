@@ -97,6 +97,12 @@ def test_qat_with_fallback_trains_those_sites_float(tmp_path: Path, reference_ch
     assert len(fallback["sites"]) == 2 and fallback["precision_here"].startswith("float")
     assert m["structure"]["quantize_linear"] < 60  # conv_small int8 ONNX: 60 QuantizeLinear, less the float sites
     assert m["verification"]["held_back"]["vs_pytorch_simulation"]["top1_agreement"] >= 0.9
+    # The checkpoint carries the choice (weights_only-loadable); a resume removes the same quantizers.
+    saved = torch.load(tmp_path / "out" / "qat" / "last.pt", weights_only=True)
+    assert saved["fallback"]["sites"] == fallback["sites"]
+    assert _qat(tmp_path, small_train, recipe, "--resume", str(tmp_path / "out" / "qat" / "last.pt")) == 0
+    resumed = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())["quantization"]
+    assert resumed["fallback"]["sites"] == fallback["sites"] and resumed["qat"]["steps"] > 1
 
 
 def test_qat_learns_and_resumes(tiny_imagenet: Path, reference_checkpoint: Path, tmp_path: Path):

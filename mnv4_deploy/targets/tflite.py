@@ -76,6 +76,11 @@ class TfliteTarget(Target):
             quantized = request.quantized
             if quantized is None:
                 raise ValueError("int8 export needs the shared PT2E model (request.quantized)")
+            fallback = quantized.calibration.get("fallback") or {}
+            if opts.io_dtype != "float" and fallback.get("sites"):
+                raise UserError(f"recipe '{quantized.recipe.name}' keeps {len(fallback['sites'])} activations float "
+                                f"(quantization.fallback), which a full-integer ({opts.io_dtype} I/O) model cannot "
+                                f"hold: use --io-dtype float, or a recipe without a fallback (e.g. ptq-int8)")
             if wrapped:
                 # The shared PT2E graph takes normalised NCHW; a graph with another input needs its own
                 # observers at that input, so the same recipe is re-run on the wrapped model.
