@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--calib", type=Path, metavar="DIR", help="calibration images for --sensitivity")
     insp.add_argument("--recipe", metavar="NAME|FILE", help="recipe for --sensitivity (default ptq-int8)")
     insp.add_argument("--images", type=int, default=128, metavar="N", help="images to judge sensitivity on")
+    insp.add_argument("--budget", type=_agreement, metavar="AGREEMENT",
+                      help="with --sensitivity: which activations a fallback must take out of int8 to reach this "
+                           "top-1 agreement with float (e.g. 0.97 or 97%%), as quantization.fallback would")
     insp.add_argument("--json-out", type=Path, metavar="FILE", help="write the sensitivity table as JSON")
     _add_model_options(insp, required=False)
     insp.set_defaults(func=cmd_inspect)
@@ -242,6 +245,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.budget is not None and not args.sensitivity:
+        raise UserError("--budget goes with --sensitivity (inspect --sensitivity --model ... --budget 0.97)")
     if args.sensitivity:
         return _inspect_sensitivity(args)
     if args.manifest is not None:
@@ -271,7 +276,7 @@ def _inspect_sensitivity(args: argparse.Namespace) -> int:
     settings = ConvertSettings(model=args.model, out=Path("."), precision="int8", weights=args.weights,
                                num_classes=args.num_classes, preprocessing=_preprocessing_overrides(args),
                                calib=args.calib, recipe=args.recipe, progress=sys.stderr.isatty())
-    result = sensitivity_report(settings, args.images)
+    result = sensitivity_report(settings, args.images, args.budget)
     full = result["all_quantized"]
     print(f"all quantizers on: top-1 agreement {100 * full['top1_agreement']:.2f}%, SQNR {full['sqnr_db']:.1f} dB "
           f"({result['images']} images; most sensitive first)")
@@ -279,10 +284,34 @@ def _inspect_sensitivity(args: argparse.Namespace) -> int:
     for r in result["sites"]:
         print(f"{r['layer'][:44]:44} {r['op'][:10]:10} {r['kind']:10} {r['only_this_sqnr_db']:13.1f} "
               f"{100 * r['only_this_agreement']:10.1f}% {100 * r['all_but_this_agreement']:17.1f}%")
+    fallback = result.get("fallback")
+    if fallback:
+        history, n = fallback["agreement_history"], result["images"]
+        verdict = "reached" if fallback["reached"] else "not reached with every activation out of int8"
+        noise = 100 * (fallback["budget_agreement"] * (1 - fallback["budget_agreement"]) / n) ** 0.5
+        print(f"\nbudget {100 * fallback['budget_agreement']:.1f}% top-1 agreement: {verdict}; "
+              f"{len(fallback['float_sites'])} of {fallback['activation_sites']} activations out of int8 "
+              f"(agreement {100 * history[0]:.1f}% -> {100 * history[-1]:.1f}% on {n} images, "
+              f"+-{noise:.1f} points sampling noise; a recipe's fallback judges on fallback.images calibration images):")
+        for layer in fallback["float_layers"]:
+            print(f"  {layer}")
+        print(f"in a recipe: quantization: fallback: {{target_agreement: {fallback['budget_agreement']}, "
+              f"max_layers: {max(1, len(fallback['float_sites']))}, precision: float}}  (or int16 for ONNX)")
     if args.json_out:
         write_json(args.json_out, result)
         print(f"wrote {args.json_out}")
     return 0
+
+
+def _agreement(text: str) -> float:
+    """'0.97' or '97%' -> 0.97."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an agreement: give a fraction (0.97) or a percentage (97%)")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' is outside (0, 1]: give a fraction (0.97) or a percentage (97%)")
+    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

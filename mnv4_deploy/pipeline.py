@@ -289,9 +289,14 @@ def tensorwise_check(target: Any, path: Path, request: ExportRequest,
     return summary, {"target": target.name, "summary": summary, "tensors": result["table"]}
 
 
-def sensitivity_report(settings: ConvertSettings, images: int = 128) -> dict[str, Any]:
-    """Calibrate with the recipe, then measure each quantizer's effect on held-back images."""
-    from .sensitivity import analyse
+def sensitivity_report(settings: ConvertSettings, images: int = 128,
+                       budget: Optional[float] = None) -> dict[str, Any]:
+    """Calibrate with the recipe, then measure each quantizer's effect on held-back images.
+
+    With `budget` (a top-1 agreement), also which activations a fallback would take out of int8 to reach it
+    on the same images: what to put in a recipe's `quantization.fallback`.
+    """
+    from .sensitivity import analyse, choose_fallback
 
     recipe = load_recipe(settings.recipe)
     loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
@@ -299,7 +304,13 @@ def sensitivity_report(settings: ConvertSettings, images: int = 128) -> dict[str
     cal, cal_src, ver, ver_src = load_data(settings, loaded, recipe)
     quantized = quantize(loaded.model, cal, recipe, cal_src, _progress(settings))
     x = ver.x[:images]
-    result = analyse(quantized.prepared, x, torch_logits(loaded.model, x), _progress(settings))
+    float_logits = torch_logits(loaded.model, x)
+    result = analyse(quantized.prepared, x, float_logits, _progress(settings))
+    if budget is not None:
+        sites = sum(1 for r in result["sites"] if r["kind"] == "activation")
+        chosen = choose_fallback(quantized.prepared, x, float_logits, budget, max_sites=sites)
+        result["fallback"] = {"budget_agreement": budget, "activation_sites": sites,
+                              "reached": chosen["agreement_history"][-1] >= budget} | chosen
     return {"model": loaded.describe(), "recipe": recipe.name, "calibration": quantized.calibration,
             "evaluated_on": ver_src} | result
 

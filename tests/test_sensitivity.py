@@ -165,3 +165,25 @@ def test_full_integer_tflite_refuses_a_fallback(calibrated, tmp_path):
     with pytest.raises(UserError, match="keeps 1 activations float.*--io-dtype float"):
         get_target("tflite").export(request, tmp_path / "model.tflite")
     assert not (tmp_path / "model.tflite").exists()
+
+
+def test_inspect_sensitivity_with_a_budget(tmp_path, capsys):
+    """The CLI prints the table and, for a budget, the activations a fallback needs; JSON carries both."""
+    import json
+
+    from mnv4_deploy.cli import main
+
+    out = tmp_path / "sens.json"
+    rc = main(["inspect", "--sensitivity", "--model", "mobilenetv4_conv_small_035", "--weights", "random",
+               "--input-size", "32", "--images", "16", "--budget", "100%", "--json-out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "all quantizers on" in text and "budget 100.0% top-1 agreement" in text and "in a recipe:" in text
+    result = json.loads(out.read_text())
+    fallback = result["fallback"]
+    assert fallback["budget_agreement"] == 1.0 and len(fallback["float_sites"]) <= fallback["activation_sites"]
+    assert fallback["reached"] == (fallback["agreement_history"][-1] >= 1.0)
+    assert len(result["sites"]) > 40
+    assert main(["inspect", "--budget", "0.97"]) == 2  # a budget needs --sensitivity
+    with pytest.raises(SystemExit):
+        main(["inspect", "--sensitivity", "--model", "mobilenetv4_conv_small_035", "--budget", "1.5"])
