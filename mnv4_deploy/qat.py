@@ -250,6 +250,11 @@ def save_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
 
 
 def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer, model_name: str) -> _State:
+    return restore_checkpoint(read_checkpoint(path, model_name), path, student, optimizer)
+
+
+def read_checkpoint(path: Path, model_name: str) -> dict[str, Any]:
+    """A checkpoint written by `save_checkpoint` for this model, or a one-line error saying what is wrong."""
     if not Path(path).is_file():
         raise UserError(f"--resume: checkpoint '{path}' not found")
     try:
@@ -262,6 +267,11 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
     if payload["model"] != model_name:
         raise UserError(f"--resume: '{path}' was trained from {payload['model']}, not {model_name}: "
                         f"give the same --model/--weights as the run that wrote it")
+    return payload
+
+
+def restore_checkpoint(payload: dict[str, Any], path: Path, student: nn.Module,
+                       optimizer: torch.optim.Optimizer) -> _State:
     try:
         student.load_state_dict(payload["student"])
         optimizer.load_state_dict(payload["optimizer"])
@@ -311,11 +321,12 @@ def train(
     for p in teacher.parameters():
         p.requires_grad_(False)
     calibrate(student, calibration, recipe.quantization.calibration.batch_size, device)
+    saved = read_checkpoint(options.resume, model_name) if options.resume is not None else None
     fallback = None
     if q.fallback.max_layers > 0:
         from .sensitivity import fallback_line, remove_sites
 
-        fallback = _saved_fallback(options.resume)
+        fallback = saved.get("fallback") if saved else None
         if fallback is not None:
             student = remove_sites(student, fallback["sites"]).to(device)
         else:
@@ -324,8 +335,8 @@ def train(
     make_ranges_trainable(student, qat.range_learning)
     optimizer = _optimizer(student, qat)
     state = _State()
-    if options.resume is not None:
-        state = load_checkpoint(options.resume, student, optimizer, model_name)
+    if saved is not None:
+        state = restore_checkpoint(saved, options.resume, student, optimizer)
         _log(dist, f"resumed from {options.resume}: step {state.step} ({state.epoch} epochs done, "
                    f"{state.batch_in_epoch} batches into the next)")
     _apply_phase(student, qat, state.step)
@@ -413,17 +424,6 @@ def train(
         "seconds": round(time.perf_counter() - start, 2),
     }
     return QuantizedModel(student, recipe, info, build_quantizer(recipe.quantization, "fixed"))
-
-
-def _saved_fallback(resume: Optional[Path]) -> Optional[dict[str, Any]]:
-    """The fallback a checkpoint was trained with (None: no checkpoint, or it has none)."""
-    if resume is None or not Path(resume).is_file():
-        return None
-    try:
-        payload = torch.load(resume, map_location="cpu", weights_only=True)
-    except Exception:  # load_checkpoint reports an unreadable checkpoint with its fix
-        return None
-    return payload.get("fallback") if isinstance(payload, dict) else None
 
 
 def _float_fallback(student: torch.fx.GraphModule, float_model: nn.Module, calibration: LoadedImages,

@@ -246,9 +246,12 @@ class QuantizedModel:
     recipe: Recipe
     calibration: dict[str, Any] = field(default_factory=dict)
     quantizer: Any = None
-    # Observers widened to int16 by an int16 fallback: targets that cannot run int16 activations export
-    # `for_target(int16=False)`, the same model with those tensors left float.
-    int16_sites: tuple[str, ...] = ()
+    @property
+    def int16_sites(self) -> tuple[str, ...]:
+        """Observers an int16 fallback widened; targets that cannot run int16 activations export
+        `for_target(int16=False)`, the same model with those tensors left float."""
+        fallback = self.calibration.get("fallback") or {}
+        return tuple(fallback["sites"]) if fallback.get("precision_here") == "int16" else ()
 
     def for_target(self, int16: bool) -> "QuantizedModel":
         """The model a target deploys: this one, or (no int16 activations there) the int16 sites kept float."""
@@ -330,13 +333,10 @@ def quantize(
     if algorithms:
         info["algorithms"] = algorithms
         info["seconds"] = round(time.perf_counter() - start, 2)
-    int16_sites: tuple[str, ...] = ()
     if q.fallback.max_layers > 0:
         prepared, info["fallback"] = _apply_fallback(prepared, model, calibration, q)
-        if q.fallback.precision == "int16":
-            int16_sites = tuple(info["fallback"]["sites"])
         info["seconds"] = round(time.perf_counter() - start, 2)
-    return QuantizedModel(prepared, recipe, info, quantizer, int16_sites)
+    return QuantizedModel(prepared, recipe, info, quantizer)
 
 
 def _apply_fallback(prepared: torch.fx.GraphModule, model: nn.Module, calibration: LoadedImages,
