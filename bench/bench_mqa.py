@@ -100,13 +100,13 @@ def _ov_ms(module: torch.nn.Module, x: torch.Tensor, runs: int, threads: int) ->
 def _coreml_ops(module: torch.nn.Module, x: torch.Tensor, conversion: str) -> dict[str, Any]:
     import coremltools as ct
 
-    from mnv4_deploy.targets.coreml import _quiet
+    from mnv4_deploy.capture import captured
 
     try:
         with torch.no_grad():
             source = (torch.export.export(module, (x,)).run_decompositions({}) if conversion == "export"
                       else torch.jit.trace(module, x))
-        with _quiet():
+        with captured("coremltools.convert"):
             ml = ct.convert(source, inputs=[ct.TensorType(name="x", shape=tuple(x.shape))],
                             convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17, skip_model_load=True)
     except Exception as exc:

@@ -127,7 +127,7 @@ def _convert(args: argparse.Namespace, recipe: str, targets: str, out: Path,
         model="mobilenetv4_conv_small", out=out, targets=targets, precision=precision, weights=str(args.weights),
         num_classes=202, preprocessing={"input_size": [64, 64], "crop_pct": 1.0}, calib=args.calib, val=args.val,
         val_limit=args.val_limit or None, recipe=recipe, latency_runs=args.latency_runs, progress=False,
-        workers=args.workers)
+        workers=args.workers, verify_gate=False)  # baselines may fail the gate: measure them anyway
     errors: dict[str, str] = {}
     export_s: dict[str, float] = {}
     start = time.perf_counter()

@@ -40,6 +40,11 @@ CONFIGS = [
 ]
 
 
+
+def log(msg: str) -> None:
+    """Progress on stderr; the table and JSON go to stdout."""
+    print(msg, file=sys.stderr, flush=True)
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mobilenetv4_conv_small")
@@ -69,7 +74,7 @@ def main() -> int:
 
     from mnv4_deploy.data import load_images, scan_folder
     from mnv4_deploy.models import load_model
-    from mnv4_deploy.pipeline import ConvertSettings, EvalData, export_and_verify, load_data, log
+    from mnv4_deploy.pipeline import ConvertSettings, EvalData, export_and_verify, load_data
     from mnv4_deploy.prepare import prepare
     from mnv4_deploy.quantize import quantize
     from mnv4_deploy.recipes import load_recipe, options_for
@@ -90,8 +95,8 @@ def main() -> int:
     val = load_images(val_set, loaded.preprocessing)
     log(f"{len(val)} val images, {len(cal)} calibration images; quantizing")
     quantized = quantize(loaded.model, cal, recipe, cal_src)
-    ev = EvalData("val", f"{args.val} ({len(val)} images)", val, torch_logits(loaded.model, val.x, batch),
-                  quantized.simulate(val.x, batch))
+    ev = EvalData("val", f"{args.val} ({len(val)} images)", val, torch_logits(loaded.model, val.x, batch))
+    simulated = quantized.simulate(val.x, batch)
 
     target = get_target("tflite")
     rows: list[dict[str, Any]] = []
@@ -103,7 +108,8 @@ def main() -> int:
             log(f"[{label}] converting and verifying")
             start = time.perf_counter()
             result = export_and_verify(target, request, recipe, [ev],
-                                       dataclasses.replace(settings, out=Path(tmp) / str(i)))
+                                       dataclasses.replace(settings, out=Path(tmp) / str(i)),
+                                       simulated if target.deploys_simulated_model(request) else None)
             m = result.manifest
             fid, lat = m["verification"]["val"]["vs_float"], m["verification"]["latency"]
             rows.append({

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .cli_common import (add_logging_flags, add_model_command, add_model_options, add_target_option_flags,
+                         add_verify_gate_flag, configure_logging, preprocessing_overrides, target_option_values)
 from .errors import UserError, VerificationError
 
 EPILOG_CONVERT = """\
@@ -20,7 +22,10 @@ examples:
       --input-size 64 --crop-pct 1.0 --to onnx --int8 --calib train/ --val val/ --out build/
 
 Each artifact lands in OUT/<target>/ with a manifest.json (model, weights hash, recipe, tool versions,
-input/output spec, size, verification numbers). Nothing is written unless export and verification succeed.
+input/output spec, size, verification numbers). An artifact is written only when it passes the recipe's
+verification thresholds (finite outputs, agreement and cosine with float and with the PyTorch simulation);
+otherwise the command exits 1 and OUT/<target>/manifest.failed.json says what was measured. Keep a failing
+artifact knowingly with --no-verify-gate (its manifest then says it failed).
 """
 
 
@@ -40,46 +45,12 @@ The recipe's qat: section sets epochs, optimizer, distillation loss, when BatchN
 and whether activation ranges are learned; see recipes/qat-int8-kd.yaml.
 """
 
-# CLI flags that map onto fields of the same name in a target's Options dataclass.
-TARGET_OPTION_FLAGS = ("io_dtype", "layout", "bake_normalization", "weights_only", "compute_units",
-                       "minimum_deployment_target", "image_input")
-
-
-def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=required, metavar="NAME",
-                   help="timm MNv4 variant, e.g. mobilenetv4_conv_small (see `mnv4-deploy inspect --list`)")
-    g.add_argument("--weights", default="pretrained", metavar="SRC",
-                   help="'pretrained' (timm hub weights, default), 'random', or a .pth/.pt/.safetensors state_dict")
-    g.add_argument("--num-classes", type=int, metavar="N", help="classifier size (default: the variant's, 1000)")
-    g = p.add_argument_group("preprocessing (defaults come from the checkpoint's timm pretrained_cfg)")
-    g.add_argument("--input-size", metavar="N|H,W", help="model input size, e.g. 224 or 256,192")
-    g.add_argument("--mean", metavar="R,G,B", help="normalisation mean, e.g. 0.5,0.5,0.5")
-    g.add_argument("--std", metavar="R,G,B", help="normalisation std")
-    g.add_argument("--crop-pct", type=float, metavar="F", help="centre-crop fraction (1.0 = no crop)")
-    g.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest", "lanczos"))
-
-
-def _add_target_option_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("target options (each applies to the targets that have it; see the recipe's targets: section)")
-    g.add_argument("--io-dtype", choices=("float", "int8", "uint8"),
-                   help="tflite: float keeps (de)quantize inside the model; int8/uint8 = full-integer I/O (EdgeTPU)")
-    g.add_argument("--layout", choices=("nchw", "nhwc"), help="input layout (nhwc avoids transposes on mobile)")
-    g.add_argument("--bake-normalization", action="store_const", const=True,
-                   help="put mean/std normalisation inside the model, so apps feed raw RGB")
-    g.add_argument("--weights-only", action="store_const", const=True,
-                   help="coreml: quantize weights only (W8, float activations)")
-    g.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"), help="coreml")
-    g.add_argument("--minimum-deployment-target", metavar="OS", help="coreml, e.g. iOS17 or macOS14")
-    g.add_argument("--image-input", action="store_const", const=True,
-                   help="coreml: ImageType input (pixel buffer) with the normalisation as scale/bias")
-
-
 def _add_run_options(g: argparse._ArgumentGroup) -> None:
     """Options `convert` and `qat` share: decoding workers, latency runs, output format, progress bars."""
     g.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding worker processes")
     g.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per artifact")
     g.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout instead of a table")
+    add_verify_gate_flag(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -92,20 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"mnv4-deploy {__version__}")
+    add_logging_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    conv = sub.add_parser("convert", help="export (and quantize) a model for one or more targets",
-                          description="Load -> prepare -> quantize once -> export per target -> verify -> manifest.",
-                          epilog=EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_options(conv)
+    conv = add_model_command(
+        sub, "convert", "export (and quantize) a model for one or more targets",
+        "Load -> prepare -> quantize once -> export per target -> verify (gate) -> manifest.", EPILOG_CONVERT)
     g = conv.add_argument_group("what to build")
     g.add_argument("--to", default="onnx", metavar="TARGETS", help="a target, a comma list, or 'all' (default: onnx)")
     g.add_argument("--int8", action="store_true", help="int8 quantization (same as --precision int8)")
     g.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="artifact precision (default fp32)")
     g.add_argument("--recipe", metavar="NAME|FILE", help="a shipped recipe name (e.g. ptq-int8) or a YAML file")
     g.add_argument("--out", type=Path, default=Path("build"), metavar="DIR", help="output folder (default: build/)")
-    _add_target_option_flags(conv)
+    add_target_option_flags(conv)
     g = conv.add_argument_group("data")
     g.add_argument("--calib", type=Path, metavar="DIR",
                    help="calibration images (flat or class sub-folders); some are held back for verification. "
@@ -115,12 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(g)
     conv.set_defaults(func=cmd_convert)
 
-    qat = sub.add_parser("qat", help="quantization-aware fine-tuning with distillation, then export like convert",
-                         description="PTQ calibration -> QAT fine-tuning (the float model teaches the int8 one) -> "
-                                     "export per target -> verify -> manifest. Runs on CPU, a GPU when present, "
-                                     "and data-parallel under torchrun.",
-                         epilog=EPILOG_QAT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_options(qat)
+    qat = add_model_command(
+        sub, "qat", "quantization-aware fine-tuning with distillation, then export like convert",
+        "PTQ calibration -> QAT fine-tuning (the float model teaches the int8 one) -> export per target -> verify "
+        "-> manifest. Runs on CPU, a GPU when present, and data-parallel under torchrun.", EPILOG_QAT)
     g = qat.add_argument_group("training")
     g.add_argument("--train", type=Path, required=True, metavar="DIR",
                    help="train images (flat or class sub-folders); calibration and held-back images come from here")
@@ -136,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--to", default="onnx", metavar="TARGETS", help="a target, a comma list, or 'all' (default: onnx)")
     g.add_argument("--out", type=Path, default=Path("build/qat"), metavar="DIR",
                    help="output folder; checkpoints go to OUT/qat/ (default: build/qat)")
-    _add_target_option_flags(qat)
+    add_target_option_flags(qat)
     g = qat.add_argument_group("other")
     _add_run_options(g)
     qat.set_defaults(func=cmd_qat)
@@ -153,25 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --sensitivity: which activations a fallback must take out of int8 to reach this "
                            "top-1 agreement with float (e.g. 0.97 or 97%%), as quantization.fallback would")
     insp.add_argument("--json-out", type=Path, metavar="FILE", help="write the sensitivity table as JSON")
-    _add_model_options(insp, required=False)
+    add_model_options(insp, required=False)
     insp.set_defaults(func=cmd_inspect)
     from .report import add_report_command
 
     add_report_command(sub)
     return parser
-
-
-def _preprocessing_overrides(args: argparse.Namespace) -> dict:
-    from .preprocessing import parse_floats
-
-    size = None
-    if args.input_size:
-        try:
-            size = [int(v) for v in args.input_size.split(",")]
-        except ValueError:
-            raise UserError(f"--input-size must be N or H,W, got '{args.input_size}'") from None
-    return {"input_size": size, "mean": parse_floats(args.mean, "mean"), "std": parse_floats(args.std, "std"),
-            "crop_pct": args.crop_pct, "interpolation": args.interpolation}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -202,15 +158,13 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
 
     return ConvertSettings(
         model=args.model, out=args.out, targets=args.to, weights=args.weights, num_classes=args.num_classes,
-        preprocessing=_preprocessing_overrides(args), val=args.val, val_limit=args.val_limit, recipe=args.recipe,
+        preprocessing=preprocessing_overrides(args), val=args.val, val_limit=args.val_limit, recipe=args.recipe,
         workers=args.workers, latency_runs=args.latency_runs,
-        target_options={k: getattr(args, k) for k in TARGET_OPTION_FLAGS},
+        target_options=target_option_values(args), verify_gate=args.verify_gate,
         progress=not args.no_progress and sys.stderr.isatty(), **kw)
 
 
 def _print_results(results: list, as_json: bool) -> None:
-    from .pipeline import summary_table
-
     if as_json:
         print(json.dumps([r.manifest for r in results], indent=2))
     else:
@@ -218,6 +172,29 @@ def _print_results(results: list, as_json: bool) -> None:
         _print_tensorwise(results)
         for r in results:
             print(f"wrote {r.path} and {r.manifest_path}")
+
+
+def summary_table(results: Sequence[Any]) -> str:
+    """A short plain-text table: one row per artifact and evaluation set."""
+    from .verify import Fidelity
+
+    header = ("target", "precision", "eval", "images", "size MB", "cosine", "SQNR dB", "top1 agree",
+              "top1 float", "top1 model", "latency ms")
+    rows = []
+    for r in results:
+        v = r.manifest["verification"]
+        for name in ("held_back", "val"):
+            if name not in v:
+                continue
+            f = Fidelity(**v[name]["vs_float"])
+            pct = lambda a: "-" if a is None else f"{100 * a:.2f}%"
+            rows.append((r.target, r.precision + ("" if v["numbers"] == "measured" else " (simulated)"), name,
+                         str(f.images), f"{r.manifest['artifact']['size_bytes'] / 1e6:.2f}", f"{f.cosine:.4f}",
+                         f"{f.sqnr_db:.1f}", pct(f.top1_agreement), pct(f.reference_top1), pct(f.top1),
+                         f"{v['latency']['median_ms']:.2f}"))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def cmd_qat(args: argparse.Namespace) -> int:
@@ -240,7 +217,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
                           run.calibration, recipe, options, evaluation, dist)
     if not dist.main:
         return 0
-    _print_results(deploy(run, quantized), args.json)
+    _print_results(deploy(run, lambda _target: quantized), args.json)
     return 0
 
 
@@ -269,14 +246,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_sensitivity(args: argparse.Namespace) -> int:
     from .fileio import write_json
-    from .pipeline import ConvertSettings, sensitivity_report
+    from .pipeline import ConvertSettings
+    from .report.sensitivity import recipe_sensitivity
 
     if not args.model:
         raise UserError("--sensitivity needs --model (and usually --weights and --calib)")
     settings = ConvertSettings(model=args.model, out=Path("."), precision="int8", weights=args.weights,
-                               num_classes=args.num_classes, preprocessing=_preprocessing_overrides(args),
+                               num_classes=args.num_classes, preprocessing=preprocessing_overrides(args),
                                calib=args.calib, recipe=args.recipe, progress=sys.stderr.isatty())
-    result = sensitivity_report(settings, args.images, args.budget)
+    result = recipe_sensitivity(settings, args.images, args.budget)
     full = result["all_quantized"]
     print(f"all quantizers on: top-1 agreement {100 * full['top1_agreement']:.2f}%, SQNR {full['sqnr_db']:.1f} dB "
           f"({result['images']} images; most sensitive first)")
@@ -318,6 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args)
     try:
         return args.func(args)
     except UserError as exc:

@@ -5,16 +5,20 @@ also gives labels, so accuracy can be measured. Unreadable files are skipped and
 """
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
 from .preprocessing import Preprocessing
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -28,6 +32,10 @@ class ImageSet:
     classes: Optional[list[str]] = None
     source: str = ""
     skipped_files: int = 0  # non-image files found while scanning
+    found: int = 0  # image files the scan found (a subset keeps the folder's count, for messages)
+
+    def __post_init__(self) -> None:
+        self.found = self.found or len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -40,7 +48,7 @@ class ImageSet:
         return ImageSet(
             [self.paths[i] for i in indices],
             [self.labels[i] for i in indices] if self.labels is not None else None,
-            self.classes, self.source, self.skipped_files,
+            self.classes, self.source, self.skipped_files, self.found,
         )
 
     def split(self, first: int, second: int, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
@@ -48,7 +56,9 @@ class ImageSet:
         order = list(range(len(self)))
         random.Random(seed).shuffle(order)
         if len(order) < 2:
-            raise UserError(f"{self.source}: need at least 2 images to calibrate and verify, found {len(order)}")
+            found, any_bad = _found_and_unreadable(self.paths)
+            fix = "replace the unreadable files and add images" if any_bad else "add images to the folder"
+            raise UserError(f"{self.source}: need at least 2 readable images to calibrate and verify; {found}: {fix}")
         second = min(second, max(1, len(order) // 4)) if first + second > len(order) else second
         first = min(first, len(order) - second)
         return self.subset(order[:first]), self.subset(order[first:first + second])
@@ -120,6 +130,7 @@ class LoadedImages:
     unreadable: int = 0
     uint8: Optional[np.ndarray] = field(default=None, repr=False)  # (N, H, W, 3)
     files: Optional[ImageSet] = field(default=None, repr=False)  # the image files these were read from
+    unreadable_example: Optional[str] = None  # one file that could not be read, for the user's note
 
     def __len__(self) -> int:
         return len(self.x)
@@ -129,37 +140,112 @@ class LoadedImages:
             yield self.x[i:i + batch_size]
 
 
+# What PIL raises for a file that is not a decodable image (truncated, corrupt, wrong suffix).
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+
+
+def _decode(path: Path, pre: Preprocessing) -> np.ndarray:
+    with Image.open(path) as img:
+        return pre.to_uint8_image(img)
+
+
+def _why_unreadable(path: Path) -> Optional[str]:
+    """Why `path` cannot be read as an image, or None if it can (a full decode, as loading does)."""
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")
+        return None
+    except _DECODE_ERRORS as exc:
+        return _short(exc, path)
+
+
+def _short(exc: BaseException, path: Path) -> str:
+    """PIL's reason on one line, without the file name it repeats (the message names the file already)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.replace(repr(str(path)), "").replace(str(path), "").strip(" :")
+    return text[:100] or type(exc).__name__
+
+
+def _found_and_unreadable(paths: Sequence[Path]) -> tuple[str, bool]:
+    """('found N image files, M of them not readable as images (e.g. 'x.jpg': reason)', any unreadable?).
+
+    Decodes every file: only for the small sets an error is about, so the count is the truth, not
+    the number of names that end in .jpg.
+    """
+    bad = [(p, why) for p in paths if (why := _why_unreadable(p)) is not None]
+    text = f"found {len(paths)} image file{'s' if len(paths) != 1 else ''}"
+    if bad:
+        text += f", {len(bad)} of them not readable as images (e.g. '{bad[0][0]}': {bad[0][1]})"
+    return text, bool(bad)
+
+
+class _ImageFiles:
+    """Map-style dataset of image files for a DataLoader. At module level so that worker processes
+    started with forkserver/spawn can unpickle it."""
+
+    def __init__(self, paths: Sequence[Path], labels: Optional[Sequence[int]], pre: Preprocessing):
+        self.paths, self.labels, self.pre = list(paths), list(labels) if labels else None, pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, bool, str]:
+        """(uint8 HWC tensor, label or -1, readable?, why not ('' if readable))."""
+        import torch
+
+        try:
+            arr = _decode(self.paths[i], self.pre)
+            return torch.from_numpy(arr), (self.labels[i] if self.labels else -1), True, ""
+        except _DECODE_ERRORS as exc:
+            h, w = self.pre.input_size
+            return torch.zeros((h, w, 3), dtype=torch.uint8), -1, False, _short(exc, self.paths[i])
+
+
+def _worker_context() -> Optional[str]:
+    """Never fork the workers: once JAX/TensorFlow (the TFLite/Core ML converters) are imported the
+    process is multithreaded, and a forked child can deadlock on a lock another thread held."""
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
 def load_images(images: ImageSet, pre: Preprocessing, workers: int = 0, progress: str = "") -> LoadedImages:
     """Decode and preprocess every image (a torch DataLoader with worker processes); skip unreadable ones."""
-    import torch
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader
 
-    class _Files(Dataset):
-        def __len__(self) -> int:
-            return len(images)
-
-        def __getitem__(self, i: int):
-            try:
-                with Image.open(images.paths[i]) as img:
-                    arr = pre.to_uint8_image(img)
-                return torch.from_numpy(arr), (images.labels[i] if images.labels else -1), True
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-                h, w = pre.input_size
-                return torch.zeros((h, w, 3), dtype=torch.uint8), -1, False
-
-    loader = DataLoader(_Files(), batch_size=64, num_workers=workers, shuffle=False)
+    dataset = _ImageFiles(images.paths, images.labels, pre)
+    if workers > 0:
+        loader = DataLoader(dataset, batch_size=64, num_workers=workers, shuffle=False,
+                            multiprocessing_context=_worker_context())
+    else:
+        loader = DataLoader(dataset, batch_size=64, num_workers=0, shuffle=False)
     chunks, labels, ok = [], [], []
-    for arr, lab, good in _progress(loader, progress, total=len(loader)):
+    first_bad: Optional[tuple[Path, str]] = None
+    start = 0
+    for arr, lab, good, why in _progress(loader, progress, total=len(loader)):
         chunks.append(arr.numpy())
         labels.append(lab.numpy())
         ok.append(good.numpy())
-    keep = np.concatenate(ok).astype(bool)
-    u8 = np.concatenate(chunks)[keep]
-    labs = np.concatenate(labels)[keep] if images.labelled else None
+        if first_bad is None and not bool(good.all()):
+            j = int((~good).nonzero()[0, 0])
+            first_bad = (images.paths[start + j], why[j])
+        start += len(good)
+    keep = np.concatenate(ok).astype(bool) if ok else np.zeros(0, bool)
+    u8 = np.concatenate(chunks)[keep] if chunks else np.zeros((0, *pre.input_size, 3), np.uint8)
+    labs = np.concatenate(labels)[keep] if images.labelled and labels else None
     x = np.stack([pre.normalize(a) for a in u8]) if len(u8) else np.zeros((0, 3, *pre.input_size), np.float32)
     if len(x) == 0:
-        raise UserError(f"none of the {len(images)} images in '{images.source}' could be read")
-    return LoadedImages(x.astype(np.float32), labs, int((~keep).sum()), u8, images)
+        chosen = "" if len(images) >= images.found else f" (of {images.found} found there)"
+        example = f" (e.g. '{first_bad[0]}': {first_bad[1]})" if first_bad else ""
+        raise UserError(
+            f"none of the {len(images)} image file{'s' if len(images) != 1 else ''} read from "
+            f"'{images.source}'{chosen} could be read as images{example}: replace or remove the unreadable "
+            "files, or point --calib/--val at a folder of readable images"
+        )
+    if first_bad:
+        logger.info("skipped %d unreadable images in '%s', e.g. '%s': %s",
+                    int((~keep).sum()), images.source, *first_bad)
+    return LoadedImages(x.astype(np.float32), labs, int((~keep).sum()), u8, images,
+                        str(first_bad[0]) if first_bad else None)
 
 
 def _progress(it, desc: str, total: int):

@@ -10,6 +10,30 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import UserError
+
+
+def _reason(exc: OSError) -> str:
+    """The OS's own words for why (e.g. 'Not a directory'), without the path it repeats."""
+    return exc.strerror or type(exc).__name__
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create the --out folder if needed and prove it is writable, before any slow work starts.
+
+    Checking up front turns a late FileNotFoundError/PermissionError traceback (after minutes of
+    calibration) into one line naming the folder and the fix.
+    """
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # A real write: os.access lies under root, ACLs and read-only mounts.
+        fd, probe = tempfile.mkstemp(prefix=".mnv4-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write to --out '{path}': {_reason(exc)}; choose a writable folder") from None
+
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
@@ -19,8 +43,11 @@ def atomic_path(final: Path) -> Iterator[Path]:
     the final suffix, because some writers (onnx, coremltools) choose a format by suffix.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as exc:  # only the folder set-up: the writer's own errors below stay what they are
+        raise UserError(f"cannot write to '{final.parent}': {_reason(exc)}; choose a writable folder") from None
     tmp = tmp_dir / final.name
     try:
         yield tmp
@@ -41,8 +68,6 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path, what: str, fix: str) -> Any:
     """Read a JSON `what` (report, manifest) the user pointed at; missing or malformed is a UserError naming `fix`."""
-    from .errors import UserError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no {what} at '{path}': {fix}")

@@ -1,6 +1,12 @@
 """Load an MNv4 model: timm variant + pretrained weights, random weights, or a local checkpoint."""
 from __future__ import annotations
 
+import importlib
+import logging
+import pickle
+import re
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -12,7 +18,26 @@ from .errors import UserError, did_you_mean
 from .fileio import sha256_of
 from .preprocessing import Preprocessing
 
+logger = logging.getLogger(__name__)
+
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+# What torch.load(weights_only=True) raises for a file that is corrupt, truncated or not a checkpoint
+# (torch 2.14, found by feeding it random bytes, truncations and bit flips of real checkpoints):
+# UnpicklingError (bad opcode, or a pickled class/function it refuses to import), RuntimeError
+# ("PytorchStreamReader failed reading zip archive", "Invalid magic number", "unexpected EOF"),
+# EOFError (empty file), and from its pure-Python unpickler on garbage: IndexError/KeyError (stack or
+# memo underflow), ValueError/UnicodeDecodeError, struct.error, and AssertionError (legacy format,
+# "storage key not found"). OSError covers unreadable files and torch's "Invalid argument" on some
+# truncated zips. Anything else (TypeError, AttributeError...) is a bug and must propagate.
+TORCH_LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    pickle.UnpicklingError, RuntimeError, EOFError, LookupError, ValueError, struct.error, AssertionError,
+    OSError,
+)
+
+# In torch's UnpicklingError text: a pickled global (class/function) that only full unpickling could import.
+_NEEDS_CODE = re.compile(
+    r"GLOBAL (\S+) was not an allowed global|whose module (\S+) is blocked|(\S+) must be \S+ to load")
 
 
 @dataclass
@@ -58,6 +83,11 @@ def load_model(
         raise UserError(
             f"unknown model '{name}'{did_you_mean(arch, variants)}; valid MNv4 models: {', '.join(variants)}"
         )
+    if tag:  # timm raises a bare RuntimeError for an unknown tag, even with random weights
+        tagged = timm.list_models(f"{arch}.*", include_tags=True)
+        if name not in tagged:
+            raise UserError(f"unknown tag '{tag}' for {arch}: use one of {', '.join(tagged)}, "
+                            f"or '{arch}' for its default")
     kwargs: dict[str, Any] = {}
     if num_classes is not None:
         if num_classes < 1:
@@ -79,7 +109,7 @@ def load_model(
                 "or 'pretrained' / 'random'"
             )
         model = timm.create_model(name, pretrained=False, **kwargs)
-        load_checkpoint(model, path)
+        load_checkpoint(model, path, name)
         source, sha = str(path), sha256_of(path)
 
     model.eval()
@@ -87,11 +117,36 @@ def load_model(
     return LoadedModel(name, model, source, sha, int(model.num_classes), pre)
 
 
+def _fetch_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the weights could not be downloaded (offline, hub down, no access).
+
+    OSError covers huggingface_hub's errors (LocalEntryNotFoundError when HF_HUB_OFFLINE=1 and nothing
+    is cached, HfHubHTTPError for 401/404/5xx, OfflineModeIsEnabled) and requests' ConnectionError;
+    a network failure mid-download surfaces as the HTTP client's TransportError, which is not an OSError.
+    """
+    errors: list[type[BaseException]] = [OSError]
+    for client in ("httpx", "httpx2"):  # whichever huggingface_hub is built on
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 def _create_pretrained(timm: Any, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's pretrained model; a download failure is a user-fixable one-liner, anything else a bug."""
+    if not timm.is_model_pretrained(name):  # checked first, so timm's RuntimeError never needs catching
+        arch = name.partition(".")[0]
+        tagged = timm.list_pretrained(f"{arch}.*")
+        hint = f" (pretrained tags: {', '.join(tagged)})" if tagged else ""
+        raise UserError(f"timm has no pretrained weights for '{name}'{hint}; "
+                        "use --weights PATH for a local checkpoint or --weights random")
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as exc:  # offline, hub down, missing tag: all user-fixable
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    except _fetch_errors() as exc:
+        logger.debug("fetching pretrained %s failed", name, exc_info=True)
+        first = str(exc).strip().splitlines()[0].split(". ")[0].rstrip(".")[:160] if str(exc).strip() else ""
+        reason = first or type(exc).__name__
         raise UserError(
             f"could not fetch pretrained weights for '{name}' ({reason}); "
             "use --weights PATH for a local checkpoint or --weights random"
@@ -103,24 +158,58 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix not in _CHECKPOINT_SUFFIXES:
         raise UserError(f"checkpoint '{path}' has an unknown suffix: use one of {', '.join(_CHECKPOINT_SUFFIXES)}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read checkpoint '{path}': {first}") from None
+        except (SafetensorError, OSError) as exc:
+            raise _unreadable(path, exc) from None
+    else:
+        try:
+            with warnings.catch_warnings():  # torch asks the user to file an issue for pickle protocol > 2
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except TORCH_LOAD_ERRORS as exc:
+            raise _unreadable(path, exc) from None
     # Training scripts wrap the weights: {'state_dict': ...}, {'model': ...}, {'state_dict_ema': ...}.
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"checkpoint '{path}' does not hold a state_dict of tensors")
+        held = "a dict with non-tensor values" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise UserError(f"checkpoint '{path}' is not a readable state_dict (it holds {held}): "
+                        "re-save it with torch.save(model.state_dict(), path)")
     return {_strip_prefix(k): v for k, v in state.items()}
+
+
+def _unreadable(path: Path, exc: BaseException) -> UserError:
+    """One line for a checkpoint torch/safetensors cannot read, never repeating torch's advice to
+    load with weights_only=False: that runs arbitrary code from a file that may be untrusted."""
+    logger.debug("cannot read checkpoint %s", path, exc_info=exc)
+    text = str(exc)
+    code = _NEEDS_CODE.search(text)
+    if code:
+        what = next(g for g in code.groups() if g)
+        return UserError(
+            f"checkpoint '{path}' is not a readable state_dict: it pickles Python objects ({what}) that only "
+            "arbitrary code could load, and mnv4-deploy reads only weights_only/safetensors files: "
+            "re-save it as a plain state_dict (torch.save(model.state_dict(), path))"
+        )
+    if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError)):
+        return UserError(f"cannot read checkpoint '{path}': {exc.strerror}; "
+                         "give --weights a readable .pth/.pt/.safetensors file")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # the cause, minus torch's advice
+    first = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+        detail.group(1) if detail else (text.strip().splitlines() or [""])[0])
+    first = first.split(". ")[0].strip().rstrip(".")[:120]
+    reason = f"{type(exc).__name__}: {first}" if first and "weights_only" not in first else type(exc).__name__
+    return UserError(
+        f"checkpoint '{path}' is not a readable state_dict ({reason}): the file is corrupt, truncated or "
+        "not a PyTorch/safetensors checkpoint; re-save or re-download it"
+    )
 
 
 def _strip_prefix(key: str) -> str:
@@ -130,8 +219,13 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load weights strictly; on mismatch, name the keys and suggest --num-classes."""
+def load_checkpoint(model: nn.Module, path: Path, name: Optional[str] = None) -> None:
+    """Load weights strictly; on mismatch, name the keys and suggest --num-classes.
+
+    `name` is the variant the user asked for (e.g. mobilenetv4_conv_small): every MNv4 variant is
+    timm's MobileNetV3 class, so the class name would tell the user nothing.
+    """
+    name = name or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     state = read_state_dict(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -147,7 +241,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
         hint = _num_classes_hint(model, state)
-        raise UserError(f"checkpoint '{path}' does not match {type(model).__name__}: {'; '.join(parts)}{hint}")
+        raise UserError(f"checkpoint '{path}' does not match {name}: {'; '.join(parts)}{hint}")
     model.load_state_dict(state, strict=True)
 
 

@@ -3,6 +3,7 @@ load -> prepare -> quantize once -> export per target -> verify in the real runt
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,17 +12,21 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .data import LoadedImages, default_calibration, load_images, scan_folder
-from .errors import UserError
-from .fileio import atomic_path, write_json
+from .errors import UserError, VerificationError
+from .fileio import atomic_path, ensure_writable_dir, write_json
 from .manifest import artifact_facts, build_manifest, tool_versions
 from .models import LoadedModel, load_model
+from .options import field_names
 from .prepare import prepare
 from .quantize import QuantizedModel, quantize
+from . import tensorwise
 from .recipes import Recipe, load_recipe, options_for
 from .targets import ExportRequest, get_target, parse_targets, target_names
-from .verify import Fidelity, compare, measure_latency, run_batched, torch_logits
+from .verify import Fidelity, compare, gate_checks, measure_latency, run_batched, torch_logits
 
 PRECISIONS = ("fp32", "fp16", "int8")
+FAILED_MANIFEST = "manifest.failed.json"  # beside the artifact path when the verification gate refused it
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +49,8 @@ class ConvertSettings:
     workers: int = 0
     latency_runs: int = 30
     progress: bool = True
+    # None: the recipe's verification.gate; False: write artifacts that fail verification (manifest says so).
+    verify_gate: Optional[bool] = None
 
 
 @dataclass
@@ -63,19 +70,14 @@ class EvalData:
     source: str
     images: LoadedImages
     float_logits: np.ndarray
-    simulated_logits: Optional[np.ndarray] = None
 
 
-def _progress(settings: ConvertSettings) -> Optional[Callable]:
+def progress_bars(settings: ConvertSettings) -> Optional[Callable]:
     if not settings.progress:
         return None
     from tqdm.auto import tqdm
 
     return lambda it, **kw: tqdm(it, leave=False, file=sys.stderr, **kw)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def load_data(settings: ConvertSettings, loaded: LoadedModel, recipe: Recipe) -> tuple[LoadedImages, str, LoadedImages, str]:
@@ -94,7 +96,7 @@ def load_data(settings: ConvertSettings, loaded: LoadedModel, recipe: Recipe) ->
     ver = load_images(ver_set, pre, settings.workers, desc)
     unreadable = cal.unreadable + ver.unreadable
     if unreadable or found.skipped_files:
-        log(f"note: skipped {unreadable} unreadable images and {found.skipped_files} non-image files in {settings.calib}")
+        logger.warning(f"note: skipped {unreadable} unreadable images and {found.skipped_files} non-image files in {settings.calib}")
     return cal, f"{settings.calib} ({len(cal)} images)", ver, f"{settings.calib} (held back, {len(ver)} images)"
 
 
@@ -103,12 +105,8 @@ def _installed(target: Any) -> bool:
         target.check_installed()
         return True
     except UserError as exc:
-        log(f"note: skipping {target.name}: {exc}")
+        logger.warning(f"note: skipping {target.name}: {exc}")
         return False
-
-
-def _option_names(options_cls: Any) -> set[str]:
-    return {f.name for f in dataclasses.fields(options_cls)}
 
 
 def _select_targets(settings: ConvertSettings) -> list[Any]:
@@ -123,8 +121,8 @@ def _select_targets(settings: ConvertSettings) -> list[Any]:
             raise UserError(f"target '{t.name}' does not support {settings.precision}: use {', '.join(t.precisions)}")
         t.check_installed()
     for key, value in settings.target_options.items():
-        if value is not None and not any(key in _option_names(t.Options) for t in targets):
-            owners = [n for n in target_names() if key in _option_names(get_target(n).Options)]
+        if value is not None and not any(key in field_names(t.Options) for t in targets):
+            owners = [n for n in target_names() if key in field_names(get_target(n).Options)]
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{flag} does not apply to {settings.targets}; it is an option of: {', '.join(owners)}")
     return targets
@@ -132,7 +130,7 @@ def _select_targets(settings: ConvertSettings) -> list[Any]:
 
 def apply_overrides(options: Any, overrides: dict[str, Any]) -> Any:
     """Set the given fields on a target's Options (frozen dataclass) where it has them."""
-    names = _option_names(options)
+    names = field_names(options)
     given = {k: v for k, v in overrides.items() if v is not None and k in names}
     return dataclasses.replace(options, **given) if given else options
 
@@ -157,9 +155,10 @@ def start_run(settings: ConvertSettings) -> Run:
         raise UserError(f"unknown precision '{settings.precision}': use one of {', '.join(PRECISIONS)}")
     recipe = load_recipe(settings.recipe)
     targets = _select_targets(settings)
+    ensure_writable_dir(settings.out)
     loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
     prepare(loaded.model)
-    log(f"model: {loaded.name} ({loaded.weights}), input {loaded.preprocessing.input_size}, {loaded.num_classes} classes")
+    logger.info(f"model: {loaded.name} ({loaded.weights}), input {loaded.preprocessing.input_size}, {loaded.num_classes} classes")
 
     cal, cal_src, ver, ver_src = load_data(settings, loaded, recipe)
     batch = recipe.verification.batch_size
@@ -170,7 +169,7 @@ def start_run(settings: ConvertSettings) -> Run:
             val_set = val_set.sample(settings.val_limit, seed=0)
         val = load_images(val_set, loaded.preprocessing, settings.workers, "reading val" if settings.progress else "")
         evals.append(EvalData("val", f"{settings.val} ({len(val)} images)", val, torch_logits(loaded.model, val.x, batch)))
-    return Run(settings, recipe, targets, loaded, cal, cal_src, evals, _progress(settings))
+    return Run(settings, recipe, targets, loaded, cal, cal_src, evals, progress_bars(settings))
 
 
 def convert(settings: ConvertSettings,
@@ -181,37 +180,51 @@ def convert(settings: ConvertSettings,
     targets go on with the same quantized model (the report grid uses this); by default the error propagates.
     """
     run = start_run(settings)
-    quantized: Optional[QuantizedModel] = None
-    if settings.precision == "int8":
-        log(f"quantizing with recipe '{run.recipe.name}' on {run.calibration_source}")
-        quantized = quantize(run.loaded.model, run.calibration, run.recipe, run.calibration_source, run.progress)
-        if quantized.calibration.get("fallback"):
-            from .sensitivity import fallback_line
+    quantizations: dict[Any, QuantizedModel] = {}
 
-            log(fallback_line(quantized.calibration["fallback"]))
-    return deploy(run, quantized, on_target_error)
+    def quantized_for(target: Any) -> Optional[QuantizedModel]:
+        """PTQ once per quantizer: every target that keeps the shared PT2E quantizer shares one model."""
+        if settings.precision != "int8":
+            return None
+        key = target.quantizer_key()
+        if key not in quantizations:
+            logger.info(f"quantizing with recipe '{run.recipe.name}' on {run.calibration_source}")
+            quantizations[key] = quantize(run.loaded.model, run.calibration, run.recipe, run.calibration_source,
+                                          run.progress, quantizer=target.build_quantizer(run.recipe.quantization))
+            if quantizations[key].calibration.get("fallback"):
+                from .sensitivity import fallback_line
+
+                logger.info(fallback_line(quantizations[key].calibration["fallback"]))
+        return quantizations[key]
+
+    return deploy(run, quantized_for, on_target_error)
 
 
-def deploy(run: Run, quantized: Optional[QuantizedModel],
+def deploy(run: Run, quantized_for: Callable[[Any], Optional[QuantizedModel]],
            on_target_error: Optional[Callable[[str, Exception], None]] = None) -> list[ArtifactResult]:
-    """Export the (PTQ- or QAT-) quantized model, or the float model, to every target and verify each."""
-    settings, recipe, evals = run.settings, run.recipe, run.evals
-    simulated: dict[int, np.ndarray] = {}
+    """Export the (PTQ- or QAT-) quantized model, or the float model, to every target and verify each.
+
+    `quantized_for(target)` gives the int8 model a target deploys (None for float artifacts).
+    """
+    settings, recipe = run.settings, run.recipe
+    simulations: dict[int, np.ndarray] = {}
     results = []
     for target in run.targets:
-        log(f"[{target.name}] exporting {settings.precision}")
-        options = apply_overrides(options_for(recipe, target.name), settings.target_options)
-        deployed = quantized.for_target(target.int16_activations) if quantized is not None else None
-        if deployed is not None:
-            # The fake-quant simulation is slow in PyTorch; the held-back images suffice to catch a runtime
-            # that disagrees with it (a converter that re-quantizes or drops a quantizer). Targets without
-            # int16 activations deploy (and are compared with) the int16 fallback's float variant.
-            if id(deployed) not in simulated:
-                simulated[id(deployed)] = deployed.simulate(evals[0].images.x, recipe.verification.batch_size)
-            evals[0].simulated_logits = simulated[id(deployed)]
-        request = ExportRequest(run.loaded, settings.precision, options, deployed, run.calibration)
+        logger.info(f"[{target.name}] exporting {settings.precision}")
         try:
-            results.append(export_and_verify(target, request, recipe, evals, settings))
+            options = apply_overrides(options_for(recipe, target.name), settings.target_options)
+            quantized = quantized_for(target)
+            # Targets without int16 activations deploy (and are compared with) the int16 fallback's float variant.
+            deployed = quantized.for_target(target.int16_activations) if quantized is not None else None
+            request = ExportRequest(run.loaded, settings.precision, options, deployed, run.calibration)
+            simulated = None
+            if deployed is not None and target.deploys_simulated_model(request):
+                # The fake-quant simulation is slow in PyTorch; the held-back images suffice to catch a runtime
+                # that disagrees with it (a converter that re-quantizes or drops a quantizer).
+                if id(deployed) not in simulations:
+                    simulations[id(deployed)] = deployed.simulate(run.evals[0].images.x, recipe.verification.batch_size)
+                simulated = simulations[id(deployed)]
+            results.append(export_and_verify(target, request, recipe, run.evals, settings, simulated))
         except Exception as exc:
             if on_target_error is None or isinstance(exc, UserError):
                 raise
@@ -219,45 +232,69 @@ def deploy(run: Run, quantized: Optional[QuantizedModel],
     return results
 
 
+def _measure(runner: Any, evals: Sequence[EvalData], batch: int,
+             simulated: Optional[np.ndarray]) -> tuple[dict[str, Any], np.ndarray]:
+    """The artifact's outputs on every evaluation set, compared with float; the first set (the held-back images)
+    also with `simulated`, the PyTorch simulation's logits on it. Returns the manifest entries and the first
+    set's logits, which the gate judges."""
+    verification: dict[str, Any] = {}
+    first = None
+    for i, ev in enumerate(evals):
+        logits = run_batched(runner, ev.images.x, batch, runner.max_batch)
+        entry = {"source": ev.source, "vs_float": compare(logits, ev.float_logits, ev.images.labels).to_dict()}
+        if i == 0:
+            first = logits
+            if simulated is not None:
+                entry["vs_pytorch_simulation"] = compare(logits, simulated).to_dict()
+        verification[ev.name] = entry
+    return verification, first
+
+
+def _gate(request: ExportRequest, recipe: Recipe, judged: str, entry: dict[str, Any], logits: np.ndarray,
+          enforced: bool) -> dict[str, Any]:
+    """Judge one evaluation set's numbers (`judged`: the held-back images) against the recipe's thresholds;
+    the manifest's `verification.gate`."""
+    v = recipe.verification
+    sim = entry.get("vs_pytorch_simulation")
+    checks = gate_checks(logits, Fidelity(**entry["vs_float"]), getattr(v, request.precision),
+                         Fidelity(**sim) if sim is not None else None, v.simulation)
+    failed = [c for c in checks if not c.passed]
+    return {"passed": not failed, "enforced": enforced, "on": judged,
+            "failures": [c.line() for c in failed], "checks": [c.to_dict() for c in checks]}
+
+
 def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals: Sequence[EvalData],
-                      settings: ConvertSettings) -> ArtifactResult:
+                      settings: ConvertSettings, simulated: Optional[np.ndarray] = None) -> ArtifactResult:
+    """Export into a temporary path, verify there, and rename into place only when the gate passes.
+
+    A refused artifact leaves a `manifest.failed.json` (what was measured and why it failed) and raises
+    VerificationError; with the gate off it is written and its manifest says it failed.
+    """
     out_dir = Path(settings.out) / target.name
     final = out_dir / target.artifact_name
-    # Export and verify inside the temporary location: only a verified artifact is renamed into place.
+    enforced = recipe.verification.gate if settings.verify_gate is None else settings.verify_gate
     with atomic_path(final) as tmp:
         export_info = target.export(request, tmp)
         runner = target.load(tmp, request)
-        verification: dict[str, Any] = {"numbers": "measured" if runner.measured else "simulated"}
         batch = recipe.verification.batch_size
-        for ev in evals:
-            logits = run_batched(runner, ev.images.x, batch, runner.max_batch)
-            entry = {"source": ev.source, "vs_float": compare(logits, ev.float_logits, ev.images.labels).to_dict()}
-            if ev.simulated_logits is not None:
-                entry["vs_pytorch_simulation"] = compare(logits, ev.simulated_logits).to_dict()
-            verification[ev.name] = entry
-        one = evals[0].images.x[:1]
-        verification["latency"] = measure_latency(runner, one, runs=settings.latency_runs).to_dict()
+        verification: dict[str, Any] = {"numbers": "measured" if runner.measured else "simulated"}
+        measured, logits = _measure(runner, evals, batch, simulated if runner.measured else None)
+        verification |= measured
+        judged = evals[0].name
+        verification["gate"] = gate = _gate(request, recipe, judged, verification[judged], logits, enforced)
+        verification["latency"] = measure_latency(runner, evals[0].images.x[:1], runs=settings.latency_runs).to_dict()
         tensor_table = None
         if request.precision == "int8":
-            verification["tensorwise"], tensor_table = tensorwise_check(target, tmp, request, evals[0].images.x)
-        described = target.describe(tmp)
-        spec = target.input_spec(tmp, request)
-        facts = artifact_facts(tmp)
-    loaded = request.loaded
-    manifest = build_manifest(
-        model=loaded.describe(),
-        target=target.name,
-        precision=request.precision,
-        recipe=recipe.to_dict() | {"source": recipe.source},
-        quantization=request.quantized.calibration if request.quantized else None,
-        export=export_info,
-        artifact=facts,
-        input=spec,
-        output={"name": "logits", "shape": [1, loaded.num_classes], "dtype": "float32", "meaning": "class logits"},
-        structure=described,
-        verification=verification,
-        tool_versions=tool_versions(target.tool_versions()),
-    )
+            verification["tensorwise"], tensor_table = tensorwise.run(target, tmp, request, evals[0].images.x)
+        manifest = _manifest(target, request, recipe, export_info, tmp, verification)
+        if not gate["passed"]:
+            summary = f"[{target.name}] {request.precision}: " + "; ".join(gate["failures"])
+            if enforced:
+                write_json(out_dir / FAILED_MANIFEST, manifest)
+                raise VerificationError(f"{summary} (not written; numbers in {out_dir / FAILED_MANIFEST}; "
+                                        "--no-verify-gate keeps it anyway)")
+            logger.warning(f"warning: {summary}; written anyway (--no-verify-gate), its manifest says it failed")
+    (out_dir / FAILED_MANIFEST).unlink(missing_ok=True)
     manifest_path = out_dir / "manifest.json"
     write_json(manifest_path, manifest)
     if tensor_table is not None:
@@ -265,72 +302,20 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
     return ArtifactResult(target.name, request.precision, final, manifest_path, manifest)
 
 
-def tensorwise_check(target: Any, path: Path, request: ExportRequest,
-                     x: np.ndarray) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
-    """Every quantized activation of the artifact, from its runtime, against the PyTorch simulation.
-
-    Returns the manifest's summary and the full table (for tensorwise.json beside the manifest). A flagged
-    layer is a warning, never a failure; neither is an error in the check itself.
-    """
-    from . import tensorwise
-
-    try:
-        result = tensorwise.check(target, path, request, x[:tensorwise.IMAGES])
-    except Exception as exc:  # the check must not cost the user a verified artifact
-        log(f"warning: [{target.name}] tensor-by-tensor check failed: {type(exc).__name__}: {exc}")
-        return {"status": f"error: {type(exc).__name__}: {exc}"}, None
-    summary = result["summary"]
-    line = tensorwise.warning_line(target.name, summary)
-    if line:
-        log(line)
-    if "table" not in result:
-        return summary, None
-    summary["table"] = "tensorwise.json"
-    return summary, {"target": target.name, "summary": summary, "tensors": result["table"]}
-
-
-def sensitivity_report(settings: ConvertSettings, images: int = 128,
-                       budget: Optional[float] = None) -> dict[str, Any]:
-    """Calibrate with the recipe, then measure each quantizer's effect on held-back images.
-
-    With `budget` (a top-1 agreement), also which activations a fallback would take out of int8 to reach it
-    on the same images: what to put in a recipe's `quantization.fallback`.
-    """
-    from .sensitivity import analyse, choose_fallback
-
-    recipe = load_recipe(settings.recipe)
-    loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
-    prepare(loaded.model)
-    cal, cal_src, ver, ver_src = load_data(settings, loaded, recipe)
-    quantized = quantize(loaded.model, cal, recipe, cal_src, _progress(settings))
-    x = ver.x[:images]
-    float_logits = torch_logits(loaded.model, x)
-    result = analyse(quantized.prepared, x, float_logits, _progress(settings))
-    if budget is not None:
-        sites = sum(1 for r in result["sites"] if r["kind"] == "activation")
-        chosen = choose_fallback(quantized.prepared, x, float_logits, budget, max_sites=sites)
-        result["fallback"] = {"budget_agreement": budget, "activation_sites": sites,
-                              "reached": chosen["agreement_history"][-1] >= budget} | chosen
-    return {"model": loaded.describe(), "recipe": recipe.name, "calibration": quantized.calibration,
-            "evaluated_on": ver_src} | result
-
-
-def summary_table(results: Sequence[ArtifactResult]) -> str:
-    """A short plain-text table: one row per artifact and evaluation set."""
-    header = ("target", "precision", "eval", "images", "size MB", "cosine", "SQNR dB", "top1 agree",
-              "top1 float", "top1 model", "latency ms")
-    rows = []
-    for r in results:
-        v = r.manifest["verification"]
-        for name in ("held_back", "val"):
-            if name not in v:
-                continue
-            f = Fidelity(**v[name]["vs_float"])
-            pct = lambda a: "-" if a is None else f"{100 * a:.2f}%"
-            rows.append((r.target, r.precision + ("" if v["numbers"] == "measured" else " (simulated)"), name,
-                         str(f.images), f"{r.manifest['artifact']['size_bytes'] / 1e6:.2f}", f"{f.cosine:.4f}",
-                         f"{f.sqnr_db:.1f}", pct(f.top1_agreement), pct(f.reference_top1), pct(f.top1),
-                         f"{v['latency']['median_ms']:.2f}"))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+def _manifest(target: Any, request: ExportRequest, recipe: Recipe, export_info: dict[str, Any], path: Path,
+              verification: dict[str, Any]) -> dict[str, Any]:
+    loaded = request.loaded
+    return build_manifest(
+        model=loaded.describe(),
+        target=target.name,
+        precision=request.precision,
+        recipe=recipe.to_dict() | {"source": recipe.source},
+        quantization=request.quantized.calibration if request.quantized else None,
+        export=export_info,
+        artifact=artifact_facts(path),
+        input=target.input_spec(path, request),
+        output={"name": "logits", "shape": [1, loaded.num_classes], "dtype": "float32", "meaning": "class logits"},
+        structure=target.describe(path, request),
+        verification=verification,
+        tool_versions=tool_versions(target.tool_versions()),
+    )

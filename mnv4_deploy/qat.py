@@ -11,6 +11,7 @@ Runs on CPU, on a GPU when present, and data-parallel (DistributedDataParallel) 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 import time
@@ -27,10 +28,15 @@ from torch import nn
 from .data import ImageSet, LoadedImages
 from .errors import UserError
 from .fileio import atomic_path
+from .models import TORCH_LOAD_ERRORS
 from .preprocessing import Preprocessing
 from .quantize import QuantizedModel, _tag_adds, build_quantizer, export_program
 from .recipes import Qat, Quantization, Recipe
+from .sensitivity import choose_fallback, fallback_line, fallback_record
+from .sites import remove_sites
 from .verify import compare
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "mnv4-deploy-qat/1"
 
@@ -86,24 +92,43 @@ def init_distributed(device: str = "auto") -> Distributed:
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """Train images decoded on the fly by data-loader workers, with the model's own preprocessing."""
+    """Train images decoded on the fly by data-loader workers, with the model's own preprocessing.
 
-    def __init__(self, images: ImageSet, pre: Preprocessing, flip: bool) -> None:
-        self.images, self.pre, self.flip = images, pre, flip
+    Item `(i, flip)`: whether to flip is decided by the epoch plan (`_epoch_plan`), not drawn here, so the
+    batches are a function of (seed, epoch) alone: the same in worker processes and after a resume. Plain
+    data only, so worker processes started by forkserver/spawn can unpickle it.
+    """
+
+    def __init__(self, images: ImageSet, pre: Preprocessing) -> None:
+        self.images, self.pre = images, pre
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+    def __getitem__(self, item: tuple[int, bool]) -> tuple[torch.Tensor, int, bool]:
+        i, flip = item
         label = self.images.labels[i] if self.images.labels is not None else -1
         try:
             with Image.open(self.images.paths[i]) as img:
                 arr = self.pre.to_uint8_image(img)
         except (OSError, ValueError, SyntaxError):
             return torch.zeros(self.pre.input_shape[1:]), -1, False
-        if self.flip and torch.rand(()) < 0.5:
+        if flip:
             arr = arr[:, ::-1]
         return torch.from_numpy(self.pre.normalize(np.ascontiguousarray(arr))), label, True
+
+
+class _EpochImages(torch.utils.data.Dataset):
+    """This process's share of one epoch: (image index, flip) pairs, in training order."""
+
+    def __init__(self, images: TrainImages, plan: list[tuple[int, bool]]) -> None:
+        self.images, self.plan = images, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, bool]:
+        return self.images[self.plan[k]]
 
 
 def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor) -> torch.fx.GraphModule:
@@ -259,9 +284,9 @@ def read_checkpoint(path: Path, model_name: str) -> dict[str, Any]:
         raise UserError(f"--resume: checkpoint '{path}' not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors name no fix; say what the file should be
+    except TORCH_LOAD_ERRORS as exc:  # torch's own text advises weights_only=False: never pass that on
         raise UserError(f"--resume: '{path}' is not a QAT checkpoint written by mnv4-deploy qat "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+                        f"({type(exc).__name__}); give OUT/qat/last.pt of an earlier run") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--resume: '{path}' is not a QAT checkpoint written by mnv4-deploy qat")
     if payload["model"] != model_name:
@@ -281,6 +306,24 @@ def restore_checkpoint(payload: dict[str, Any], path: Path, student: nn.Module,
     return _State(payload["step"], payload["epoch"], payload["batch_in_epoch"], list(payload["history"]))
 
 
+@dataclass
+class _Run:
+    """What the training loop needs, built once by `train` (or rebuilt from a checkpoint)."""
+
+    student: torch.fx.GraphModule
+    model: nn.Module  # the student, or its DistributedDataParallel wrapper
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    state: _State
+    fallback: Optional[dict[str, Any]]
+    algorithms: dict[str, Any]
+    dataset: TrainImages
+    epochs: int
+    steps_per_epoch: int
+    total: int  # steps this invocation runs up to (--max-steps), <= epochs * steps_per_epoch
+    started: float
+
+
 def train(
     teacher: nn.Module,
     model_name: str,
@@ -297,109 +340,194 @@ def train(
     `evaluation` = (images, float logits, labels) scored after every epoch (on the main process).
     """
     dist = dist or Distributed()
-    qat = recipe.qat
-    if qat.distillation.alpha < 1.0 and not train_images.labelled:
+    _check_labels(train_images, recipe)
+    torch.manual_seed(recipe.qat.seed)
+    run = _start_run(teacher, model_name, train_images, preprocessing, calibration, recipe, options, dist)
+    ckpt = Path(options.checkpoint_dir) / "last.pt"
+    while run.state.step < run.total and run.state.epoch < run.epochs:
+        running = _train_epoch(run, recipe, options, dist, ckpt, model_name)
+        _end_epoch(run, running, evaluation, recipe, dist, ckpt, model_name)
+    student = _finish(run.student, dist)
+    return QuantizedModel(student, recipe, _qat_info(run, train_images, calibration, recipe, dist, ckpt),
+                          build_quantizer(recipe.quantization, "fixed"))
+
+
+def _check_labels(train_images: ImageSet, recipe: Recipe) -> None:
+    """A label cross-entropy term needs labelled images: say so before any model is built."""
+    if recipe.qat.distillation.alpha < 1.0 and not train_images.labelled:
         raise UserError(f"recipe {recipe.name}: qat.distillation.alpha < 1 mixes in label cross-entropy, but "
                         f"{train_images.source} has no class sub-folders: set alpha: 1.0 or give an ImageFolder")
-    epochs = options.epochs if options.epochs is not None else qat.epochs
-    torch.manual_seed(qat.seed)
-    start = time.perf_counter()
+
+
+def _start_run(teacher: nn.Module, model_name: str, train_images: ImageSet, preprocessing: Preprocessing,
+               calibration: LoadedImages, recipe: Recipe, options: QatOptions, dist: Distributed) -> _Run:
+    """Calibrated student (fallback applied), frozen teacher, optimizer, and the state to start or resume from."""
+    started = time.perf_counter()
     device = dist.device
-    # The recipe's equalization (a float-model rewrite) applies to QAT's starting point too; the other PTQ
-    # steps (AdaRound, bias correction, range learning) edit a calibrated graph that QAT trains anyway. A
-    # fallback is chosen on the calibrated student, and those tensors then train and deploy float.
+    saved = read_checkpoint(options.resume, model_name) if options.resume is not None else None  # fail fast
+    start_model, algorithms = _start_model(teacher, calibration, recipe, dist)
+    student = build_student(start_model, recipe, torch.from_numpy(calibration.x[:2])).to(device)
+    teacher = _frozen(teacher, device)
+    calibrate(student, calibration, recipe.quantization.calibration.batch_size, device)
+    student, fallback = _recipe_fallback(student, start_model, calibration, recipe.quantization, saved, dist)
+    make_ranges_trainable(student, recipe.qat.range_learning)
+    optimizer = _optimizer(student, recipe.qat)
+    state = _resume(saved, options, student, optimizer, dist)
+    _apply_phase(student, recipe.qat, state.step)
+    model: nn.Module = student
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    dataset = TrainImages(train_images, preprocessing)
+    epochs = options.epochs if options.epochs is not None else recipe.qat.epochs
+    steps_per_epoch, total = _step_budget(len(dataset), recipe.qat, epochs, options, dist, train_images.source)
+    return _Run(student, model, teacher, optimizer, state, fallback, algorithms, dataset, epochs, steps_per_epoch,
+                total, started)
+
+
+def _start_model(teacher: nn.Module, calibration: LoadedImages, recipe: Recipe,
+                 dist: Distributed) -> tuple[nn.Module, dict[str, Any]]:
+    """The float model QAT starts from: the recipe's equalization applies (a float-model rewrite); the other
+    PTQ steps (AdaRound, bias correction, range learning) edit a calibrated graph that QAT trains anyway."""
     from .ptq import transform_float_model
 
-    start_model, algorithms = transform_float_model(teacher, calibration.x, recipe.quantization)
     q = recipe.quantization
+    start_model, algorithms = transform_float_model(teacher, calibration.x, q)
     skipped = [name for name, on in (("adaround", q.adaround.enabled), ("bias_correction", q.bias_correction.enabled),
                                      ("range_learning", q.range_learning.steps > 0)) if on]
     if skipped:
         _log(dist, f"note: qat ignores the recipe's PTQ-only steps: {', '.join(skipped)} (training replaces them)")
-    student = build_student(start_model, recipe, torch.from_numpy(calibration.x[:2])).to(device)
+    return start_model, algorithms
+
+
+def _frozen(teacher: nn.Module, device: torch.device) -> nn.Module:
     teacher = copy.deepcopy(teacher).eval().to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    calibrate(student, calibration, recipe.quantization.calibration.batch_size, device)
-    saved = read_checkpoint(options.resume, model_name) if options.resume is not None else None
-    fallback = None
-    if q.fallback.max_layers > 0:
-        from .sensitivity import fallback_line, remove_sites
+    return teacher
 
-        fallback = saved.get("fallback") if saved else None
-        if fallback is not None:
-            student = remove_sites(student, fallback["sites"]).to(device)
-        else:
-            student, fallback = _float_fallback(student, start_model, calibration, q)
-            _log(dist, fallback_line(fallback))
-    make_ranges_trainable(student, qat.range_learning)
-    optimizer = _optimizer(student, qat)
-    state = _State()
-    if saved is not None:
-        state = restore_checkpoint(saved, options.resume, student, optimizer)
-        _log(dist, f"resumed from {options.resume}: step {state.step} ({state.epoch} epochs done, "
-                   f"{state.batch_in_epoch} batches into the next)")
-    _apply_phase(student, qat, state.step)
 
-    model: nn.Module = student
-    if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+def _recipe_fallback(student: torch.fx.GraphModule, start_model: nn.Module, calibration: LoadedImages,
+                     q: Quantization, saved: Optional[dict[str, Any]],
+                     dist: Distributed) -> tuple[torch.fx.GraphModule, Optional[dict[str, Any]]]:
+    """The recipe's fallback, chosen on the calibrated student; a resumed run removes the checkpoint's sites
+    rather than choosing again (its state_dict has no quantizers there)."""
+    if q.fallback.max_layers <= 0:
+        return student, None
+    fallback = saved.get("fallback") if saved else None
+    if fallback is not None:
+        return remove_sites(student, fallback["sites"]).to(dist.device), fallback
+    student, fallback = _float_fallback(student, start_model, calibration, q)
+    _log(dist, fallback_line(fallback))
+    return student, fallback
 
-    dataset = TrainImages(train_images, preprocessing, qat.augment == "flip")
-    steps_per_epoch = len(dataset) // (qat.batch_size * dist.world_size)
+
+def _resume(saved: Optional[dict[str, Any]], options: QatOptions, student: nn.Module,
+            optimizer: torch.optim.Optimizer, dist: Distributed) -> _State:
+    if saved is None:
+        return _State()
+    state = restore_checkpoint(saved, options.resume, student, optimizer)
+    _log(dist, f"resumed from {options.resume}: step {state.step} ({state.epoch} epochs done, "
+               f"{state.batch_in_epoch} batches into the next)")
+    return state
+
+
+def _step_budget(images: int, qat: Qat, epochs: int, options: QatOptions, dist: Distributed,
+                 source: str) -> tuple[int, int]:
+    """(steps per epoch, steps to run): whole batches on every process; --max-steps cuts the run short."""
+    steps_per_epoch = images // (qat.batch_size * dist.world_size)
     if steps_per_epoch == 0:
-        raise UserError(f"{train_images.source}: {len(dataset)} train images are fewer than one batch "
+        raise UserError(f"{source}: {images} train images are fewer than one batch "
                         f"({qat.batch_size} x {dist.world_size} processes): lower qat.batch_size")
     total = epochs * steps_per_epoch if options.max_steps is None else min(options.max_steps, epochs * steps_per_epoch)
-    ckpt_dir = Path(options.checkpoint_dir)
-    _log(dist, f"qat: {len(dataset)} train images, {epochs} epochs x {steps_per_epoch} steps "
-               f"(batch {qat.batch_size} x {dist.world_size} process(es), {device}), {total} steps to run")
+    _log(dist, f"qat: {images} train images, {epochs} epochs x {steps_per_epoch} steps "
+               f"(batch {qat.batch_size} x {dist.world_size} process(es), {dist.device}), {total} steps to run")
+    return steps_per_epoch, total
 
-    while state.step < total and state.epoch < epochs:
-        order = _epoch_order(len(dataset), qat.seed, state.epoch)
-        mine = order[dist.rank::dist.world_size][state.batch_in_epoch * qat.batch_size:steps_per_epoch * qat.batch_size]
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=qat.batch_size,
-                                             drop_last=True, num_workers=qat.workers,
-                                             pin_memory=device.type == "cuda",
-                                             persistent_workers=False)
-        bar = _bar(loader, dist, options, f"qat epoch {state.epoch + 1}/{epochs}",
-                   steps_per_epoch, state.batch_in_epoch)
-        running = None
-        for x, labels, ok in bar:
-            _apply_phase(student, qat, state.step)
-            _set_learning_rates(optimizer, qat, state.step, epochs * steps_per_epoch)  # not --max-steps: resumable
-            x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            labels = torch.where(ok.to(device), labels, torch.full_like(labels, -1))
-            with torch.no_grad():
-                target = teacher(x)
-            loss = distillation_loss(model(x), target, labels, qat)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"QAT loss became {loss.item()} at step {state.step}: lower qat.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state.step += 1
-            state.batch_in_epoch += 1
-            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{running:.4g}", step=state.step)
-            if dist.main and qat.checkpoint_every and state.step % qat.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir / "last.pt", student, optimizer, state, model_name, recipe, fallback)
-            if state.step >= total:
-                break
-        epoch_done = state.batch_in_epoch >= steps_per_epoch
-        record: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step, "loss": float(running or 0.0),
-                                  "seconds": round(time.perf_counter() - start, 1)}
-        if dist.main and evaluation is not None:
-            x_eval, ref, labels_eval = evaluation
-            record |= {"eval": agreement(student, x_eval, ref, labels_eval, device)}
-        if epoch_done:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        state.history.append(record)
-        if dist.main:
-            save_checkpoint(ckpt_dir / "last.pt", student, optimizer, state, model_name, recipe, fallback)
-            _log(dist, _epoch_line(record, epochs))
 
+def _epoch_loader(dataset: TrainImages, state: _State, steps_per_epoch: int, qat: Qat,
+                  dist: Distributed) -> torch.utils.data.DataLoader:
+    """The rest of this epoch's batches for this process (from `batch_in_epoch` on, after a resume)."""
+    plan = _epoch_plan(len(dataset), qat.seed, state.epoch, qat.augment == "flip")
+    first, end = state.batch_in_epoch * qat.batch_size, steps_per_epoch * qat.batch_size
+    mine = plan[dist.rank::dist.world_size][first:end]
+    return torch.utils.data.DataLoader(_EpochImages(dataset, mine), batch_size=qat.batch_size, drop_last=True,
+                                       num_workers=qat.workers, pin_memory=dist.device.type == "cuda",
+                                       persistent_workers=False, multiprocessing_context=_worker_context(qat.workers))
+
+
+def _worker_context(workers: int) -> Optional[Any]:
+    """forkserver (spawn where there is none), never fork: a converter may have imported JAX or TensorFlow,
+    whose threads make a forked child deadlock. None without workers (DataLoader refuses a context then)."""
+    if workers <= 0:
+        return None
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _train_epoch(run: _Run, recipe: Recipe, options: QatOptions, dist: Distributed, ckpt: Path,
+                 model_name: str) -> Optional[float]:
+    """Train until the epoch ends or the step budget is spent; the smoothed loss (None if no step ran)."""
+    qat, state = recipe.qat, run.state
+    loader = _epoch_loader(run.dataset, state, run.steps_per_epoch, qat, dist)
+    bar = _bar(loader, dist, options, f"qat epoch {state.epoch + 1}/{run.epochs}",
+               run.steps_per_epoch, state.batch_in_epoch)
+    running = None
+    for x, labels, ok in bar:
+        loss = _train_step(run, qat, x, labels, ok, dist.device)
+        running = loss if running is None else 0.9 * running + 0.1 * loss
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{running:.4g}", step=state.step)
+        if dist.main and qat.checkpoint_every and state.step % qat.checkpoint_every == 0:
+            save_checkpoint(ckpt, run.student, run.optimizer, state, model_name, recipe, run.fallback)
+        if state.step >= run.total:
+            break
+    return running
+
+
+def _train_step(run: _Run, qat: Qat, x: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor,
+                device: torch.device) -> float:
+    """One optimizer update; phase and learning rates follow from the step alone (so resumes continue exactly)."""
+    state = run.state
+    _apply_phase(run.student, qat, state.step)
+    _set_learning_rates(run.optimizer, qat, state.step, run.epochs * run.steps_per_epoch)  # not --max-steps
+    x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    labels = torch.where(ok.to(device), labels, torch.full_like(labels, -1))
+    with torch.no_grad():
+        target = run.teacher(x)
+    loss = distillation_loss(run.model(x), target, labels, qat)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"QAT loss became {loss.item()} at step {state.step}: lower qat.lr")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    state.step += 1
+    state.batch_in_epoch += 1
+    return loss.item()
+
+
+def _end_epoch(run: _Run, running: Optional[float],
+               evaluation: Optional[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]], recipe: Recipe,
+               dist: Distributed, ckpt: Path, model_name: str) -> None:
+    """Record the epoch (or the part of it this run did), evaluate and checkpoint on the main process."""
+    state = run.state
+    epoch_done = state.batch_in_epoch >= run.steps_per_epoch
+    record: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step, "loss": float(running or 0.0),
+                              "seconds": round(time.perf_counter() - run.started, 1)}
+    if dist.main and evaluation is not None:
+        x_eval, ref, labels_eval = evaluation
+        record |= {"eval": agreement(run.student, x_eval, ref, labels_eval, dist.device)}
+    if epoch_done:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    state.history.append(record)
+    if dist.main:
+        save_checkpoint(ckpt, run.student, run.optimizer, state, model_name, recipe, run.fallback)
+        _log(dist, _epoch_line(record, run.epochs))
+
+
+def _finish(student: torch.fx.GraphModule, dist: Distributed) -> torch.fx.GraphModule:
+    """The trained student on the CPU, BN and observers frozen, ready for convert_pt2e and every exporter."""
     if dist.enabled:
         import torch.distributed as tdist
 
@@ -408,38 +536,42 @@ def train(
     set_batchnorm_training(student, False)
     set_observers(student, False)
     _drop_batchnorm_counters(student)
-    info = {
+    return student
+
+
+def _qat_info(run: _Run, train_images: ImageSet, calibration: LoadedImages, recipe: Recipe, dist: Distributed,
+              ckpt: Path) -> dict[str, Any]:
+    """The manifest's `quantization` section for a QAT model."""
+    q = recipe.quantization
+    return {
         "method": "qat",
-        "source": f"{train_images.source} ({len(dataset)} train images), ranges initialised on "
+        "source": f"{train_images.source} ({len(run.dataset)} train images), ranges initialised on "
                   f"{len(calibration)} calibration images",
-        "images": len(dataset),
-        "weights": f"int{recipe.quantization.weights.bits} {recipe.quantization.weights.granularity} symmetric",
-        "activations": f"int{recipe.quantization.activations.bits} per_tensor affine, "
-                       f"{recipe.quantization.activations.observer} observer init"
-                       + (", learned ranges (LSQ)" if qat.range_learning else ""),
-        **({"algorithms": algorithms} if algorithms else {}),
-        **({"fallback": fallback} if fallback else {}),
-        "qat": {"epochs": epochs, "steps": state.step, "processes": dist.world_size, "device": str(device),
-                "history": state.history, "checkpoint": str(ckpt_dir / "last.pt")},
-        "seconds": round(time.perf_counter() - start, 2),
+        "images": len(run.dataset),
+        "weights": f"int{q.weights.bits} {q.weights.granularity} symmetric",
+        "activations": f"int{q.activations.bits} per_tensor affine, {q.activations.observer} observer init"
+                       + (", learned ranges (LSQ)" if recipe.qat.range_learning else ""),
+        **({"algorithms": run.algorithms} if run.algorithms else {}),
+        **({"fallback": run.fallback} if run.fallback else {}),
+        "qat": {"epochs": run.epochs, "steps": run.state.step, "processes": dist.world_size,
+                "device": str(dist.device), "history": run.state.history, "checkpoint": str(ckpt)},
+        "seconds": round(time.perf_counter() - run.started, 2),
     }
-    return QuantizedModel(student, recipe, info, build_quantizer(recipe.quantization, "fixed"))
 
 
 def _float_fallback(student: torch.fx.GraphModule, float_model: nn.Module, calibration: LoadedImages,
                     q: Quantization) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
     """The recipe's fallback, chosen on the calibrated student exactly as PTQ chooses it; QAT keeps the sites
     float (an int16 fake-quantizer would need its own learned range), so `precision: int16` trains as float."""
-    from . import sensitivity
     from .verify import torch_logits
 
     x = calibration.x[:q.fallback.images]
     device = next(student.parameters()).device
-    chosen = sensitivity.choose_fallback(student, x, torch_logits(copy.deepcopy(float_model).cpu(), x),
-                                         q.fallback.target_agreement, q.fallback.max_layers)
-    info = sensitivity.fallback_record(chosen, q.fallback.target_agreement, len(x), "float",
-                                       "float (QAT trains the fallback sites float)")
-    return sensitivity.remove_sites(student, chosen["float_sites"]).to(device), info
+    chosen = choose_fallback(student, x, torch_logits(copy.deepcopy(float_model).cpu(), x),
+                             q.fallback.target_agreement, q.fallback.max_layers)
+    info = fallback_record(chosen, q.fallback.target_agreement, len(x), "float",
+                           "float (QAT trains the fallback sites float)")
+    return remove_sites(student, chosen["float_sites"]).to(device), info
 
 
 def _drop_batchnorm_counters(student: torch.fx.GraphModule) -> None:
@@ -467,11 +599,14 @@ def _apply_phase(student: torch.fx.GraphModule, qat: Qat, step: int) -> None:
     student._mnv4_phase = phase  # type: ignore[attr-defined]
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The same shuffled order on every process and after a resume."""
+def _epoch_plan(n: int, seed: int, epoch: int, flip: bool) -> list[tuple[int, bool]]:
+    """The epoch's (image, flip) order: the same on every process and after a resume (a function of
+    seed and epoch only, never of the global RNG, which model building and data loaders consume)."""
     g = torch.Generator()
     g.manual_seed(seed * 1000 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(n, generator=g).tolist()
+    flips = (torch.rand(n, generator=g) < 0.5).tolist() if flip else [False] * n
+    return list(zip(order, flips))
 
 
 def _bar(loader: Any, dist: Distributed, options: QatOptions, desc: str, total: int, done: int) -> Any:
@@ -493,8 +628,9 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 
 def _log(dist: Distributed, msg: str) -> None:
+    """Progress from the main process only (every DDP rank runs the same code)."""
     if dist.main:
-        print(msg, file=sys.stderr, flush=True)
+        logger.info(msg)
 
 
 def without(images: ImageSet, held_back: ImageSet) -> ImageSet:

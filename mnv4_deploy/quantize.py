@@ -258,7 +258,7 @@ class QuantizedModel:
         if not self.int16_sites or int16:
             return self
         if not hasattr(self, "_float_variant"):
-            from .sensitivity import remove_sites
+            from .sites import remove_sites
 
             fallback = dict(self.calibration["fallback"], precision_here="float (this target has no int16 activations)")
             self._float_variant = QuantizedModel(remove_sites(self.prepared, self.int16_sites), self.recipe,
@@ -303,8 +303,11 @@ def quantize(
     recipe: Recipe,
     calibration_source: str = "",
     progress: Optional[Callable] = None,
+    quantizer: Any = None,
 ) -> QuantizedModel:
-    """Post-training int8 quantization: export, insert observers, run the calibration images."""
+    """Post-training int8 quantization: export, insert observers, run the calibration images.
+
+    `quantizer`: a PT2E quantizer a target brings (`Target.build_quantizer`); default: the shared one."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     from . import ptq
@@ -314,7 +317,7 @@ def quantize(
     start = time.perf_counter()
     # PTQ algorithms (mnv4_deploy/ptq/): an equalized float copy is what gets exported and quantized.
     float_model, algorithms = ptq.transform_float_model(model, calibration.x, q)
-    quantizer = build_quantizer(q)
+    quantizer = quantizer if quantizer is not None else build_quantizer(q)
     prepared = prepare_pt2e(_tag_adds(export_program(float_model, example).module()), quantizer)
     batches = list(calibration.batches(q.calibration.batch_size))
     it = progress(batches, desc="calibrating", unit="batch") if progress else batches
@@ -344,6 +347,7 @@ def _apply_fallback(prepared: torch.fx.GraphModule, model: nn.Module, calibratio
     """Keep the most sensitive activations in float or int16, judged on the calibration images (never the
     held-back ones): the greedy choice stops at the recipe's agreement budget."""
     from . import sensitivity
+    from .sites import remove_sites, widen_sites
     from .verify import torch_logits
 
     x = calibration.x[:q.fallback.images]
@@ -353,5 +357,5 @@ def _apply_fallback(prepared: torch.fx.GraphModule, model: nn.Module, calibratio
     precision = q.fallback.precision
     info = sensitivity.fallback_record(chosen, q.fallback.target_agreement, len(x), precision, precision)
     if precision == "int16":
-        return sensitivity.widen_sites(prepared, sites), info
-    return sensitivity.remove_sites(prepared, sites), info
+        return widen_sites(prepared, sites), info
+    return remove_sites(prepared, sites), info

@@ -13,13 +13,9 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError, did_you_mean
+from .options import choice, option
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-def choice(default: Any, *choices: Any) -> Any:
-    """A dataclass field whose value must be one of `choices`."""
-    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass(frozen=True)
@@ -117,9 +113,33 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class Thresholds:
+    """What an artifact of one precision must reach against the float model to be written."""
+
+    min_agreement: float = option(0.5, unit_interval=True)  # top-1 agreement with the reference, held-back images
+    min_cosine: float = option(0.9, unit_interval=True)  # mean per-image cosine similarity of logits
+
+
+@dataclass(frozen=True)
 class Verification:
+    """How artifacts are checked in their runtime, and the gate they must pass to be written.
+
+    Every artifact must give finite outputs. Float artifacts must reproduce the float model; int8 ones must
+    stay close to it, and an artifact built from the shared PT2E model must also reproduce that model's
+    PyTorch simulation (a converter that drops or rescales a quantizer fails there first). The int8 bounds
+    against float are loose on purpose: they catch broken artifacts (onnxruntime's default quantize_static
+    keeps 1% agreement on the reference checkpoint), not recipes that lose a little accuracy.
+    """
+
     images: int = 256  # held-back images (disjoint from calibration) used to compare with float
     batch_size: int = 64
+    # false: an artifact that fails the thresholds is still written, and its manifest says it failed.
+    gate: bool = True
+    fp32: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.99, min_cosine=0.9999))
+    fp16: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.95, min_cosine=0.999))
+    int8: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.5, min_cosine=0.9))
+    # Artifacts built from the shared PT2E model against its PyTorch simulation (same quantization).
+    simulation: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.9, min_cosine=0.99))
 
 
 @dataclass(frozen=True)
@@ -244,7 +264,14 @@ def _where(source: str, node: yaml.Node) -> str:
     return f"{source}:{node.start_mark.line + 1}"
 
 
-def _build(cls: type, node: yaml.Node, source: str, path: str) -> Any:
+def _field_default(f: dataclasses.Field) -> Any:
+    """A nested section's own default (e.g. verification.fp32's thresholds), which given keys override."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: type, node: yaml.Node, source: str, path: str, base: Any = None) -> Any:
     if not isinstance(node, yaml.MappingNode):
         raise UserError(f"{_where(source, node)}: '{path or 'recipe'}' must be a mapping of keys")
     hints = typing.get_type_hints(cls)
@@ -262,10 +289,10 @@ def _build(cls: type, node: yaml.Node, source: str, path: str) -> Any:
         if cls is Recipe and key == "targets":
             values[key] = _build_targets(value_node, source)
         elif dataclasses.is_dataclass(typ):
-            values[key] = _build(typ, value_node, source, full)
+            values[key] = _build(typ, value_node, source, full, _field_default(fields[key]))
         else:
             values[key] = _scalar(typ, fields[key], value_node, source, full)
-    return cls(**values)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
 def _scalar(typ: Any, f: dataclasses.Field, node: yaml.Node, source: str, path: str) -> Any:
@@ -287,6 +314,8 @@ def _scalar(typ: Any, f: dataclasses.Field, node: yaml.Node, source: str, path: 
             f"{_where(source, node)}: '{path}' must be one of {', '.join(map(str, choices))}, "
             f"got {value!r}{did_you_mean(str(value), map(str, choices))}"
         )
+    if f.metadata.get("unit_interval") and not 0.0 <= value <= 1.0:
+        raise UserError(f"{_where(source, node)}: '{path}' must be between 0 and 1, got {value}")
     if typ is int and value < 0:
         raise UserError(f"{_where(source, node)}: '{path}' must be >= 0, got {value}")
     return float(value) if typ is float else value

@@ -86,3 +86,55 @@ def measure_latency(fn: Callable[[np.ndarray], Any], x: np.ndarray, warmup: int 
     times.sort()
     return Latency(len(x), round(statistics.median(times), 4), round(times[int(0.9 * (len(times) - 1))], 4),
                    runs, threads)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a proportion: honest at small n and near 0 or 1."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class GateCheck:
+    """One verification threshold, applied to one measured number."""
+
+    check: str  # e.g. 'top-1 agreement with float'
+    value: float
+    threshold: float
+    passed: bool
+    upper_95: Optional[float] = None  # agreement: the Wilson upper bound the threshold is compared with
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        percent = "agreement" in self.check or self.check.startswith("finite")
+        shown = lambda v: f"{100 * v:.2f}%" if percent else f"{v:.4f}"
+        bound = "" if self.upper_95 is None else f" (at most {shown(self.upper_95)} at 95% confidence)"
+        return f"{self.check} {shown(self.value)}{bound} < {shown(self.threshold)}"
+
+
+def gate_checks(logits: np.ndarray, vs_float: Fidelity, thresholds: Any,
+                vs_simulation: Optional[Fidelity] = None, simulation_thresholds: Any = None) -> list[GateCheck]:
+    """The checks an artifact must pass to be written: finite outputs, closeness to float (`thresholds`:
+    the recipe's per-precision `min_agreement`/`min_cosine`) and, when given, to the PyTorch simulation."""
+    finite = float(np.isfinite(logits).mean()) if logits.size else 0.0
+    checks = [GateCheck("finite outputs", finite, 1.0, finite == 1.0)]
+
+    def against(fid: Fidelity, th: Any, what: str) -> None:
+        # Agreement is a proportion over the held-back images: it fails only when even its 95% upper bound is
+        # below the threshold, so a handful of images cannot fail an artifact on a near-tie. NaN compares
+        # False: a non-finite number fails its check too.
+        upper = wilson_interval(round(fid.top1_agreement * fid.images), fid.images)[1]
+        checks.append(GateCheck(f"top-1 agreement with {what}", fid.top1_agreement, th.min_agreement,
+                                bool(upper >= th.min_agreement), round(upper, 5)))
+        checks.append(GateCheck(f"cosine with {what}", fid.cosine, th.min_cosine, bool(fid.cosine >= th.min_cosine)))
+
+    against(vs_float, thresholds, "float")
+    if vs_simulation is not None:
+        against(vs_simulation, simulation_thresholds, "the PyTorch simulation")
+    return checks

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 
@@ -18,6 +19,21 @@ TIN = SHARED / "data" / "tiny-imagenet-202"
 # The reference checkpoint's preprocessing: 64x64 images as they are, ImageNet mean/std.
 REFERENCE_ARGS = ["--model", "mobilenetv4_conv_small", "--weights", str(REFERENCE), "--num-classes", "202",
                   "--input-size", "64", "--crop-pct", "1.0"]
+
+
+def prepared_model(name: str = "mobilenetv4_conv_small_035", weights: str = "random",
+                   num_classes: Optional[int] = None, size: int = 64) -> Any:
+    """A loaded, deployment-prepared MNv4 at `size` x `size` with no crop: the one model loader of the tests."""
+    from mnv4_deploy import load_model, prepare
+
+    loaded = load_model(name, weights, num_classes, {"input_size": [size], "crop_pct": 1.0})
+    prepare(loaded.model)
+    return loaded
+
+
+def reference_model(checkpoint: Path) -> Any:
+    """The reference checkpoint as the toolkit loads it (conv_small, 202 classes, 64x64)."""
+    return prepared_model("mobilenetv4_conv_small", str(checkpoint), 202, 64)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """CoreML target: structure of the converted ML Programs (CoreML cannot run on Linux; numbers are simulated)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,13 @@ pytest.importorskip("coremltools", reason="pip install 'mnv4-deploy[coreml]'")
 
 from mnv4_deploy.data import LoadedImages  # noqa: E402
 from mnv4_deploy.errors import UserError  # noqa: E402
-from mnv4_deploy.models import load_model  # noqa: E402
 from mnv4_deploy.pipeline import ConvertSettings, convert  # noqa: E402
-from mnv4_deploy.prepare import prepare  # noqa: E402
 from mnv4_deploy.quantize import quantize  # noqa: E402
 from mnv4_deploy.recipes import load_recipe  # noqa: E402
 from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
 from mnv4_deploy.targets.coreml import CoremlOptions  # noqa: E402
+
+from .conftest import prepared_model  # noqa: E402
 
 SIZE = 64
 _MODELS: dict[str, Any] = {}
@@ -28,8 +27,7 @@ _MODELS: dict[str, Any] = {}
 def _request(model: str, precision: str, **options: Any) -> ExportRequest:
     """A prepared random-weight model (and its PT2E int8 model), built once per variant."""
     if model not in _MODELS:
-        loaded = load_model(model, "random", 10, {"input_size": [SIZE], "crop_pct": 1.0})
-        prepare(loaded.model)
+        loaded = prepared_model(model, "random", 10, SIZE)
         calib = LoadedImages(np.random.default_rng(0).standard_normal((4, 3, SIZE, SIZE)).astype(np.float32), None)
         _MODELS[model] = (loaded, quantize(loaded.model, calib, load_recipe(None), "random"))
     loaded, quantized = _MODELS[model]
@@ -42,7 +40,7 @@ def _convert(tmp_path: Path, model: str, precision: str, **options: Any) -> dict
     path = tmp_path / "model.mlpackage"
     info = target.export(request, path)
     assert path.is_dir() and (path / "Manifest.json").is_file()
-    return {"info": info, "structure": target.describe(path), "request": request, "path": path}
+    return {"info": info, "structure": target.describe(path, request), "request": request, "path": path}
 
 
 def _assert_w8a8(structure: dict[str, Any]) -> None:
@@ -118,13 +116,13 @@ def test_image_input_and_options(tmp_path: Path) -> None:
     # The normalisation baked in front of the model is exactly (x/255 - mean) / std.
     import torch
 
-    from mnv4_deploy.targets.coreml import _Normalize
+    from mnv4_deploy.input_adapter import DeployInput
 
     loaded = out["request"].loaded
     pixels = torch.randint(0, 256, (1, 3, SIZE, SIZE)).float()
     mean, std = torch.tensor(loaded.preprocessing.mean)[:, None, None], torch.tensor(loaded.preprocessing.std)[:, None, None]
     with torch.no_grad():
-        wrapped = _Normalize.wrap(loaded.model, loaded.preprocessing.mean, loaded.preprocessing.std)(pixels)
+        wrapped = DeployInput(loaded.model, loaded.preprocessing, nhwc=False, raw_pixels=True)(pixels)
         direct = loaded.model((pixels / 255 - mean) / std)
     # Same values up to float32 rounding of the two algebraically equal forms (random logits can be large).
     assert (wrapped - direct).abs().max().item() <= 1e-4 * max(1.0, direct.abs().max().item())
@@ -148,12 +146,8 @@ def test_pipeline_w8a8_manifest_is_simulated(tmp_path: Path, image_folder: Path)
     m = json.loads(r.manifest_path.read_text())
     assert r.path == tmp_path / "coreml" / "model.mlpackage" and r.path.is_dir()
     assert m["verification"]["numbers"] == "simulated"
-    assert m["verification"]["held_back"]["vs_pytorch_simulation"]["max_abs_error"] == 0.0
+    # The simulation is not compared with itself: no "agreement with the simulation" number for CoreML on Linux.
+    assert "vs_pytorch_simulation" not in m["verification"]["held_back"]
+    assert m["verification"]["tensorwise"]["status"].startswith("not available: simulated")
     assert m["structure"]["quantize"] > 10 and m["artifact"]["size_bytes"] > 0
     assert "coremltools" in m["tool_versions"]
-
-
-def test_options_have_cli_flags() -> None:
-    """The CLI's coreml flags map onto these exact Options fields."""
-    names = {f.name for f in dataclasses.fields(CoremlOptions)}
-    assert {"weights_only", "compute_units", "minimum_deployment_target", "image_input"} <= names

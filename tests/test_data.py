@@ -71,3 +71,66 @@ def test_preprocessing_resizes_and_crops():
     img = Image.new("RGB", (200, 100), (255, 0, 0))
     x = pre(img)
     assert x.shape == (3, 32, 32) and np.allclose(x[0], 1.0) and np.allclose(x[1], -1.0)
+
+
+def test_one_unreadable_file_says_what_was_found(tmp_path: Path):
+    """Not 'found 1': the one file is not an image at all, and the message says so and names it."""
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    found = scan_folder(tmp_path / "calib")
+    with pytest.raises(UserError) as err:
+        found.split(64, 16)
+    msg = str(err.value)
+    assert "found 1 image file, 1 of them not readable as images" in msg
+    assert f"'{tmp_path / 'calib' / 'broken.jpg'}': cannot identify image file" in msg
+    assert "replace the unreadable files" in msg and "\n" not in msg
+
+
+def test_one_readable_image_asks_for_more(image_folder: Path, tmp_path: Path):
+    (tmp_path / "one").mkdir()
+    (image_folder / "a" / "0_0.jpg").rename(tmp_path / "one" / "x.jpg")
+    with pytest.raises(UserError, match="found 1 image file: add images to the folder"):
+        scan_folder(tmp_path / "one").split(64, 16)
+
+
+def test_all_unreadable_names_counts_and_an_example(tmp_path: Path):
+    (tmp_path / "bad").mkdir()
+    for name in ("x.png", "y.jpg", "z.jpg"):
+        (tmp_path / "bad" / name).write_bytes(b"\x89PNG garbage")
+    with pytest.raises(UserError) as err:
+        load_images(scan_folder(tmp_path / "bad"), PRE)
+    msg = str(err.value)
+    assert "none of the 3 image files read from" in msg and "could be read as images" in msg
+    assert f"(e.g. '{tmp_path / 'bad' / 'x.png'}': cannot identify image file)" in msg
+    assert "replace or remove the unreadable files" in msg
+
+
+def test_unreadable_subset_says_how_many_the_folder_has(image_folder: Path):
+    (image_folder / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    found = scan_folder(image_folder)
+    broken = found.subset([found.paths.index(image_folder / "a" / "broken.jpg")])
+    with pytest.raises(UserError, match=r"none of the 1 image file read from .* \(of 19 found there\)"):
+        load_images(broken, PRE)
+    loaded = load_images(found, PRE)
+    assert loaded.unreadable == 1 and loaded.unreadable_example == str(image_folder / "a" / "broken.jpg")
+
+
+def test_worker_processes_give_the_same_arrays(image_folder: Path, monkeypatch):
+    """Workers are started with forkserver/spawn (a fork after JAX/TF import can deadlock), not fork."""
+    import torch.utils.data
+
+    contexts = []
+    real = torch.utils.data.DataLoader
+
+    def spy(*args, **kwargs):
+        contexts.append(kwargs.get("multiprocessing_context"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", spy)
+    (image_folder / "b" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    found = scan_folder(image_folder)
+    serial = load_images(found, PRE, workers=0)
+    parallel = load_images(found, PRE, workers=2)
+    assert contexts[0] is None and contexts[1] in ("forkserver", "spawn")
+    assert np.array_equal(serial.x, parallel.x) and np.array_equal(serial.uint8, parallel.uint8)
+    assert serial.labels.tolist() == parallel.labels.tolist() and parallel.unreadable == 1

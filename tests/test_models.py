@@ -28,6 +28,33 @@ def test_pretrained_offline_names_the_alternatives(monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_pretrained_fetch_errors_are_one_line_others_propagate(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to connect to huggingface.co")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UserError, match="could not fetch pretrained weights .*Failed to connect"):
+        load_model("mobilenetv4_conv_small", weights="pretrained")
+
+    def changed_api(*args, **kwargs):
+        raise TypeError("create_model() got an unexpected keyword argument")
+
+    monkeypatch.setattr(timm, "create_model", changed_api)
+    with pytest.raises(TypeError):
+        load_model("mobilenetv4_conv_small", weights="pretrained")
+
+
+def test_no_pretrained_weights_or_unknown_tag_is_one_line():
+    with pytest.raises(UserError, match="no pretrained weights for 'mobilenetv4_conv_small_035'") as err:
+        load_model("mobilenetv4_conv_small_035", weights="pretrained")
+    assert "--weights random" in str(err.value)
+    with pytest.raises(UserError, match="unknown tag 'bogus'") as err:
+        load_model("mobilenetv4_conv_small.bogus", weights="random")
+    assert "mobilenetv4_conv_small.e1200_r224_in1k" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_mismatched_checkpoint_suggests_num_classes(tmp_path: Path):
     model = load_model("mobilenetv4_conv_small_035", weights="random", num_classes=10).model
     path = tmp_path / "ten.pth"
@@ -35,6 +62,7 @@ def test_mismatched_checkpoint_suggests_num_classes(tmp_path: Path):
     with pytest.raises(UserError) as err:
         load_model("mobilenetv4_conv_small_035", weights=str(path))
     assert "classifier.weight" in str(err.value) and "--num-classes 10" in str(err.value)
+    assert "does not match mobilenetv4_conv_small_035:" in str(err.value) and "MobileNetV3" not in str(err.value)
     assert load_model("mobilenetv4_conv_small_035", weights=str(path), num_classes=10).num_classes == 10
 
 
@@ -67,8 +95,89 @@ def test_pickled_code_is_refused(tmp_path: Path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as fh:
         pickle.dump({"w": Evil()}, fh)
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="not a readable state_dict") as err:
         load_model("mobilenetv4_conv_small_035", weights=str(path))
+    _assert_one_safe_line(str(err.value), path)
+
+
+def _assert_one_safe_line(msg: str, path: Path) -> None:
+    """One line naming the file, and never torch's advice to load an untrusted file with weights_only=False."""
+    assert "\n" not in msg and str(path) in msg and "not a readable state_dict" in msg
+    assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg and "\x1b" not in msg
+
+
+@pytest.fixture(scope="module")
+def saved_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny) checkpoint written by torch.save, to corrupt."""
+    model = load_model("mobilenetv4_conv_small_035", weights="random", num_classes=3).model
+    path = tmp_path_factory.mktemp("ckpt") / "good.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_random_bytes_checkpoint_is_one_line(tmp_path: Path):
+    path = tmp_path / "random.pth"
+    path.write_bytes(bytes(__import__("random").Random(0).randrange(256) for _ in range(4096)))
+    with pytest.raises(UserError) as err:
+        load_model("mobilenetv4_conv_small_035", weights=str(path), num_classes=3)
+    _assert_one_safe_line(str(err.value), path)
+    assert "corrupt, truncated or not a PyTorch/safetensors checkpoint" in str(err.value)
+
+
+@pytest.mark.parametrize("keep", [0, 100, 0.5])
+def test_truncated_checkpoint_is_one_line(saved_state: Path, tmp_path: Path, keep: float):
+    data = saved_state.read_bytes()
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(data[:int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(UserError) as err:
+        load_model("mobilenetv4_conv_small_035", weights=str(path), num_classes=3)
+    _assert_one_safe_line(str(err.value), path)
+
+
+def test_truncated_safetensors_is_one_line(saved_state: Path, tmp_path: Path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file(torch.load(saved_state, weights_only=True), str(path))
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(UserError) as err:
+        load_model("mobilenetv4_conv_small_035", weights=str(path), num_classes=3)
+    _assert_one_safe_line(str(err.value), path)
+
+
+class NotATensor:
+    """A custom class: loading a pickle of it would need to import (run) this module's code."""
+
+    def __init__(self) -> None:
+        self.value = 3
+
+
+def test_pickle_of_custom_class_says_resave_as_state_dict(tmp_path: Path):
+    import pickle
+
+    saved, dumped, listed = tmp_path / "obj.pth", tmp_path / "dumped.pt", tmp_path / "list.pt"
+    torch.save({"w": NotATensor()}, saved)
+    with open(dumped, "wb") as fh:
+        pickle.dump({"w": NotATensor()}, fh)
+    torch.save([torch.zeros(2)], listed)
+    for path in (saved, dumped, listed):
+        with pytest.raises(UserError) as err:
+            load_model("mobilenetv4_conv_small_035", weights=str(path))
+        _assert_one_safe_line(str(err.value), path)
+    with pytest.raises(UserError) as err:
+        load_model("mobilenetv4_conv_small_035", weights=str(saved))
+    assert "NotATensor" in str(err.value) and "re-save it as a plain state_dict" in str(err.value)
+    assert "only weights_only/safetensors files" in str(err.value)
+
+
+def test_unexpected_load_error_is_not_relabelled(saved_state: Path, monkeypatch):
+    """An API change (a TypeError) must surface as a bug, not as 'corrupt checkpoint'."""
+    def changed_api(*args, **kwargs):
+        raise TypeError("load() got an unexpected keyword argument 'weights_only'")
+
+    monkeypatch.setattr(torch, "load", changed_api)
+    with pytest.raises(TypeError):
+        load_model("mobilenetv4_conv_small_035", weights=str(saved_state), num_classes=3)
 
 
 def test_missing_checkpoint_file():

@@ -21,13 +21,11 @@ from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
 from mnv4_deploy.targets.openvino import OpenVinoOptions, OpenVinoRunner  # noqa: E402
 from mnv4_deploy.verify import compare, torch_logits  # noqa: E402
 
+from .conftest import prepared_model  # noqa: E402
+
 
 def _load(name: str, weights: str = "random", num_classes: int = 202):
-    from mnv4_deploy import load_model, prepare
-
-    loaded = load_model(name, weights, num_classes, {"input_size": [64, 64], "crop_pct": 1.0})
-    prepare(loaded.model)
-    return loaded
+    return prepared_model(name, weights, num_classes, 64)
 
 
 def _export(request: ExportRequest, out: Path) -> tuple[Path, OpenVinoRunner, dict]:
@@ -37,7 +35,7 @@ def _export(request: ExportRequest, out: Path) -> tuple[Path, OpenVinoRunner, di
     with atomic_path(final) as tmp:
         info = target.export(request, tmp)
     runner = target.load(final, request)
-    return final, runner, {"export": info, **target.describe(final)}
+    return final, runner, {"export": info, **target.describe(final, request)}
 
 
 @pytest.fixture(scope="module")
@@ -75,22 +73,19 @@ def test_options_from_recipe_and_mistakes():
         "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32"}
 
 
-def test_fp32_and_fp16_match_pytorch(small, tmp_path: Path):
+def test_fp32_and_fp16_ir_structure(small, tmp_path: Path):
+    """The IR's files, runtime precisions and fp16 weight compression (numbers: test_target_conformance.py)."""
     x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
-    ref = torch_logits(small.model, x)
     path, runner, desc = _export(ExportRequest(small, "fp32", OpenVinoOptions()), tmp_path / "fp32")
     assert sorted(p.name for p in path.iterdir()) == ["model.bin", "model.xml"]
-    out = runner(x)
-    assert out.shape == (8, 202)
-    np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
+    assert runner(x).shape == (8, 202)  # a dynamic batch
     runtime = desc["runtime"]
     assert runtime["inference_precision"].endswith("float32'>") or "f32" in runtime["inference_precision"]
     assert set(runtime["layers_per_precision"]) == {"f32"}
     assert desc["fake_quantize"] == 0 and desc["inputs"][0]["shape"] == "[?,3,64,64]"
 
-    path16, runner16, _ = _export(ExportRequest(small, "fp16", OpenVinoOptions()), tmp_path / "fp16")
+    path16, _, _ = _export(ExportRequest(small, "fp16", OpenVinoOptions()), tmp_path / "fp16")
     assert (path16 / "model.bin").stat().st_size < 0.6 * (path / "model.bin").stat().st_size
-    assert compare(runner16(x), ref).cosine > 0.999
 
 
 def test_bad_ignored_scope_lists_near_matches(small, tmp_path: Path):

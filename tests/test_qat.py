@@ -53,7 +53,14 @@ def _qat(tmp_path: Path, train: Path, recipe: Path, *extra: str) -> int:
 
 
 def test_qat_cli_trains_checkpoints_and_exports(tmp_path: Path, reference_checkpoint: Path, small_train: Path):
+    import yaml
+
     recipe = _recipe(tmp_path, epochs=2, freeze_bn_after=1, freeze_observers_after=1)
+    data = yaml.safe_load(recipe.read_text())
+    # 24 held-back images, not 8: some are near-ties between two classes, and on 8 images a single flipped
+    # near-tie (ONNX vs simulation at 32 dB SQNR) already misses the 90% gate (measured 23/24 here).
+    data["verification"]["images"] = 24
+    recipe.write_text(yaml.safe_dump(data))
     assert _qat(tmp_path, small_train, recipe, "--max-steps", "2") == 0
     saved = torch.load(tmp_path / "out" / "qat" / "last.pt", weights_only=True)  # loadable without pickled code
     assert saved["step"] == 2 and saved["format"] == "mnv4-deploy-qat/1"
@@ -105,8 +112,19 @@ def test_qat_with_fallback_trains_those_sites_float(tmp_path: Path, reference_ch
     assert resumed["fallback"]["sites"] == fallback["sites"] and resumed["qat"]["steps"] > 1
 
 
-def test_qat_learns_and_resumes(tiny_imagenet: Path, reference_checkpoint: Path, tmp_path: Path):
-    """Steps move the weights and (LSQ) the activation scales; a resumed run continues the same state."""
+def _final_state(q) -> dict[str, torch.Tensor]:
+    """A trained QAT model's weights, BN statistics and activation scales/zero points (its whole state)."""
+    return {n: t.detach().clone() for n, t in q.prepared.state_dict().items()}
+
+
+def test_qat_learns_and_a_resumed_run_equals_an_uninterrupted_one(tiny_imagenet: Path, reference_checkpoint: Path,
+                                                                  tmp_path: Path, monkeypatch):
+    """4 steps in one go vs 2 steps, checkpoint, resume to 4: the same weights, scales and logits (to 1e-5).
+
+    Mid-epoch, with flips on: the batches and flips are a function of (seed, epoch), not of the global RNG.
+    """
+    import copy
+
     from mnv4_deploy import qat
     from mnv4_deploy.data import load_images, scan_folder
     from mnv4_deploy.models import load_model
@@ -118,25 +136,60 @@ def test_qat_learns_and_resumes(tiny_imagenet: Path, reference_checkpoint: Path,
     train = scan_folder(_small_train_folder(tmp_path, tiny_imagenet))
     cal = load_images(train.sample(16), loaded.preprocessing)
     recipe = load_recipe(str(_recipe(tmp_path, lr=1.0e-4, range_lr=1.0e-2)))
-    start = qat.build_student(loaded.model, recipe, torch.from_numpy(cal.x[:2]))
-    qat.calibrate(start, cal, 8, torch.device("cpu"))
-    scales_before = {n: p.detach().clone() for n, p in start.named_parameters() if n.endswith(".scale")}
-    weights_before = {n: p.detach().clone() for n, p in start.named_parameters()
-                      if not n.endswith((".scale", ".zero_point"))}
+    assert recipe.qat.augment == "flip"
+    # Every run starts from the same fake-quantized graph: build it once (prepare_qat_pt2e takes ~10 s a time).
+    built = qat.build_student(loaded.model, recipe, torch.from_numpy(cal.x[:2]))
+    monkeypatch.setattr(qat, "build_student", lambda *args: copy.deepcopy(built))
 
-    options = qat.QatOptions(checkpoint_dir=tmp_path / "ck", max_steps=2, progress=False)
-    first = qat.train(loaded.model, loaded.name, train, loaded.preprocessing, cal, recipe, options)
-    trained = dict(first.prepared.named_parameters())
-    assert scales_before and any(not torch.equal(trained[n], s) for n, s in scales_before.items())
-    assert any(not torch.equal(trained[n], w) for n, w in weights_before.items())
+    def run(ck: str, steps: int, resume: bool = False):
+        options = qat.QatOptions(checkpoint_dir=tmp_path / ck, max_steps=steps, progress=False,
+                                 resume=tmp_path / ck / "last.pt" if resume else None)
+        return qat.train(loaded.model, loaded.name, train, loaded.preprocessing, cal, recipe, options)
 
-    resumed_options = qat.QatOptions(checkpoint_dir=tmp_path / "ck", resume=tmp_path / "ck" / "last.pt",
-                                     max_steps=3, progress=False)
-    resumed = qat.train(loaded.model, loaded.name, train, loaded.preprocessing, cal, recipe, resumed_options)
-    assert resumed.calibration["qat"]["steps"] == 3
-    assert torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["step"] == 3
+    whole = run("whole", 4)
+    halves = run("halves", 2)
+    assert torch.load(tmp_path / "halves" / "last.pt", weights_only=True)["step"] == 2
+    half_state = _final_state(halves)
+    resumed = run("halves", 4, resume=True)
+
+    a, b = _final_state(whole), _final_state(resumed)
+    scales = [n for n in a if n.endswith(".scale")]
+    weights = [n for n in a if n.endswith(".weight")]
+    # steps 3 and 4 moved both the weights and (LSQ) the activation scales ...
+    assert scales and any(not torch.equal(a[n], half_state[n]) for n in scales)
+    assert weights and any(not torch.equal(a[n], half_state[n]) for n in weights)
+    # ... and the resumed run moved them exactly as the uninterrupted one did
+    assert resumed.calibration["qat"]["steps"] == whole.calibration["qat"]["steps"] == 4
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=0, atol=1e-5), name
+    x = torch.from_numpy(cal.x[:4])
+    with torch.no_grad():
+        assert torch.allclose(whole.prepared(x), resumed.prepared(x), rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="trained from"):
-        qat.train(loaded.model, "mobilenetv4_conv_medium", train, loaded.preprocessing, cal, recipe, resumed_options)
+        qat.train(loaded.model, "mobilenetv4_conv_medium", train, loaded.preprocessing, cal, recipe,
+                  qat.QatOptions(checkpoint_dir=tmp_path / "halves", resume=tmp_path / "halves" / "last.pt"))
+
+
+def test_loader_workers_are_not_forked_and_load_the_same_batches(tiny_imagenet: Path, tmp_path: Path):
+    """Worker processes start by forkserver/spawn (a fork after JAX/TF import can deadlock); they unpickle the
+    dataset and give the same batches, flips included, as loading in this process."""
+    from mnv4_deploy import qat
+    from mnv4_deploy.data import scan_folder
+    from mnv4_deploy.preprocessing import Preprocessing
+    from mnv4_deploy.recipes import Qat
+
+    dataset = qat.TrainImages(scan_folder(_small_train_folder(tmp_path, tiny_imagenet, classes=2, per_class=8)),
+                              Preprocessing(input_size=(32, 32), crop_pct=1.0))
+    settings = Qat(batch_size=4, workers=0, augment="flip")
+    state = qat._State(epoch=1, batch_in_epoch=1)  # a resumed epoch: batches 2 and 3 of 4
+    here = list(qat._epoch_loader(dataset, state, 3, settings, qat.Distributed()))
+    loader = qat._epoch_loader(dataset, state, 3, dataclasses.replace(settings, workers=1), qat.Distributed())
+    assert loader.multiprocessing_context.get_start_method() in ("forkserver", "spawn")
+    workers = list(loader)
+    assert len(here) == len(workers) == 2
+    for (xa, la, oka), (xb, lb, okb) in zip(here, workers):
+        assert torch.equal(xa, xb) and torch.equal(la, lb) and bool(oka.all()) and bool(okb.all())
 
 
 def test_resume_refuses_foreign_files(tmp_path: Path):
@@ -222,4 +275,4 @@ def test_qat_graph_converts_to_coreml(tmp_path: Path):
     target = get_target("coreml")
     request = ExportRequest(loaded, "int8", options_for(recipe, "coreml"), QuantizedModel(student, recipe, {}))
     target.export(request, tmp_path / "model.mlpackage")
-    assert target.describe(tmp_path / "model.mlpackage")["quantize"] > 10
+    assert target.describe(tmp_path / "model.mlpackage", request)["quantize"] > 10

@@ -324,7 +324,10 @@ def test_build_writes_three_outputs_with_manifest_numbers(built: dict[str, Any])
         assert (out / cell["artifact"]["path"]).is_file()
     assert report["roofline"]["macs"]["value"] > 0 and report["host"]["cpu_count"]
     sens = report["sensitivity"]["layers"]
-    assert len(sens) == len({layer["name"] for layer in report["roofline"]["layers"]}) and sens[0]["sqnr_db"] > 0
+    # The recipe's quantizers (weights and activations), most sensitive first, from the same recipe as the cells.
+    assert {layer["kind"] for layer in sens} == {"weight", "activation"} and sens[0]["sqnr_db"] > 0
+    assert [layer["sqnr_db"] for layer in sens] == sorted(layer["sqnr_db"] for layer in sens)
+    assert report["sensitivity"]["recipe"] == "tiny-test"
     md = (out / "report.md").read_text()
     assert "| onnx | int8 | built |" in md and "| onnx | fp16 | skipped |" in md
     check_html((out / "report.html").read_text(), pareto=False)

@@ -8,7 +8,8 @@ from mnv4_deploy import load_model, prepare
 from mnv4_deploy.data import default_calibration
 from mnv4_deploy.quantize import quantize
 from mnv4_deploy.recipes import parse_recipe
-from mnv4_deploy.sensitivity import SiteToggler, analyse, choose_fallback, find_sites, remove_sites
+from mnv4_deploy.sensitivity import analyse, choose_fallback
+from mnv4_deploy.sites import SiteToggler, find_sites, remove_sites
 from mnv4_deploy.verify import compare, torch_logits
 
 

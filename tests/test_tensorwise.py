@@ -16,13 +16,11 @@ pytest.importorskip("onnxruntime")
 
 from mnv4_deploy import tensorwise  # noqa: E402
 from mnv4_deploy.data import default_calibration  # noqa: E402
-from mnv4_deploy.models import load_model  # noqa: E402
-from mnv4_deploy.prepare import prepare  # noqa: E402
 from mnv4_deploy.quantize import quantize  # noqa: E402
 from mnv4_deploy.recipes import load_recipe, options_for  # noqa: E402
 from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
 
-from .conftest import REFERENCE_ARGS  # noqa: E402
+from .conftest import REFERENCE_ARGS, prepared_model  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- defect injection
@@ -106,8 +104,7 @@ def tflite_scale_defect(src: Path, dst: Path, op_name: str, index: int, factor: 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """conv_small_035 with random weights at 32x32, int8 with the default recipe, exported to ONNX once."""
-    loaded = load_model("mobilenetv4_conv_small_035", "random", None, {"input_size": 32, "crop_pct": 1.0})
-    prepare(loaded.model)
+    loaded = prepared_model(size=32)
     recipe = load_recipe(None)
     cal, _ = default_calibration(loaded.preprocessing, 32, seed=0)
     held, _ = default_calibration(loaded.preprocessing, 8, seed=1)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from torch import fx, nn
 
-from ..recipes import Quantization
+if TYPE_CHECKING:  # annotations only: recipes (lazily) imports targets -> quantize -> ptq; no cycle
+    from ..recipes import Quantization
 
 
 def transform_float_model(model: nn.Module, x: np.ndarray, q: Quantization) -> tuple[nn.Module, dict[str, Any]]:
@@ -43,25 +44,27 @@ def refine(prepared: fx.GraphModule, float_model: nn.Module, x: np.ndarray, q: Q
     if q.adaround.enabled:
         from .adaround import adaround
 
-        start = time.perf_counter()
-        info["adaround"] = adaround(prepared, x[:q.adaround.images], q.adaround.iterations,
-                                     q.adaround.batch_size, reference=reference)
-        info["adaround"]["seconds"] = round(time.perf_counter() - start, 2)
+        info["adaround"] = _timed(lambda: adaround(prepared, x[:q.adaround.images], q.adaround.iterations,
+                                                   q.adaround.batch_size, reference=reference))
     if q.range_learning.steps > 0:
         from ..verify import torch_logits
         from .range_learning import learn_ranges
 
-        start = time.perf_counter()
-        info["range_learning"] = learn_ranges(prepared, x, torch_logits(float_model, x), q.range_learning.steps,
-                                              q.range_learning.lr, q.range_learning.batch_size)
-        info["range_learning"]["seconds"] = round(time.perf_counter() - start, 2)
+        info["range_learning"] = _timed(lambda: learn_ranges(
+            prepared, x, torch_logits(float_model, x), q.range_learning.steps, q.range_learning.lr,
+            q.range_learning.batch_size))
     if q.bias_correction.enabled:
         from .bias_correction import bias_correct
 
-        start = time.perf_counter()
-        info["bias_correction"] = bias_correct(prepared, x[:q.bias_correction.images], reference)
-        info["bias_correction"]["seconds"] = round(time.perf_counter() - start, 2)
+        info["bias_correction"] = _timed(lambda: bias_correct(prepared, x[:q.bias_correction.images], reference))
     return info
+
+
+def _timed(step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one algorithm; its report with the seconds it took (the manifest shows what each one costs)."""
+    start = time.perf_counter()
+    report = step()
+    return report | {"seconds": round(time.perf_counter() - start, 2)}
 
 
 __all__ = ["transform_float_model", "refine"]

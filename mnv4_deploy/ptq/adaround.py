@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..sensitivity import SiteToggler
+from ..sites import SiteToggler
 from .graph import Layer, LockstepContext, get_attr, lockstep, set_attr
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (from the paper)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
-from ..sensitivity import SiteToggler
+from ..sites import SiteToggler
 
 LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 

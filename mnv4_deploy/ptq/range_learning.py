@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..sensitivity import SiteToggler, find_sites
+from ..sites import SiteToggler, find_sites
 
 
 class _LearnedScaleFakeQuant(nn.Module):

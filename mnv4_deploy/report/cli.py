@@ -29,17 +29,14 @@ OUT/<precision>/<target>/ and are reused when their manifest hash matches.
 
 def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register `report` on the CLI's subparsers (the only hook cli.py needs)."""
-    from ..cli import _add_model_options
+    from ..cli_common import add_model_command, add_verify_gate_flag
 
-    p = subparsers.add_parser("report", help="build every target x precision, measure, report, and gate vs a baseline",
-                              description="Build (or reuse) every artifact, measure each in its runtime, estimate "
-                                          "latency on the paper's hardware, write report.json/.md/.html, and "
-                                          "optionally fail on regressions against a baseline report.",
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_options(p)
-    for action in p._actions:  # --model is only needed when building, not with --compare
-        if action.dest == "model":
-            action.required = False
+    # --model is only needed when building, not with --compare
+    p = add_model_command(
+        subparsers, "report", "build every target x precision, measure, report, and gate vs a baseline",
+        "Build (or reuse) every artifact, measure each in its runtime, estimate latency on the paper's hardware, "
+        "write report.json/.md/.html, and optionally fail on regressions against a baseline report.", EPILOG,
+        model_required=False)
     g = p.add_argument_group("what to build")
     g.add_argument("--targets", default="all", metavar="TARGETS", help="a target, a comma list, or 'all' (default)")
     g.add_argument("--precisions", default="fp32,fp16,int8", metavar="LIST",
@@ -56,6 +53,7 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding worker processes")
     g.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per artifact")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_verify_gate_flag(g)
     g = p.add_argument_group("regression gate")
     g.add_argument("--baseline", type=Path, metavar="JSON", help="a committed report.json to compare against")
     g.add_argument("--compare", type=Path, metavar="NEW_JSON",
@@ -117,15 +115,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise UserError("report needs --model NAME to build artifacts, or --compare NEW.json --baseline OLD.json")
-    from ..cli import _preprocessing_overrides
+    from ..cli_common import preprocessing_overrides
     from ..pipeline import ConvertSettings
     from .runner import ReportSettings, build_report, parse_precisions
 
     out = args.out or Path("reports/run")
     base = ConvertSettings(
         model=args.model, out=out, targets=args.targets, weights=args.weights, num_classes=args.num_classes,
-        preprocessing=_preprocessing_overrides(args), calib=args.calib, val=args.val, val_limit=args.val_limit,
-        recipe=args.recipe, workers=args.workers, latency_runs=args.latency_runs,
+        preprocessing=preprocessing_overrides(args), calib=args.calib, val=args.val, val_limit=args.val_limit,
+        recipe=args.recipe, workers=args.workers, latency_runs=args.latency_runs, verify_gate=args.verify_gate,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     rs = ReportSettings(base, parse_precisions(args.precisions), reuse=not args.no_reuse, roofline=not args.no_roofline,

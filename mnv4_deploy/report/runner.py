@@ -14,21 +14,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..errors import MissingDependencyError, UserError
+from ..errors import MissingDependencyError, UserError, VerificationError
 from ..fileio import sha256_of, write_json
-from ..pipeline import PRECISIONS, ArtifactResult, ConvertSettings, convert, log
+from ..pipeline import PRECISIONS, ArtifactResult, ConvertSettings, convert
 from ..targets import get_target, parse_targets
 from . import roofline
 from .schema import cell_from_manifest, empty_cell, new_report
 
 KEY_FILE = "report-key.json"
 
+
+logger = logging.getLogger(__name__)
 
 @dataclass
 class ReportSettings:
@@ -111,7 +114,10 @@ class Runner:
         failed: dict[str, dict[str, Any]] = {}
 
         def on_error(target: str, exc: Exception) -> None:  # the other targets go on with the same int8 model
-            log(f"[{target}] {precision} FAILED:\n{''.join(traceback.format_exception(exc)).rstrip()}")
+            if isinstance(exc, VerificationError):  # the artifact was built and measured, and refused
+                logger.warning(f"[{target}] {precision} failed verification: {exc}")
+            else:
+                logger.error(f"[{target}] {precision} FAILED:\n{''.join(traceback.format_exception(exc)).rstrip()}")
             failed[target] = empty_cell(target, precision, "failed", _first_line(exc))
 
         try:
@@ -119,7 +125,7 @@ class Runner:
         except UserError:
             raise
         except Exception as exc:  # before any export (loading, calibration): every target of this precision fails
-            log(f"{precision} FAILED before export:\n{traceback.format_exc().rstrip()}")
+            logger.error(f"{precision} FAILED before export:\n{traceback.format_exc().rstrip()}")
             return {n: empty_cell(n, precision, "failed", _first_line(exc)) for n in names}
         built = {r.target: self._built_cell(r, keys[r.target], "built") for r in results}
         return built | failed
@@ -160,7 +166,7 @@ class Runner:
                 else:
                     pending.append(name)
             if pending:
-                log(f"building {precision}: {', '.join(pending)}")
+                logger.info(f"building {precision}: {', '.join(pending)}")
                 for name, cell in self._convert(pending, precision, keys).items():
                     cells[(name, precision)] = cell
                     bar(f"{name} {precision}: {cell['status']}")
@@ -202,14 +208,14 @@ def build_report(rs: ReportSettings, convert_fn: Callable[..., list[ArtifactResu
         model["note"] = "random weights: each convert run draws new ones; fidelity numbers are not meaningful"
     roof = None
     if rs.roofline:
-        log("roofline: recording layer shapes")
+        logger.info("roofline: recording layer shapes")
         roof = roofline.estimate(roofline.record_layers(loaded.model, loaded.preprocessing.input_shape), rs.precisions)
     sens = None
     if rs.sensitivity and "int8" in rs.precisions:
-        from .sensitivity import images_for, layer_sensitivity
+        from .sensitivity import recipe_sensitivity, report_section
 
-        log("sensitivity: quantizing one layer at a time")
-        sens = layer_sensitivity(loaded.model, images_for(loaded.preprocessing, base.calib, workers=base.workers))
+        logger.info("sensitivity: the recipe's int8 model, one quantizer at a time")
+        sens = report_section(recipe_sensitivity(dataclasses.replace(base, precision="int8"), images=64))
     extra: dict[str, str] = {}
     for name in target_names():
         t = get_target(name)

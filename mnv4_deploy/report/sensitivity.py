@@ -1,80 +1,51 @@
-"""Per-layer int8 sensitivity: which layers hurt most when quantized, to guide fallback recipes.
+"""Which quantizers hurt most: the recipe's own int8 model, one quantizer at a time (`mnv4_deploy.sensitivity`).
 
-For each conv / linear layer alone, its weights are fake-quantized to int8 (per output channel, symmetric)
-and its input activation to int8 (per tensor, affine, min-max range from the same images), everything
-else stays float; we record the logits' SQNR and top-1 agreement against the float model. This is a
-PyTorch simulation (method `simulated`) of what PT2E does to that one layer, on unfolded BatchNorm (per-channel
-weight quantization commutes with BN's per-channel scale, so the weight error is the same as after folding).
-Lower SQNR = more sensitive.
+`inspect --sensitivity` prints the whole table (and, with a budget, the fallback that reaches it); `report`
+keeps a per-site section. Both calibrate exactly as `convert` would with the same recipe, so the numbers
+describe the model that ships rather than a generic min-max quantization.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
-import numpy as np
-import torch
-from torch import nn
+from ..models import load_model
+from ..pipeline import ConvertSettings, load_data, progress_bars
+from ..prepare import prepare
+from ..quantize import quantize
+from ..recipes import load_recipe
+from ..sensitivity import analyse, choose_fallback
+from ..verify import torch_logits
 
-METHOD = ("one layer at a time: int8 per-channel symmetric weights and int8 per-tensor affine (min-max) input, "
-          "rest float, PyTorch fake-quant; logits SQNR and top-1 agreement vs float on the same images")
-
-
-def _fq_weight(w: torch.Tensor) -> torch.Tensor:
-    flat = w.reshape(w.shape[0], -1)
-    scale = flat.abs().amax(1).clamp(min=2**-12) / 127.0
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    return (torch.round(w / scale.reshape(shape)).clamp(-127, 127) * scale.reshape(shape)).to(w.dtype)
+METHOD = ("the recipe's PT2E int8 model with one quantizer enabled at a time (all others float), in PyTorch; "
+          "logits SQNR and top-1 agreement vs float on held-back images")
 
 
-def _fq_act(x: torch.Tensor) -> torch.Tensor:
-    lo, hi = float(x.min().clamp(max=0)), float(x.max().clamp(min=0))
-    scale = max(hi - lo, 2**-12) / 255.0
-    zero = round(-lo / scale) - 128
-    return (torch.round(x / scale + zero).clamp(-128, 127) - zero) * scale
+def recipe_sensitivity(settings: ConvertSettings, images: int = 128, budget: Optional[float] = None) -> dict[str, Any]:
+    """Calibrate with the recipe, then measure each quantizer's effect on held-back images.
+
+    With `budget` (a top-1 agreement), also which activations a fallback would take out of int8 to reach it
+    on the same images: what to put in a recipe's `quantization.fallback`.
+    """
+    recipe = load_recipe(settings.recipe)
+    loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
+    prepare(loaded.model)
+    cal, cal_src, ver, ver_src = load_data(settings, loaded, recipe)
+    quantized = quantize(loaded.model, cal, recipe, cal_src, progress_bars(settings))
+    x = ver.x[:images]
+    float_logits = torch_logits(loaded.model, x)
+    result = analyse(quantized.prepared, x, float_logits, progress_bars(settings))
+    if budget is not None:
+        sites = sum(1 for r in result["sites"] if r["kind"] == "activation")
+        chosen = choose_fallback(quantized.prepared, x, float_logits, budget, max_sites=sites)
+        result["fallback"] = {"budget_agreement": budget, "activation_sites": sites,
+                              "reached": chosen["agreement_history"][-1] >= budget} | chosen
+    return {"model": loaded.describe(), "recipe": recipe.name, "calibration": quantized.calibration,
+            "evaluated_on": ver_src} | result
 
 
-def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = float(((out - ref) ** 2).sum())
-    return float("inf") if noise == 0 else round(10.0 * float(np.log10(float((ref ** 2).sum()) / noise)), 3)
-
-
-def layer_sensitivity(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> dict[str, Any]:
-    """The report's `sensitivity` section (one entry per conv/linear module, network order)."""
-    inputs = torch.from_numpy(np.ascontiguousarray(x[:batch_size]))
-    threads = torch.get_num_threads()
-    # One thread: on a shared, busy machine torch's 2-thread spin-waits made this ~25x slower (measured).
-    torch.set_num_threads(1)
-    try:
-        return _run(model, inputs)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(model: nn.Module, inputs: torch.Tensor) -> dict[str, Any]:
-    with torch.no_grad():
-        ref = model(inputs)
-        layers = []
-        for name, module in model.named_modules():
-            if not isinstance(module, (nn.Conv2d, nn.Linear)):
-                continue
-            original = module.weight.data
-            module.weight.data = _fq_weight(original)
-            handle = module.register_forward_pre_hook(lambda _m, args: (_fq_act(args[0]),) + tuple(args[1:]))
-            try:
-                out = model(inputs)
-            finally:
-                handle.remove()
-                module.weight.data = original
-            layers.append({"name": name, "sqnr_db": _sqnr(ref, out),
-                           "top1_agreement": round(float((out.argmax(1) == ref.argmax(1)).float().mean()), 5)})
-    return {"method": METHOD, "images": int(len(inputs)),
+def report_section(result: dict[str, Any]) -> dict[str, Any]:
+    """The report's `sensitivity` section: one entry per quantizer, most sensitive first."""
+    layers = [{"name": r["layer"], "kind": r["kind"], "op": r["op"], "sqnr_db": r["only_this_sqnr_db"],
+               "top1_agreement": r["only_this_agreement"]} for r in result["sites"]]
+    return {"method": METHOD, "recipe": result["recipe"], "images": result["images"],
             "units": {"sqnr_db": "dB (logits vs float)", "top1_agreement": "fraction"}, "layers": layers}
-
-
-def images_for(model_pre: Any, calib: Optional[Any], n: int = 64, workers: int = 0) -> np.ndarray:
-    """A few real images: from --calib if given, else scikit-image's sample photos (as convert does)."""
-    from ..data import default_calibration, load_images, scan_folder
-
-    if calib is None:
-        return default_calibration(model_pre, n, seed=7)[0].x
-    return load_images(scan_folder(calib).sample(n, seed=7), model_pre, workers).x

@@ -14,6 +14,17 @@ _REGISTRY: dict[str, str] = {
 }
 
 
+def register_target(name: str, spec: str) -> None:
+    """Add a target: `spec` is 'package.module:ClassName' (imported when first used)."""
+    if ":" not in spec:
+        raise ValueError(f"target spec must be 'module:Class', got {spec!r}")
+    _REGISTRY[name] = spec
+
+
+def unregister_target(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
 def target_names() -> list[str]:
     return list(_REGISTRY)
 
@@ -37,4 +48,5 @@ def parse_targets(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-__all__ = ["ExportRequest", "Runner", "Target", "get_target", "parse_targets", "target_names"]
+__all__ = ["ExportRequest", "Runner", "Target", "get_target", "parse_targets", "register_target", "target_names",
+           "unregister_target"]

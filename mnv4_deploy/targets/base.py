@@ -1,8 +1,10 @@
 """The one small interface every deployment target implements.
 
-A target knows how to write its artifact from the prepared float model or the shared int8 PT2E model,
-how to load that artifact in its real runtime, and how to describe it (ops, precisions) for the manifest.
-The pipeline does the rest (atomic writes, verification, manifests, reports) the same way for all targets.
+A target is one module: its Options dataclass (recipe section and CLI flags), how to write its artifact from
+the prepared float model or the int8 PT2E model, how to load that artifact in its real runtime, how to expose
+the runtime's quantized intermediates for the tensor-by-tensor check, and how to describe it (ops, precisions)
+for the manifest. The pipeline does the rest (atomic writes, the verification gate, manifests, reports) the
+same way for every target; tests/test_target_conformance.py runs one suite over every registered target.
 """
 from __future__ import annotations
 
@@ -11,26 +13,34 @@ import importlib.metadata
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union
 
 import numpy as np
 import torch
 
-from ..data import LoadedImages
 from ..errors import MissingDependencyError
-from ..models import LoadedModel
-from ..quantize import QuantizedModel
+
+if TYPE_CHECKING:
+    from ..data import LoadedImages
+    from ..models import LoadedModel
+    from ..quantize import QuantizedModel
+    from ..recipes import Quantization
+    from ..tensorwise import QTensor
+
+# What `Target.quantized_tensors` returns: the runtime's quantized tensors and facts about how they were read,
+# or a sentence saying why they are not available for this artifact.
+RuntimeTensors = Union[tuple[list["QTensor"], dict[str, Any]], str]
 
 
 @dataclass
 class ExportRequest:
     """Everything a target may need to write one artifact."""
 
-    loaded: LoadedModel
+    loaded: "LoadedModel"
     precision: str  # 'fp32' | 'fp16' | 'int8'
     options: Any  # the target's own Options dataclass, from the recipe
-    quantized: Optional[QuantizedModel] = None  # the shared PT2E int8 model (precision int8)
-    calibration: Optional[LoadedImages] = None  # for target-native quantizers (baselines)
+    quantized: Optional["QuantizedModel"] = None  # the PT2E int8 model (precision int8)
+    calibration: Optional["LoadedImages"] = None  # for target-native quantizers (baselines)
 
     @property
     def example(self) -> torch.Tensor:
@@ -87,15 +97,30 @@ class Target(ABC):
         pre = request.loaded.preprocessing
         return input_spec([1, 3, *pre.input_size], pre)
 
-    def describe(self, path: Path) -> dict[str, Any]:
+    def describe(self, path: Path, request: ExportRequest) -> dict[str, Any]:
         """Structural facts for the manifest: operator histogram, precisions, input/output spec."""
         return {}
 
-    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> Any:
+    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> RuntimeTensors:
         """The int8 artifact's quantized activations on `x` (normalised NCHW float32), from its runtime with
-        intermediates exposed: `(list of tensorwise.QTensor, info dict)`; a string says why they are not
-        available; None: not implemented. Used by the tensor-by-tensor check (mnv4_deploy/tensorwise.py)."""
+        intermediates exposed, for the tensor-by-tensor check (mnv4_deploy/tensorwise.py)."""
+        return f"not available: {self.name} does not expose intermediate tensors"
+
+    def build_quantizer(self, quantization: "Quantization") -> Any:
+        """A PT2E quantizer of the target's own, for a runtime whose int8 kernels need other patterns or dtypes.
+        None (the default): the project's shared quantizer, so one calibration serves every such target."""
         return None
+
+    def quantizer_key(self) -> Any:
+        """Targets with the same key share one quantized model (the default: every target that keeps the
+        shared quantizer)."""
+        own = type(self).build_quantizer is not Target.build_quantizer
+        return type(self) if own else "shared"
+
+    def deploys_simulated_model(self, request: ExportRequest) -> bool:
+        """Whether the artifact deploys `request.quantized` itself, so that model's PyTorch simulation is the
+        reference its runtime must reproduce (False for a target-native quantizer or weights-only int8)."""
+        return request.precision == "int8" and request.quantized is not None
 
     def tool_versions(self) -> dict[str, str]:
         out = {}

@@ -13,9 +13,7 @@ numbers `simulated`; on macOS it runs the .mlpackage with `predict` and marks th
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
-import io
 import platform
 import warnings
 from dataclasses import dataclass
@@ -24,9 +22,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..capture import captured
 from ..errors import UserError
-from ..recipes import choice
-from .base import ExportRequest, Runner, Target
+from ..input_adapter import DeployInput
+from ..options import choice, option
+from .base import ExportRequest, Runner, RuntimeTensors, Target
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 _QDQ_OPS = ("quantize", "dequantize", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
@@ -39,10 +39,12 @@ _COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
 class CoremlOptions:
     # export: torch.export program (default; what coremltools recommends); trace: torch.jit.trace.
     conversion: str = choice("export", "export", "trace")
-    weights_only: bool = False  # int8: weights int8 (per-channel symmetric), activations fp16
-    compute_units: str = choice("all", *_COMPUTE_UNITS)  # stored in the manifest; used for predict on macOS
-    minimum_deployment_target: str = "iOS17"  # e.g. iOS16, iOS17, iOS18, macOS14
-    image_input: bool = False  # ImageType input (RGB pixel buffer), normalisation inside the model
+    weights_only: bool = option(False, flag="coreml: quantize weights only (W8, float activations)")
+    # Stored in the manifest; used for predict on macOS.
+    compute_units: str = choice("all", *_COMPUTE_UNITS, flag="coreml: compute units recorded and used by predict")
+    minimum_deployment_target: str = option("iOS17", flag="coreml: oldest OS, e.g. iOS17 or macOS14")
+    image_input: bool = option(False, flag=(
+        "coreml: ImageType input (pixel buffer) with the normalisation as scale/bias"))
 
 
 class CoremlTarget(Target):
@@ -90,10 +92,13 @@ class CoremlTarget(Target):
             return CoremlRunner(path, request)
         return SimulatedRunner(request)
 
-    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> Any:
+    def deploys_simulated_model(self, request: ExportRequest) -> bool:
+        return super().deploys_simulated_model(request) and not request.options.weights_only
+
+    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> RuntimeTensors:
         if platform.system() != "Darwin":
             return "not available: simulated (no CoreML runtime on Linux; its numbers are the PyTorch simulation)"
-        return "not available: CoreML predict does not expose intermediate tensors (not implemented)"
+        return "not available: CoreML predict does not expose intermediate tensors"
 
     def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
         from ..manifest import input_spec
@@ -106,7 +111,7 @@ class CoremlTarget(Target):
             return spec
         return input_spec([1, 3, *pre.input_size], pre)
 
-    def describe(self, path: Path) -> dict[str, Any]:
+    def describe(self, path: Path, request: ExportRequest) -> dict[str, Any]:
         import coremltools as ct
 
         spec = ct.utils.load_spec(str(path))
@@ -160,31 +165,6 @@ def _deployment_target(name: str, kind: str) -> Any:
     return target
 
 
-class _Normalize:
-    """Wraps a model so it takes RGB in 0..255 (an ImageType) and applies the per-channel mean/std itself.
-
-    ImageType has one scalar scale but ImageNet's std differs per channel, so the exact normalisation is two
-    per-channel constants (a multiply and an add) in front of the model.
-    """
-
-    @staticmethod
-    def wrap(model: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-        import torch
-        from torch import nn
-
-        class Normalized(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.inner = model
-                self.register_buffer("mul", torch.tensor([1 / (255.0 * s) for s in std]).reshape(1, 3, 1, 1))
-                self.register_buffer("add", torch.tensor([-m / s for m, s in zip(mean, std)]).reshape(1, 3, 1, 1))
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.inner(x * self.mul + self.add)
-
-        return Normalized().eval()
-
-
 def _convert(model: Any, request: ExportRequest, opts: CoremlOptions, deployment: Any, precision: str) -> Any:
     import coremltools as ct
     import torch
@@ -192,7 +172,7 @@ def _convert(model: Any, request: ExportRequest, opts: CoremlOptions, deployment
     pre = request.loaded.preprocessing
     example = torch.zeros(1, 3, *pre.input_size)
     if opts.image_input:
-        model = _Normalize.wrap(model, pre.mean, pre.std)
+        model = DeployInput(model, pre, nhwc=False, raw_pixels=True).eval()
         example = example + 128.0
         inputs = [ct.ImageType(name=INPUT_NAME, shape=tuple(example.shape), scale=1.0, bias=[0.0, 0.0, 0.0],
                                color_layout=ct.colorlayout.RGB)]
@@ -204,7 +184,7 @@ def _convert(model: Any, request: ExportRequest, opts: CoremlOptions, deployment
             source = torch.export.export(model, (example,)).run_decompositions({})
         else:
             source = torch.jit.trace(model, example)
-    with _quiet():
+    with captured("coremltools.convert"):
         return ct.convert(
             source, inputs=inputs, outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
             convert_to="mlprogram", minimum_deployment_target=deployment,
@@ -219,7 +199,7 @@ def _quantize_weights(mlmodel: Any) -> Any:
 
     config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
         mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0))
-    with _quiet():
+    with captured("coremltools linear_quantize_weights"):
         return cto.linear_quantize_weights(mlmodel, config)
 
 
@@ -256,22 +236,6 @@ def _aten_quantized(gm: Any) -> Any:
             raise NotImplementedError(f"no TorchScript form for {node.target}; use the export conversion")
     gm.recompile()
     return gm  # (PT2E graphs refuse .eval(); they were exported in eval mode already)
-
-
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """coremltools prints progress bars and torch-version warnings on every conversion."""
-    import logging
-
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _walk(block: Any, ops: collections.Counter, weight_dtypes: collections.Counter) -> None:
@@ -361,8 +325,9 @@ def _fake_quantize_weights(model: Any) -> Any:
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 w = m.weight
-                scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127.0
-                w.copy_(torch.clamp(torch.round(w / scale), -127, 127) * scale)
+                scale = w.abs().amax(dim=tuple(range(1, w.dim()))).clamp_min(1e-12) / 127.0
+                zero = torch.zeros(len(scale), dtype=torch.int32)
+                w.copy_(torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127))
     return model
 
 

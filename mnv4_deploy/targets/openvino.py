@@ -15,20 +15,19 @@ recipe says otherwise (`inference_precision`), so verification measures the arti
 from __future__ import annotations
 
 import collections
-import contextlib
-import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
+from ..capture import captured
 from ..errors import UserError, did_you_mean
+from ..options import choice
 from ..quantize import export_program
-from ..recipes import choice
-from .base import ExportRequest, Runner, Target
+from ..tensorwise import QTensor
+from .base import ExportRequest, Runner, RuntimeTensors, Target
 
 XML, BIN = "model.xml", "model.bin"
 # Layer types whose precision decides speed; the manifest lists those that stayed in float.
@@ -95,9 +94,6 @@ class OpenVinoTarget(Target):
     requires = ("openvino", "nncf")
     Options = OpenVinoOptions
 
-    def __init__(self) -> None:
-        self._options = OpenVinoOptions()
-
     def distributions(self) -> tuple[str, ...]:
         return ("openvino", "nncf")
 
@@ -115,8 +111,7 @@ class OpenVinoTarget(Target):
             model = convert(request.loaded.model, request)
             info["method"] = "float"
             if request.precision == "int8":
-                # NNCF draws progress bars on stdout; keep stdout for the CLI's table or --json.
-                with contextlib.redirect_stdout(sys.stderr):
+                with captured("nncf.quantize"):  # progress bars on stdout: keep it for the CLI's table or --json
                     model, nncf_info = nncf_quantize(model, request, opts)
                 info.update(nncf_info)
         compress = request.precision == "fp16"
@@ -126,23 +121,21 @@ class OpenVinoTarget(Target):
         return info
 
     def load(self, path: Path, request: ExportRequest) -> Runner:
-        self._options = request.options
         return OpenVinoRunner(path, request.options)
 
-    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> Any:
-        if request.options.method != "pt2e":
-            return "not applicable: quantized by NNCF, not the shared PT2E model"
-        from ..tensorwise import openvino_quantized
+    def deploys_simulated_model(self, request: ExportRequest) -> bool:
+        return super().deploys_simulated_model(request) and request.options.method == "pt2e"
 
-        return openvino_quantized(Path(path), x, request.options.compile_config())
+    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> RuntimeTensors:
+        return runtime_quantized_tensors(Path(path), x, request.options)
 
-    def describe(self, path: Path) -> dict[str, Any]:
+    def describe(self, path: Path, request: ExportRequest) -> dict[str, Any]:
         import openvino as ov
 
         core = ov.Core()
         model = core.read_model(str(Path(path) / XML))
         ops = collections.Counter(op.get_type_name() for op in model.get_ops())
-        compiled = core.compile_model(model, "CPU", self._options.compile_config())
+        compiled = core.compile_model(model, "CPU", request.options.compile_config())
         return {
             "operators": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
             "fake_quantize": ops.get("FakeQuantize", 0),
@@ -150,6 +143,27 @@ class OpenVinoTarget(Target):
             "outputs": [_port_spec(p) for p in model.outputs],
             "runtime": runtime_precisions(compiled),
         }
+
+
+def decline_telemetry() -> None:
+    """Decline OpenVINO's and NNCF's usage telemetry for this process.
+
+    Both send events unless the user ran their opt-out tool, and the GA4 backend forks a process per event:
+    after litert-torch has started JAX's threads that fork can deadlock (Python warns so), and a deployment
+    tool has no business reporting its users' conversions. Every telemetry (re)initialisation asks
+    OptInChecker.check for consent; here it is always declined.
+    """
+    try:
+        from openvino_telemetry import Telemetry
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # an OpenVINO without its telemetry package sends nothing
+        return
+    OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
+    # The singleton: made here without consent, or made earlier (by an openvino import) and now declined.
+    Telemetry(app_name="mnv4-deploy", app_version="-", tid="-", backend="ga4", enable_opt_in_dialog=False).consent = False
+
+
+decline_telemetry()  # before anything here imports openvino (whose import alone sends an event)
 
 
 def convert(module: Any, request: ExportRequest, fold_batchnorm: bool = True) -> Any:
@@ -171,7 +185,7 @@ def convert(module: Any, request: ExportRequest, fold_batchnorm: bool = True) ->
         graph_module = program.module()
         _fuse_conv_bn_(graph_module)
         program = export_program(graph_module, example)
-    with _quiet_openvino_logging():
+    with captured("openvino.convert_model"):  # the FX decoder logs a traceback per decomposition it skips
         decoder = TorchFXPythonDecoder.from_exported_program(program)
         model = ov.convert_model(decoder)
     modules = {}
@@ -188,17 +202,6 @@ def convert(module: Any, request: ExportRequest, fold_batchnorm: bool = True) ->
     model.inputs[0].get_tensor().set_names({"input"})
     model.outputs[0].get_tensor().set_names({"logits"})
     return model
-
-
-@contextlib.contextmanager
-def _quiet_openvino_logging() -> Iterator[None]:
-    """OpenVINO's FX decoder logs a traceback per decomposition it cannot remove (harmless); hide them."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
 
 
 def layer_names(model: Any) -> list[str]:
@@ -344,3 +347,61 @@ class OpenVinoRunner(Runner):
             done += n
         return done * len(x) / (time.perf_counter() - start)
 
+
+
+# ----------------------------------------------------------------------------- intermediates (tensor-by-tensor)
+def runtime_quantized_tensors(path: Path, x: np.ndarray,
+                              options: OpenVinoOptions) -> tuple[list[QTensor], dict[str, Any]]:
+    """OpenVINO CPU with every activation FakeQuantize output added as a model output.
+
+    A FakeQuantize output is the dequantized float; its integer value is recovered with the node's own
+    scale and zero point (levels and output range).
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path / XML))
+    fqs = _activation_fake_quantizes(model)
+    # An output already produced by the model (the logits' FakeQuantize) is not added twice: look up by name.
+    names = []
+    for op, *_ in fqs:
+        if not op.output(0).get_names():
+            op.output(0).get_tensor().set_names({op.get_friendly_name() + ":fq"})
+        names.append(op.output(0).get_any_name())
+    model.add_outputs([op.output(0) for op, *_ in fqs])
+    config = options.compile_config()
+    compiled = core.compile_model(model, "CPU", config)
+    feed = {0: np.ascontiguousarray(x, np.float32)}
+    res = compiled.infer_new_request(feed)
+    deployed = OpenVinoRunner(path, options)(feed[0])
+    out = []
+    for i, (op, scale, zero, qmin, levels) in enumerate(fqs):
+        y = np.asarray(res[compiled.output(names[i])], np.float64)
+        q = np.clip(np.rint(y / scale) + zero, qmin, qmin + levels - 1).astype(np.int32)
+        out.append(QTensor(op.get_friendly_name(), scale, zero, q, i, op="FakeQuantize"))
+    info = {"runtime": f"OpenVINO CPU {config.get('INFERENCE_PRECISION_HINT', 'auto')} (FakeQuantize outputs exposed)",
+            "exposing_changed_logits_max_abs": float(np.abs(np.asarray(res[compiled.outputs[0]]) - deployed).max())}
+    return out, info
+
+
+def _activation_fake_quantizes(model: Any) -> list[tuple[Any, float, int, int, int]]:
+    """(node, scale, zero point, qmin, levels) of every per-tensor FakeQuantize on an activation (nodes fed by
+    constants, the weights, are skipped)."""
+    fqs = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize":
+            continue
+        src = op.input_value(0).get_node()
+        while src.get_type_name() in ("Convert", "Reshape", "Unsqueeze"):
+            src = src.input_value(0).get_node()
+        lo, hi = (op.input_value(k).get_node() for k in (3, 4))
+        if src.get_type_name() == "Constant" or lo.get_type_name() != "Constant" or hi.get_type_name() != "Constant":
+            continue
+        low, high = lo.get_data().astype(np.float64), hi.get_data().astype(np.float64)
+        if low.size != 1:
+            continue
+        levels = int(op.get_attributes()["levels"])
+        scale = float((high.reshape(()) - low.reshape(())) / (levels - 1))
+        qmin = -(levels // 2)
+        fqs.append((op, scale, int(round(qmin - float(low.reshape(())) / scale)), qmin, levels))
+    return fqs

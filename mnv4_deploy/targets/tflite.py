@@ -15,23 +15,22 @@ NHWC raw RGB and the converter folds the layout transposes away.
 from __future__ import annotations
 
 import collections
-import contextlib
-import copy
-import io
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..capture import captured
 from ..errors import UserError, VerificationError
-from ..recipes import choice
-from .base import ExportRequest, Runner, Target
+from ..input_adapter import DeployInput
+from ..options import choice, option
+from ..tensorwise import QTensor, signed_values, signed_zero_point
+from .base import ExportRequest, Runner, RuntimeTensors, Target
 
 _FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 
@@ -39,11 +38,13 @@ _FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 @dataclass(frozen=True)
 class TfliteOptions:
     # float: float input/output, (de)quantize inside. int8/uint8: full-integer model, integer I/O (EdgeTPU).
-    io_dtype: str = choice("float", "float", "int8", "uint8")
+    io_dtype: str = choice("float", "float", "int8", "uint8", flag=(
+        "tflite: float keeps (de)quantize inside the model; int8/uint8 = full-integer I/O (EdgeTPU)"))
     # nhwc: the graph takes NHWC (what camera buffers and mobile runtimes use); no transpose in the model.
-    layout: str = choice("nchw", "nchw", "nhwc")
+    layout: str = choice("nchw", "nchw", "nhwc", flag="tflite: input layout (nhwc avoids transposes on mobile)")
     # The model takes raw 0..255 RGB and normalises inside (folded into the stem convolution).
-    bake_normalization: bool = False
+    bake_normalization: bool = option(False, flag=(
+        "tflite: put mean/std normalisation inside the model, so apps feed raw RGB"))
     # Fixed interpreter (XNNPACK) thread count, so latency numbers compare; 0 = LiteRT's default.
     threads: int = 2
 
@@ -63,7 +64,6 @@ class TfliteTarget(Target):
         opts: TfliteOptions = request.options
         check_options(opts, request.precision)
         start = time.perf_counter()
-        wrapped = needs_wrapper(opts)
         model = deploy_module(request.loaded.model, request.loaded.preprocessing, opts)
         example = torch.zeros(example_shape(request.loaded.preprocessing.input_size, opts))
         info: dict[str, Any] = {
@@ -73,33 +73,7 @@ class TfliteTarget(Target):
             "normalization_inside": opts.bake_normalization,
         }
         if request.precision == "int8":
-            quantized = request.quantized
-            if quantized is None:
-                raise ValueError("int8 export needs the shared PT2E model (request.quantized)")
-            fallback = quantized.calibration.get("fallback") or {}
-            if opts.io_dtype != "float" and fallback.get("sites"):
-                raise UserError(f"recipe '{quantized.recipe.name}' keeps {len(fallback['sites'])} activations float "
-                                f"(quantization.fallback), which a full-integer ({opts.io_dtype} I/O) model cannot "
-                                f"hold: use --io-dtype float, or a recipe without a fallback (e.g. ptq-int8)")
-            if wrapped:
-                # The shared PT2E graph takes normalised NCHW; a graph with another input needs its own
-                # observers at that input, so the same recipe is re-run on the wrapped model.
-                from ..quantize import quantize
-
-                if quantized.calibration.get("method") == "qat":
-                    raise UserError("--layout nhwc / --bake-normalization re-calibrate a wrapped copy of the float "
-                                    "model, which would discard QAT's training: export QAT models with the default "
-                                    "NCHW normalised input (--layout nchw, no --bake-normalization)")
-
-                calib = wrapper_calibration(request, opts)
-                quantized = quantize(model, calib, quantized.recipe, "same calibration images, wrapped input")
-                info["requantized"] = ("PT2E re-run with the same recipe and calibration images on the model "
-                                       "wrapped for NHWC / raw-pixel input; vs_pytorch_simulation still compares "
-                                       "with the shared (unwrapped) int8 model")
-            info["method"] = ("pt2e (shared project quantization) -> litert QDQ lowering: int8 weights "
-                              "per-channel symmetric, int8 activations per-tensor")
-            content = _convert_int8(quantized, example)
-            content = set_io_dtype(content, opts.io_dtype)
+            content = _export_int8(request, model, example, info)
         elif request.precision == "fp16":
             from litert_torch.generative.quantize.quant_recipes import full_fp16_recipe
 
@@ -123,16 +97,14 @@ class TfliteTarget(Target):
                     f"float: {listed}; use --io-dtype float to ship it with float fallbacks")
         return TfliteRunner(path, request.loaded.preprocessing, opts)
 
-    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> Any:
-        if needs_wrapper(request.options):
-            return ("not applicable: NHWC / baked-normalisation artifacts are re-quantized on the wrapped model, "
-                    "so their tensors are not the shared PT2E model's")
-        from ..tensorwise import tflite_quantized
+    def deploys_simulated_model(self, request: ExportRequest) -> bool:
+        # NHWC / baked-normalisation artifacts are re-quantized on the wrapped model: not the shared PT2E one.
+        return super().deploys_simulated_model(request) and not needs_wrapper(request.options)
 
-        return tflite_quantized(path, to_artifact_input(np.asarray(x, np.float32), request.loaded.preprocessing,
-                                                        request.options))
+    def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> RuntimeTensors:
+        return runtime_quantized_tensors(path, request, x)
 
-    def describe(self, path: Path) -> dict[str, Any]:
+    def describe(self, path: Path, request: ExportRequest) -> dict[str, Any]:
         ops, tensors = graph(path)
         inputs, outputs = _io(path)
         counts = collections.Counter(op["op_name"] for op in ops)
@@ -168,6 +140,45 @@ class TfliteTarget(Target):
         return spec
 
 
+# ----------------------------------------------------------------------------- int8 export
+def _export_int8(request: ExportRequest, model: nn.Module, example: torch.Tensor, info: dict[str, Any]) -> bytes:
+    """The shared PT2E model (re-calibrated on the wrapped model for NHWC / raw-pixel input) through
+    litert-torch's QDQ lowering, with the I/O dtype asked for."""
+    opts: TfliteOptions = request.options
+    quantized = request.quantized
+    if quantized is None:
+        raise ValueError("int8 export needs the shared PT2E model (request.quantized)")
+    _check_fallback_fits(quantized, opts)
+    if needs_wrapper(opts):
+        quantized = _requantize_wrapped(request, model)
+        info["requantized"] = ("PT2E re-run with the same recipe and calibration images on the model wrapped for "
+                               "NHWC / raw-pixel input; no PyTorch simulation comparison (it is another model)")
+    info["method"] = ("pt2e (shared project quantization) -> litert QDQ lowering: int8 weights per-channel "
+                      "symmetric, int8 activations per-tensor")
+    return set_io_dtype(_convert_int8(quantized, example), opts.io_dtype)
+
+
+def _check_fallback_fits(quantized: Any, opts: TfliteOptions) -> None:
+    fallback = quantized.calibration.get("fallback") or {}
+    if opts.io_dtype != "float" and fallback.get("sites"):
+        raise UserError(f"recipe '{quantized.recipe.name}' keeps {len(fallback['sites'])} activations float "
+                        f"(quantization.fallback), which a full-integer ({opts.io_dtype} I/O) model cannot "
+                        f"hold: use --io-dtype float, or a recipe without a fallback (e.g. ptq-int8)")
+
+
+def _requantize_wrapped(request: ExportRequest, model: nn.Module) -> Any:
+    """The shared PT2E graph takes normalised NCHW; a graph with another input needs its own observers at that
+    input, so the same recipe is re-run on the wrapped model with the same calibration images."""
+    from ..quantize import quantize
+
+    if request.quantized.calibration.get("method") == "qat":
+        raise UserError("--layout nhwc / --bake-normalization re-calibrate a wrapped copy of the float "
+                        "model, which would discard QAT's training: export QAT models with the default "
+                        "NCHW normalised input (--layout nchw, no --bake-normalization)")
+    calib = wrapper_calibration(request, request.options)
+    return quantize(model, calib, request.quantized.recipe, "same calibration images, wrapped input")
+
+
 # ----------------------------------------------------------------------------- options and wrapping
 def check_options(opts: TfliteOptions, precision: str) -> None:
     """Reject option combinations that cannot be built, with the fix."""
@@ -189,38 +200,7 @@ def deploy_module(model: nn.Module, pre: Any, opts: TfliteOptions) -> nn.Module:
     """`model` with the artifact's input convention (NHWC and/or raw 0..255 pixels), or `model` itself."""
     if not needs_wrapper(opts):
         return model
-    return DeployInput(model, pre, opts.layout == "nhwc", opts.bake_normalization).eval()
-
-
-class DeployInput(nn.Module):
-    """Input adapter converters fold: NHWC -> NCHW permute, raw pixels -> normalised.
-
-    Normalisation (x/255 - mean)/std is split as: add -255*mean (an int8-friendly add of a constant, before
-    the stem's zero padding, so borders stay exact), then 1/(255*std) folded into the stem convolution's
-    weights per input channel (on a copy of the model; the caller's model is untouched).
-    """
-
-    def __init__(self, model: nn.Module, pre: Any, nhwc: bool, bake: bool) -> None:
-        super().__init__()
-        self.nhwc, self.bake = nhwc, bake
-        if bake:
-            model = copy.deepcopy(model)
-            stem = getattr(model, "conv_stem", None)
-            if not isinstance(stem, nn.Conv2d) or stem.in_channels != 3:
-                raise ValueError("bake_normalization needs a timm MNv4 model with a 3-channel conv_stem")
-            std = torch.tensor(pre.std, dtype=stem.weight.dtype)
-            with torch.no_grad():
-                stem.weight.mul_((1.0 / (255.0 * std)).view(1, 3, 1, 1))
-            shape = (1, 1, 1, 3) if nhwc else (1, 3, 1, 1)
-            self.register_buffer("shift", (-255.0 * torch.tensor(pre.mean)).view(shape))
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bake:
-            x = x + self.shift
-        if self.nhwc:
-            x = x.permute(0, 3, 1, 2)
-        return self.model(x)
+    return DeployInput(model, pre, nhwc=opts.layout == "nhwc", raw_pixels=opts.bake_normalization).eval()
 
 
 def to_artifact_input(x: np.ndarray, pre: Any, opts: TfliteOptions) -> np.ndarray:
@@ -247,25 +227,10 @@ def wrapper_calibration(request: ExportRequest, opts: TfliteOptions) -> Any:
 
 
 # ----------------------------------------------------------------------------- conversion
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """litert-torch and ai-edge-quantizer print progress bars; keep the CLI's own output readable."""
-    old = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
-    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
-        else:
-            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = old
-
-
 def _convert(model: Any, example: Any, quant_config: Any) -> bytes:
     import litert_torch
 
-    with _quiet():
+    with captured("litert_torch.convert", env={"LITERT_TORCH_SHOW_PROGRESS": "n"}):
         edge = litert_torch.convert(model, (example,), quant_config=quant_config)
         return bytes(edge.model_content())
 
@@ -346,90 +311,108 @@ def set_io_dtype(content: bytes, io_dtype: str) -> bytes:
     boundary QUANTIZE (float->int8) / DEQUANTIZE (int8->float) so the I/O is the int8 tensors, then adds
     QUANTIZE/DEQUANTIZE (float) or QUANTIZE requantize ops (uint8, zero point + 128, same scale) as asked.
     """
-    from ai_edge_litert import schema_py_generated as fb
     from ai_edge_litert.tools import flatbuffer_utils as fbu
 
     model = fbu.read_model_from_bytearray(bytearray(content))
-    sg = model.subgraphs[0]
-    T = fb.TensorType
-    code_of = lambda op: fbu.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
-    renumber: dict[int, int] = {}  # tensor index the signatures name -> the tensor that replaces it
-
-    def remap(old: int, new: int) -> None:
-        for k, v in renumber.items():
-            if v == old:
-                renumber[k] = new
-        renumber[old] = new
-
-    for pos, t in enumerate(list(sg.inputs)):
-        users = [op for op in sg.operators if t in op.inputs]
-        if (sg.tensors[t].type == T.FLOAT32 and len(users) == 1 and code_of(users[0]) == fb.BuiltinOperator.QUANTIZE
-                and sg.tensors[users[0].outputs[0]].type == T.INT8):
-            sg.inputs[pos] = users[0].outputs[0]
-            remap(t, users[0].outputs[0])
-            sg.operators.remove(users[0])
-    for pos, t in enumerate(list(sg.outputs)):
-        makers = [op for op in sg.operators if t in op.outputs]
-        if (sg.tensors[t].type == T.FLOAT32 and len(makers) == 1 and code_of(makers[0]) == fb.BuiltinOperator.DEQUANTIZE
-                and sg.tensors[makers[0].inputs[0]].type == T.INT8):
-            sg.outputs[pos] = makers[0].inputs[0]
-            remap(t, makers[0].inputs[0])
-            sg.operators.remove(makers[0])
-
+    edit = _IoEdit(model)
+    edit.strip_boundary_conversions()
     if io_dtype != "int8":
-        def opcode(builtin: int) -> int:
-            for i, oc in enumerate(model.operatorCodes):
-                if fbu.get_builtin_code_from_operator_code(oc) == builtin:
-                    return i
-            oc = fb.OperatorCodeT()
-            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = builtin, min(builtin, 127), 2
-            model.operatorCodes.append(oc)
-            return len(model.operatorCodes) - 1
-
-        def outer_tensor(inner: int) -> int:
-            """A new I/O tensor beside the int8 one; it takes over the public name."""
-            src = sg.tensors[inner]
-            new = fb.TensorT()
-            new.shape, new.shapeSignature, new.name = list(src.shape), src.shapeSignature, src.name
-            src.name = f"{_name(src.name)}/int8"
-            model.buffers.append(fb.BufferT())
-            new.buffer = len(model.buffers) - 1
-            if io_dtype == "uint8":
-                new.type = T.UINT8
-                q = fb.QuantizationParametersT()
-                q.scale = list(src.quantization.scale)
-                q.zeroPoint = [int(z) + 128 for z in src.quantization.zeroPoint]
-                new.quantization = q
-            else:
-                new.type = T.FLOAT32
-            sg.tensors.append(new)
-            return len(sg.tensors) - 1
-
-        def op(builtin: int, inp: int, out: int) -> Any:
-            o = fb.OperatorT()
-            o.opcodeIndex, o.inputs, o.outputs = opcode(builtin), [inp], [out]
-            return o
-
-        for pos, t in enumerate(list(sg.inputs)):
-            if sg.tensors[t].type != T.INT8:
-                continue
-            new = outer_tensor(t)
-            sg.operators.insert(0, op(fb.BuiltinOperator.QUANTIZE, new, t))
-            sg.inputs[pos] = new
-            remap(t, new)
-        for pos, t in enumerate(list(sg.outputs)):
-            if sg.tensors[t].type != T.INT8:
-                continue
-            new = outer_tensor(t)
-            builtin = fb.BuiltinOperator.QUANTIZE if io_dtype == "uint8" else fb.BuiltinOperator.DEQUANTIZE
-            sg.operators.append(op(builtin, t, new))
-            sg.outputs[pos] = new
-            remap(t, new)
-
-    for sig in model.signatureDefs or []:
-        for item in list(sig.inputs or []) + list(sig.outputs or []):
-            item.tensorIndex = renumber.get(item.tensorIndex, item.tensorIndex)
+        edit.add_boundary_conversions(io_dtype)
+    edit.renumber_signatures()
     return bytes(fbu.convert_object_to_bytearray(model))
+
+
+class _IoEdit:
+    """Edits of a TFLite flatbuffer's first subgraph at its inputs and outputs, keeping signatures in step."""
+
+    def __init__(self, model: Any) -> None:
+        from ai_edge_litert import schema_py_generated as fb
+
+        self.fb, self.model, self.sg = fb, model, model.subgraphs[0]
+        self.renumber: dict[int, int] = {}  # tensor index the signatures name -> the tensor that replaces it
+
+    def _code(self, op: Any) -> int:
+        from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+        return fbu.get_builtin_code_from_operator_code(self.model.operatorCodes[op.opcodeIndex])
+
+    def _remap(self, old: int, new: int) -> None:
+        for k, v in self.renumber.items():
+            if v == old:
+                self.renumber[k] = new
+        self.renumber[old] = new
+
+    def strip_boundary_conversions(self) -> None:
+        """Float I/O behind a lone QUANTIZE (input) or DEQUANTIZE (output) -> the int8 tensor itself."""
+        fb, sg = self.fb, self.sg
+        for ports, builtin, is_input in ((sg.inputs, fb.BuiltinOperator.QUANTIZE, True),
+                                         (sg.outputs, fb.BuiltinOperator.DEQUANTIZE, False)):
+            for pos, t in enumerate(list(ports)):
+                ops = [op for op in sg.operators if t in (op.inputs if is_input else op.outputs)]
+                if len(ops) != 1 or sg.tensors[t].type != fb.TensorType.FLOAT32 or self._code(ops[0]) != builtin:
+                    continue
+                inner = ops[0].outputs[0] if is_input else ops[0].inputs[0]
+                if sg.tensors[inner].type == fb.TensorType.INT8:
+                    ports[pos] = inner
+                    self._remap(t, inner)
+                    sg.operators.remove(ops[0])
+
+    def add_boundary_conversions(self, io_dtype: str) -> None:
+        """int8 I/O -> float (QUANTIZE in, DEQUANTIZE out) or uint8 (requantizing QUANTIZE both ways)."""
+        fb, sg = self.fb, self.sg
+        for pos, t in enumerate(list(sg.inputs)):
+            if sg.tensors[t].type == fb.TensorType.INT8:
+                new = self._outer_tensor(t, io_dtype)
+                sg.operators.insert(0, self._op(fb.BuiltinOperator.QUANTIZE, new, t))
+                sg.inputs[pos] = new
+                self._remap(t, new)
+        for pos, t in enumerate(list(sg.outputs)):
+            if sg.tensors[t].type == fb.TensorType.INT8:
+                new = self._outer_tensor(t, io_dtype)
+                builtin = fb.BuiltinOperator.QUANTIZE if io_dtype == "uint8" else fb.BuiltinOperator.DEQUANTIZE
+                sg.operators.append(self._op(builtin, t, new))
+                sg.outputs[pos] = new
+                self._remap(t, new)
+
+    def renumber_signatures(self) -> None:
+        for sig in self.model.signatureDefs or []:
+            for item in list(sig.inputs or []) + list(sig.outputs or []):
+                item.tensorIndex = self.renumber.get(item.tensorIndex, item.tensorIndex)
+
+    def _opcode(self, builtin: int) -> int:
+        from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+        for i, oc in enumerate(self.model.operatorCodes):
+            if fbu.get_builtin_code_from_operator_code(oc) == builtin:
+                return i
+        oc = self.fb.OperatorCodeT()
+        oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = builtin, min(builtin, 127), 2
+        self.model.operatorCodes.append(oc)
+        return len(self.model.operatorCodes) - 1
+
+    def _op(self, builtin: int, inp: int, out: int) -> Any:
+        o = self.fb.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = self._opcode(builtin), [inp], [out]
+        return o
+
+    def _outer_tensor(self, inner: int, io_dtype: str) -> int:
+        """A new I/O tensor beside the int8 one; it takes over the public name."""
+        fb, src = self.fb, self.sg.tensors[inner]
+        new = fb.TensorT()
+        new.shape, new.shapeSignature, new.name = list(src.shape), src.shapeSignature, src.name
+        src.name = f"{_name(src.name)}/int8"
+        self.model.buffers.append(fb.BufferT())
+        new.buffer = len(self.model.buffers) - 1
+        if io_dtype == "uint8":
+            new.type = fb.TensorType.UINT8
+            q = fb.QuantizationParametersT()
+            q.scale = list(src.quantization.scale)
+            q.zeroPoint = [int(z) + 128 for z in src.quantization.zeroPoint]
+            new.quantization = q
+        else:
+            new.type = fb.TensorType.FLOAT32
+        self.sg.tensors.append(new)
+        return len(self.sg.tensors) - 1
 
 
 def _name(name: Any) -> str:
@@ -518,26 +501,90 @@ class TfliteRunner(Runner):
         if int(self.input["shape"][0]) != 1:
             raise ValueError(f"expected a batch-1 model, got input shape {list(self.input['shape'])}")
 
-    def quantize_input(self, x: np.ndarray) -> np.ndarray:
-        """Normalised NCHW float32 -> the artifact's input tensor (layout, raw pixels, integer quantization)."""
-        x = to_artifact_input(x, self.pre, self.opts)
-        dtype = np.dtype(self.input["dtype"])
-        if np.issubdtype(dtype, np.integer):
-            scale, zero = self.input["quantization"]
-            info = np.iinfo(dtype)
-            x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(dtype)
-        return x
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        xin = self.quantize_input(np.asarray(x, np.float32))
-        it, i_in, i_out = self.interpreter, self.input["index"], self.output["index"]
-        outs = []
-        for k in range(len(xin)):
-            it.set_tensor(i_in, xin[k:k + 1])
-            it.invoke()
-            outs.append(it.get_tensor(i_out).copy())
-        y = np.concatenate(outs)
-        if np.issubdtype(y.dtype, np.integer):
-            scale, zero = self.output["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        return y.astype(np.float32)
+        xin = artifact_input(np.asarray(x, np.float32), self.pre, self.opts, self.input)
+        y, _ = invoke_each(self.interpreter, xin)
+        return float_output(y, self.output).astype(np.float32)
+
+
+def artifact_input(x: np.ndarray, pre: Any, opts: TfliteOptions, detail: dict[str, Any]) -> np.ndarray:
+    """Normalised NCHW float32 -> the artifact's input tensor (layout, raw pixels, integer quantization with
+    the model's own scale and zero point)."""
+    x = to_artifact_input(x, pre, opts)
+    dtype = np.dtype(detail["dtype"])
+    if np.issubdtype(dtype, np.integer):
+        scale, zero = detail["quantization"]
+        info = np.iinfo(dtype)
+        x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(dtype)
+    return x
+
+
+def invoke_each(interpreter: Any, x: np.ndarray, keep: Sequence[int] = ()) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Run a batch-1 interpreter image by image: the raw output, and the tensors `keep` names, batch first."""
+    i_in = interpreter.get_input_details()[0]["index"]
+    i_out = interpreter.get_output_details()[0]["index"]
+    outs, kept = [], {t: [] for t in keep}
+    for k in range(len(x)):
+        interpreter.set_tensor(i_in, x[k:k + 1])
+        interpreter.invoke()
+        outs.append(interpreter.get_tensor(i_out).copy())
+        for t in keep:
+            kept[t].append(interpreter.get_tensor(t).copy())
+    return np.concatenate(outs), {t: np.concatenate(v) for t, v in kept.items()}
+
+
+def float_output(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """An integer output dequantized with its own parameters; float outputs as they are."""
+    if np.issubdtype(y.dtype, np.integer):
+        scale, zero = detail["quantization"]
+        return (y.astype(np.float64) - zero) * scale
+    return y.astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- intermediates (tensor-by-tensor)
+def runtime_quantized_tensors(path: Path, request: ExportRequest, x: np.ndarray) -> tuple[list[QTensor], dict[str, Any]]:
+    """The TFLite interpreter with all tensors preserved: every per-tensor int8/uint8 activation.
+
+    Intermediates are only kept by the built-in kernels (a delegate such as XNNPACK computes its partition
+    internally), so this runs without the default delegates; the info says how far its logits are from the
+    XNNPACK run that verification and apps use.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    inp, outp = it.get_input_details()[0], it.get_output_details()[0]
+    chosen = _quantized_activations(it)
+    xin = artifact_input(np.asarray(x, np.float32), request.loaded.preprocessing, request.options, inp)
+    logits, kept = invoke_each(it, xin, [t for t, _ in chosen])
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    out = []
+    for i, (t, op) in enumerate(chosen):
+        q, dtype = details[t]["quantization_parameters"], np.dtype(details[t]["dtype"])
+        out.append(QTensor(details[t]["name"], float(q["scales"][0]), signed_zero_point(int(q["zero_points"][0]), dtype),
+                           signed_values(kept[t], dtype), i, op=op))
+    info: dict[str, Any] = {"runtime": "ai_edge_litert Interpreter, built-in kernels (experimental_preserve_all_tensors)",
+                            "deployed_runtime": "XNNPACK delegate (intermediates not observable there)"}
+    try:
+        xnn_logits, _ = invoke_each(_interpreter(path, delegates=True), xin)
+    except (RuntimeError, ValueError) as exc:
+        info["xnnpack_error"] = str(exc).splitlines()[0]
+    else:
+        a, b = float_output(logits, outp), float_output(xnn_logits, outp)
+        info["builtin_vs_xnnpack_logits_max_abs"] = float(np.abs(a - b).max()) if a.size else 0.0
+    return out, info
+
+
+def _quantized_activations(interpreter: Any) -> list[tuple[int, str]]:
+    """(tensor index, producing op) of every per-tensor 8-bit activation, the integer input first."""
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    inp = interpreter.get_input_details()[0]
+    chosen = [(inp["index"], "input")] if np.dtype(inp["dtype"]) in (np.int8, np.uint8) else []
+    for op in interpreter._get_ops_details():
+        for t in op["outputs"]:
+            d = details.get(int(t))
+            if d is not None and np.dtype(d["dtype"]) in (np.int8, np.uint8) \
+                    and len(d["quantization_parameters"]["scales"]) == 1:
+                chosen.append((int(t), op["op_name"]))
+    return chosen
