@@ -78,10 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=Path("build"), metavar="DIR", help="output folder (default: build/)")
     add_target_option_flags(conv)
     g = conv.add_argument_group("data")
-    g.add_argument("--calib", type=Path, metavar="DIR",
-                   help="calibration images (flat or class sub-folders); some are held back for verification. "
-                        "Default: sample photos shipped with scikit-image")
+    g.add_argument("--calib", type=Path, metavar="DIR|SET",
+                   help="calibration images (flat or class sub-folders; some are held back for verification), or a "
+                        "calibration set (name from `mnv4-deploy calib list`, or .yaml). Default: the recipe's set, "
+                        "else sample photos shipped with scikit-image")
+    g.add_argument("--calib-root", type=Path, metavar="DIR",
+                   help="the folder a calibration set's paths are relative to (default: $MNV4_CALIB_ROOT)")
+    g.add_argument("--calib-allow-changed", action="store_true",
+                   help="calibrate on a set whose files are missing or changed (the manifest's digest says what "
+                        "was used)")
     g.add_argument("--val", type=Path, metavar="DIR", help="labelled ImageFolder to measure top-1/top-5 on")
+    g.add_argument("--val-labels", type=Path, metavar="FILE",
+                   help="ground truth for a flat --val folder (ImageNet val: LOC_val_solution.csv or '<file> <wnid>' "
+                        "lines), in timm's 1000-class order")
     g.add_argument("--val-limit", type=int, metavar="N", help="evaluate on a random N images of --val")
     _add_run_options(g)
     conv.set_defaults(func=cmd_convert)
@@ -127,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .report import add_report_command
 
     add_report_command(sub)
+    from .calib_cli import add_calib_command
+
+    add_calib_command(sub)
     return parser
 
 
@@ -161,6 +173,8 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         preprocessing=preprocessing_overrides(args), val=args.val, val_limit=args.val_limit, recipe=args.recipe,
         workers=args.workers, latency_runs=args.latency_runs,
         target_options=target_option_values(args), verify_gate=args.verify_gate,
+        calib_root=getattr(args, "calib_root", None), calib_allow_changed=getattr(args, "calib_allow_changed", False),
+        val_labels=getattr(args, "val_labels", None),
         progress=not args.no_progress and sys.stderr.isatty(), **kw)
 
 
@@ -231,6 +245,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         path = args.manifest / "manifest.json" if args.manifest.is_dir() else args.manifest
         manifest = read_json(path, "manifest", "give a manifest.json written by `mnv4-deploy convert`")
+        # Per-image predictions stay in the file: kilobytes of encoded classes help nobody on a terminal.
+        verification = {name: ({k: v for k, v in entry.items() if k != "predictions"}
+                               if isinstance(entry, dict) else entry)
+                        for name, entry in (manifest.get("verification") or {}).items()}
+        manifest = manifest | {"verification": verification}
         print(json.dumps({k: manifest.get(k) for k in ("model", "target", "precision", "artifact", "verification")},
                          indent=2))
         return 0
@@ -241,6 +260,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("models:  " + ", ".join(list_variants()))
     print("targets: " + ", ".join(target_names()))
     print("recipes: " + ", ".join(shipped_recipes()))
+    from .calibration import shipped_sets
+
+    print("calibration sets: " + ", ".join(shipped_sets()))
     return 0
 
 

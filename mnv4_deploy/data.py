@@ -71,11 +71,17 @@ class ImageSet:
         return self.subset(sorted(order[:n]))
 
 
-def scan_folder(folder: str | Path, classes: Optional[Sequence[str]] = None) -> ImageSet:
-    """Find images in `folder`: ImageFolder (class sub-folders) if it has them, else flat (recursive)."""
+def scan_folder(folder: str | Path, classes: Optional[Sequence[str]] = None,
+                labels_file: Optional[str | Path] = None) -> ImageSet:
+    """Find images in `folder`: ImageFolder (class sub-folders) if it has them, else flat (recursive).
+
+    `labels_file`: a ground-truth file for a flat folder (ImageNet's flat val folder), see read_val_labels.
+    """
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"image folder '{folder}' does not exist or is not a directory")
+    if labels_file is not None:
+        return _labelled_flat_folder(root, Path(labels_file).expanduser())
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     paths: list[Path] = []
     labels: list[int] = []
@@ -108,6 +114,60 @@ def scan_folder(folder: str | Path, classes: Optional[Sequence[str]] = None) -> 
     return result
 
 
+# ---------------------------------------------------------------- ImageNet-1k as users keep it
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in the order timm's pretrained 1000-class heads use (sorted wnids,
+    timm's imagenet_synsets.txt)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_names())
+
+
+def read_val_labels(path: Path) -> dict[str, int]:
+    """{image file stem: class index in timm's ImageNet-1k order} from a ground-truth file.
+
+    Reads Kaggle's `LOC_val_solution.csv` (ImageId,PredictionString starting with the wnid) and two-column
+    lists `<file> <label>` (space, tab or comma), the label a wnid or a class index in sorted-wnid order (as
+    Caffe's `val.txt`). The devkit's `ILSVRC2012_validation_ground_truth.txt` numbers classes in its own
+    ILSVRC2012_ID order, which is not timm's: it is refused rather than silently mislabelled.
+    """
+    if not path.is_file():
+        raise UserError(f"ground-truth file '{path}' not found: give LOC_val_solution.csv or a '<file> <wnid>' list")
+    classes = imagenet_classes()
+    index = {w: i for i, w in enumerate(classes)}
+    out: dict[str, int] = {}
+    lines = [l.strip() for l in path.read_text().splitlines() if l.strip()]
+    if lines and lines[0].replace(" ", "").lower().startswith("imageid,predictionstring"):
+        lines = lines[1:]
+    for n, line in enumerate(lines, 1):
+        parts = line.replace(",", " ").split()
+        if len(parts) == 1:
+            raise UserError(f"{path}:{n}: one column only (the devkit's ILSVRC2012_validation_ground_truth.txt uses "
+                            "ILSVRC2012_IDs, not timm's class order): give LOC_val_solution.csv or '<file> <wnid>' lines")
+        name, label = Path(parts[0]).stem, parts[1]
+        if label in index:
+            out[name] = index[label]
+        elif label.isdigit() and int(label) < len(classes):
+            out[name] = int(label)
+        else:
+            raise UserError(f"{path}:{n}: label '{label}' is neither an ImageNet-1k wnid nor a class index 0-999: "
+                            "give the ground truth of the ILSVRC2012 val split")
+    return out
+
+
+def _labelled_flat_folder(root: Path, labels_file: Path) -> ImageSet:
+    """A flat folder (ILSVRC2012_val_00000001.JPEG ...) labelled from its ground-truth file."""
+    truth = read_val_labels(labels_file)
+    files, skipped = _image_files(root)
+    paths = [p for p in files if p.stem in truth]
+    if not paths:
+        raise UserError(f"none of the {len(files)} images in '{root}' is named in '{labels_file}': "
+                        "give the ground truth of these files")
+    if len(paths) < len(files):
+        logger.info(f"note: {len(files) - len(paths)} images in '{root}' have no label in '{labels_file}'; left out")
+    return ImageSet(paths, [truth[p.stem] for p in paths], imagenet_classes(), str(root), skipped)
+
+
 def _image_files(folder: Path, recursive: bool = True) -> tuple[list[Path], int]:
     it = folder.rglob("*") if recursive else folder.iterdir()
     files, other = [], 0
@@ -131,6 +191,9 @@ class LoadedImages:
     uint8: Optional[np.ndarray] = field(default=None, repr=False)  # (N, H, W, 3)
     files: Optional[ImageSet] = field(default=None, repr=False)  # the image files these were read from
     unreadable_example: Optional[str] = None  # one file that could not be read, for the user's note
+    # Calibration images only: {name, digest, images} of the set they are (mnv4_deploy/calibration.py), which
+    # every int8 manifest records so that runs are compared only when calibrated alike.
+    calibration_set: Optional[dict[str, Any]] = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -262,8 +325,8 @@ _SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "
                    "gravel.png", "grass.png")
 
 
-def default_calibration(pre: Preprocessing, n: int = 64, seed: int = 0) -> tuple[LoadedImages, str]:
-    """Random crops of the real photographs that scikit-image ships: calibration with no download."""
+def skimage_photos() -> tuple[Path, list[Path]]:
+    """scikit-image's data folder and the sample photographs in it that calibrate by default."""
     try:
         import skimage
     except ImportError:
@@ -275,6 +338,12 @@ def default_calibration(pre: Preprocessing, n: int = 64, seed: int = 0) -> tuple
     photos = [folder / name for name in _SKIMAGE_PHOTOS if (folder / name).is_file()]
     if not photos:
         raise UserError(f"scikit-image's sample photos are missing from {folder}: pass --calib DIR")
+    return folder, photos
+
+
+def default_calibration(pre: Preprocessing, n: int = 64, seed: int = 0) -> tuple[LoadedImages, str]:
+    """Random crops of the real photographs that scikit-image ships: calibration with no download."""
+    _folder, photos = skimage_photos()
     rng = random.Random(seed)
     h, w = pre.input_size
     out = []

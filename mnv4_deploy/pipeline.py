@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .data import LoadedImages, default_calibration, load_images, scan_folder
+from .data import LoadedImages, load_images, scan_folder
 from .errors import UserError, VerificationError
 from .fileio import atomic_path, ensure_writable_dir, write_json
 from .manifest import artifact_facts, build_manifest, tool_versions
@@ -22,7 +23,8 @@ from .quantize import QuantizedModel, quantize
 from . import tensorwise
 from .recipes import Recipe, load_recipe, options_for
 from .targets import ExportRequest, get_target, parse_targets, target_names
-from .verify import Fidelity, compare, gate_checks, measure_latency, run_batched, torch_logits
+from .verify import (Fidelity, compare, evaluation_record, gate_checks, measure_latency, run_batched,
+                     torch_logits)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 FAILED_MANIFEST = "manifest.failed.json"  # beside the artifact path when the verification gate refused it
@@ -51,6 +53,10 @@ class ConvertSettings:
     progress: bool = True
     # None: the recipe's verification.gate; False: write artifacts that fail verification (manifest says so).
     verify_gate: Optional[bool] = None
+    # calib may also name a calibration set (calibration/*.yaml) whose paths are relative to calib_root.
+    calib_root: Optional[Path] = None
+    calib_allow_changed: bool = False  # calibrate on a set whose files changed (the digest says what was used)
+    val_labels: Optional[Path] = None  # ground truth for a flat --val folder (ImageNet's val split)
 
 
 @dataclass
@@ -81,23 +87,14 @@ def progress_bars(settings: ConvertSettings) -> Optional[Callable]:
 
 
 def load_data(settings: ConvertSettings, loaded: LoadedModel, recipe: Recipe) -> tuple[LoadedImages, str, LoadedImages, str]:
-    """Calibration images and disjoint held-back images for verification."""
-    pre = loaded.preprocessing
-    n_cal, n_ver = recipe.quantization.calibration.images, recipe.verification.images
-    seed = recipe.quantization.calibration.seed
-    desc = "reading images" if settings.progress else ""
-    if settings.calib is None:
-        cal, cal_src = default_calibration(pre, n_cal if settings.precision == "int8" else 8, seed)
-        ver, _ = default_calibration(pre, n_ver, seed + 1)
-        return cal, cal_src, ver, "scikit-image sample photos (other random crops)"
-    found = scan_folder(settings.calib)
-    cal_set, ver_set = found.split(n_cal, n_ver, seed)
-    cal = load_images(cal_set, pre, settings.workers, desc)
-    ver = load_images(ver_set, pre, settings.workers, desc)
-    unreadable = cal.unreadable + ver.unreadable
-    if unreadable or found.skipped_files:
-        logger.warning(f"note: skipped {unreadable} unreadable images and {found.skipped_files} non-image files in {settings.calib}")
-    return cal, f"{settings.calib} ({len(cal)} images)", ver, f"{settings.calib} (held back, {len(ver)} images)"
+    """Calibration images and disjoint held-back images for verification (a folder, a calibration set, or the
+    scikit-image photos: mnv4_deploy/calibration.py); the calibration images carry their set's name and digest."""
+    from .calibration import load_calibration
+
+    data = load_calibration(settings.calib, settings.calib_root, recipe, loaded.preprocessing, settings.precision,
+                            settings.calib_allow_changed, settings.workers, settings.progress)
+    data.calibration.calibration_set = data.calibration_set
+    return data.calibration, data.calibration_source, data.held_back, data.held_back_source
 
 
 def _installed(target: Any) -> bool:
@@ -164,7 +161,7 @@ def start_run(settings: ConvertSettings) -> Run:
     batch = recipe.verification.batch_size
     evals = [EvalData("held_back", ver_src, ver, torch_logits(loaded.model, ver.x, batch))]
     if settings.val is not None:
-        val_set = scan_folder(settings.val)
+        val_set = scan_folder(settings.val, labels_file=settings.val_labels)
         if settings.val_limit:
             val_set = val_set.sample(settings.val_limit, seed=0)
         val = load_images(val_set, loaded.preprocessing, settings.workers, "reading val" if settings.progress else "")
@@ -242,6 +239,7 @@ def _measure(runner: Any, evals: Sequence[EvalData], batch: int,
     for i, ev in enumerate(evals):
         logits = run_batched(runner, ev.images.x, batch, runner.max_batch)
         entry = {"source": ev.source, "vs_float": compare(logits, ev.float_logits, ev.images.labels).to_dict()}
+        entry |= evaluation_record(logits, ev.float_logits, ev.images)  # digest, per-image top-1, 95% intervals
         if i == 0:
             first = logits
             if simulated is not None:
@@ -274,7 +272,9 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
     final = out_dir / target.artifact_name
     enforced = recipe.verification.gate if settings.verify_gate is None else settings.verify_gate
     with atomic_path(final) as tmp:
+        started = time.perf_counter()
         export_info = target.export(request, tmp)
+        export_info.setdefault("seconds", round(time.perf_counter() - started, 2))  # conversion time, per target
         runner = target.load(tmp, request)
         batch = recipe.verification.batch_size
         verification: dict[str, Any] = {"numbers": "measured" if runner.measured else "simulated"}
@@ -282,7 +282,8 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
         verification |= measured
         judged = evals[0].name
         verification["gate"] = gate = _gate(request, recipe, judged, verification[judged], logits, enforced)
-        verification["latency"] = measure_latency(runner, evals[0].images.x[:1], runs=settings.latency_runs).to_dict()
+        verification["latency"] = measure_latency(runner, evals[0].images.x[:1], runs=settings.latency_runs,
+                                                  threads=runner.threads).to_dict()
         tensor_table = None
         if request.precision == "int8":
             verification["tensorwise"], tensor_table = tensorwise.run(target, tmp, request, evals[0].images.x)
@@ -302,6 +303,16 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
     return ArtifactResult(target.name, request.precision, final, manifest_path, manifest)
 
 
+def _quantization_facts(request: ExportRequest) -> Optional[dict[str, Any]]:
+    """How the int8 model was calibrated, with the calibration set's name and digest (what reports compare)."""
+    if request.quantized is None:
+        return None
+    facts = dict(request.quantized.calibration)
+    if request.calibration is not None and request.calibration.calibration_set is not None:
+        facts["calibration_set"] = request.calibration.calibration_set
+    return facts
+
+
 def _manifest(target: Any, request: ExportRequest, recipe: Recipe, export_info: dict[str, Any], path: Path,
               verification: dict[str, Any]) -> dict[str, Any]:
     loaded = request.loaded
@@ -310,7 +321,7 @@ def _manifest(target: Any, request: ExportRequest, recipe: Recipe, export_info: 
         target=target.name,
         precision=request.precision,
         recipe=recipe.to_dict() | {"source": recipe.source},
-        quantization=request.quantized.calibration if request.quantized else None,
+        quantization=_quantization_facts(request),
         export=export_info,
         artifact=artifact_facts(path),
         input=target.input_spec(path, request),

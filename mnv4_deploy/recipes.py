@@ -14,8 +14,10 @@ import yaml
 
 from .errors import UserError, did_you_mean
 from .options import choice, option
+from .shipped import find_named, named_files, shipped_dir, user_dir
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The shipped recipes (package data; the repository's recipes/ folder). Read them by name with load_recipe.
+RECIPES_DIR = shipped_dir("recipes") or Path("recipes")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,10 @@ class ActivationQuant:
 
 @dataclass(frozen=True)
 class Calibration:
-    images: int = 512  # calibration images drawn from --calib
+    # A calibration set (name or .yaml file, see calibration/) to use when the command gives no --calib;
+    # its root comes from --calib-root or $MNV4_CALIB_ROOT. Empty: --calib, else the scikit-image photos.
+    set: str = ""
+    images: int = 512  # calibration images drawn from --calib (a set larger than this: a seeded subset)
     batch_size: int = 32
     seed: int = 0
 
@@ -205,20 +210,23 @@ def load_recipe(name_or_path: Optional[str]) -> Recipe:
         name_or_path = "ptq-int8"
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
-        path = RECIPES_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
+        named = find_named("recipes", name_or_path)
+        if named is None:
             shipped = shipped_recipes()
             raise UserError(
                 f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, shipped)}; "
-                f"shipped recipes: {', '.join(shipped) or 'none'}, or give a path to a .yaml file"
+                f"shipped recipes: {', '.join(shipped) or 'none'} (own ones in {user_dir('recipes')}), "
+                "or give a path to a .yaml file"
             )
+        return parse_recipe(named.read_text(), str(named))
     if not path.is_file():
         raise UserError(f"recipe file '{name_or_path}' not found")
     return parse_recipe(path.read_text(), str(path))
 
 
 def shipped_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    """Recipe names `--recipe` accepts: the package's and the user folder's."""
+    return sorted(named_files("recipes"))
 
 
 def parse_recipe(text: str, source: str = "<string>") -> Recipe:

@@ -75,6 +75,7 @@ def test_conv_small_fp16_and_w8a8(tmp_path: Path, conversion: str) -> None:
     assert w8a8["structure"]["outputs"][0]["name"] == "logits"
 
 
+@pytest.mark.slow  # full hybrid_medium W8A8 CoreML, ~35 s
 def test_hybrid_medium_w8a8_export(tmp_path: Path) -> None:
     """MobileMQA in the W8A8 program: matmuls and softmax between quantize/dequantize ops, no SDPA."""
     s = _convert(tmp_path, "mobilenetv4_hybrid_medium", "int8")["structure"]

@@ -134,3 +134,60 @@ def test_worker_processes_give_the_same_arrays(image_folder: Path, monkeypatch):
     assert contexts[0] is None and contexts[1] in ("forkserver", "spawn")
     assert np.array_equal(serial.x, parallel.x) and np.array_equal(serial.uint8, parallel.uint8)
     assert serial.labels.tolist() == parallel.labels.tolist() and parallel.unreadable == 1
+
+
+# ---------------------------------------------------------------- ImageNet as users keep it
+# (file, wnid, index in timm's 1000-class order = position in its sorted imagenet_synsets.txt)
+FAKE_VAL = [("ILSVRC2012_val_00000001.JPEG", "n01751748", 65), ("ILSVRC2012_val_00000002.JPEG", "n09193705", 970),
+            ("ILSVRC2012_val_00000003.JPEG", "n01440764", 0), ("ILSVRC2012_val_00000004.JPEG", "n15075141", 999)]
+
+
+def fake_imagenet_val(tmp_path: Path) -> tuple[Path, Path]:
+    """A flat ILSVRC2012 val folder of four real photographs (crops of scikit-image's) and Kaggle's
+    LOC_val_solution.csv ground truth (wnid first, then boxes), in shuffled order."""
+    import skimage
+    from PIL import Image
+
+    val = tmp_path / "imagenet" / "val"
+    val.mkdir(parents=True)
+    photos = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"]
+    for (name, _, _), photo in zip(FAKE_VAL, photos):
+        Image.open(Path(skimage.__file__).parent / "data" / photo).convert("RGB").resize((80, 80)).save(val / name)
+    labels = tmp_path / "imagenet" / "LOC_val_solution.csv"
+    rows = [f"{Path(n).stem},{w} 10 20 30 40 {w} 1 2 3 4" for n, w, _ in reversed(FAKE_VAL)]
+    labels.write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    return val, labels
+
+
+def test_imagenet_flat_val_is_labelled_in_timm_order(tmp_path: Path):
+    from mnv4_deploy.data import imagenet_classes
+
+    classes = imagenet_classes()
+    assert len(classes) == 1000 and classes == sorted(classes)
+    val, labels = fake_imagenet_val(tmp_path)
+    found = scan_folder(val, labels_file=labels)
+    assert [p.name for p in found.paths] == [n for n, _, _ in FAKE_VAL]
+    assert found.labels == [i for _, _, i in FAKE_VAL] and found.classes == classes
+    assert [classes[i] for i in found.labels] == [w for _, w, _ in FAKE_VAL]
+    # Caffe-style '<file> <index>' and '<file> <wnid>' lists give the same labels.
+    for col in (2, 1):
+        other = tmp_path / f"val{col}.txt"
+        other.write_text("".join(f"{row[0]} {row[col]}\n" for row in FAKE_VAL))
+        assert scan_folder(val, labels_file=other).labels == found.labels
+    assert load_images(found, PRE).labels.tolist() == found.labels
+
+
+def test_imagenet_devkit_ground_truth_and_foreign_labels_are_refused(tmp_path: Path):
+    val, _ = fake_imagenet_val(tmp_path)
+    devkit = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    devkit.write_text("490\n361\n171\n822\n")
+    with pytest.raises(UserError, match="ILSVRC2012_IDs, not timm's class order"):
+        scan_folder(val, labels_file=devkit)
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("ILSVRC2012_val_00000001.JPEG n99999999\n")
+    with pytest.raises(UserError, match="neither an ImageNet-1k wnid nor a class index"):
+        scan_folder(val, labels_file=foreign)
+    unrelated = tmp_path / "unrelated.txt"
+    unrelated.write_text("other_file.JPEG n01440764\n")
+    with pytest.raises(UserError, match="none of the 4 images .* is named in"):
+        scan_folder(val, labels_file=unrelated)

@@ -107,7 +107,8 @@ def test_qat_with_fallback_trains_those_sites_float(tmp_path: Path, reference_ch
     # The checkpoint carries the choice (weights_only-loadable); a resume removes the same quantizers.
     saved = torch.load(tmp_path / "out" / "qat" / "last.pt", weights_only=True)
     assert saved["fallback"]["sites"] == fallback["sites"]
-    assert _qat(tmp_path, small_train, recipe, "--resume", str(tmp_path / "out" / "qat" / "last.pt")) == 0
+    assert _qat(tmp_path, small_train, recipe, "--resume", str(tmp_path / "out" / "qat" / "last.pt"),
+                "--max-steps", "2") == 0
     resumed = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())["quantization"]
     assert resumed["fallback"]["sites"] == fallback["sites"] and resumed["qat"]["steps"] > 1
 
@@ -248,6 +249,7 @@ def test_qat_data_parallel_under_torchrun(tmp_path: Path, reference_checkpoint: 
     assert m["quantization"]["qat"]["steps"] == 4
 
 
+@pytest.mark.slow  # QAT graph -> CoreML, ~40 s
 def test_qat_graph_converts_to_coreml(tmp_path: Path):
     """A trained (train-mode exported) QAT graph is stateless after training: CoreML converts it pre-iOS18."""
     pytest.importorskip("coremltools", reason="pip install 'mnv4-deploy[coreml]'")

@@ -56,3 +56,34 @@ def test_unknown_recipe_name_and_bad_yaml(tmp_path: Path):
 def test_yaml_tags_are_not_executed():
     with pytest.raises(UserError):
         parse_recipe("name: !!python/object/apply:os.system ['echo pwned']\n", "evil.yaml")
+
+
+def test_recipe_may_name_its_calibration_set():
+    r = parse_recipe("quantization:\n  calibration:\n    set: reference-tin202\n", "r.yaml")
+    assert r.quantization.calibration.set == "reference-tin202"
+    assert load_recipe(None).quantization.calibration.set == ""
+
+
+def test_user_folder_recipe_overrides_and_adds(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("MNV4_DEPLOY_HOME", str(tmp_path))
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "ptq-int8.yaml").write_text("name: ptq-int8\ndescription: my own\n")
+    (tmp_path / "recipes" / "team-int8.yaml").write_text("name: team-int8\n")
+    assert load_recipe("ptq-int8").description == "my own"
+    assert {"team-int8", "ort-baseline"} <= set(shipped_recipes())
+    assert load_recipe("team-int8").source == str(tmp_path / "recipes" / "team-int8.yaml")
+
+
+def test_wheel_ships_every_package_and_the_data_folders():
+    """pyproject lists packages explicitly (the data packages are mapped from top-level folders): a new
+    sub-package missing there would be absent from the wheel. The wheel itself is built and installed into a
+    fresh venv by .ci/run (too slow for pytest)."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+")
+    repo = Path(__file__).resolve().parent.parent
+    setup = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(repo).parts) for p in (repo / "mnv4_deploy").rglob("__init__.py")}
+    assert on_disk <= set(setup["packages"])
+    for kind in ("recipes", "calibration"):
+        package = f"mnv4_deploy.shipped_{kind}"
+        assert package in setup["packages"] and setup["package-dir"][package] == kind
+        assert setup["package-data"][package] == ["*.yaml"] and list((repo / kind).glob("*.yaml"))

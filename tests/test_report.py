@@ -12,29 +12,67 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from mnv4_deploy import UserError
 from mnv4_deploy.cli import main
 from mnv4_deploy.report import markdown, page, roofline, svg
 from mnv4_deploy.report.gate import Thresholds, compare_reports, parse_percent
-from mnv4_deploy.report.schema import EVAL_SETS, cell_from_manifest, empty_cell, load_report, new_report, validate
+from mnv4_deploy.report.schema import (EVAL_SETS, cell_from_manifest, empty_cell, load_report, model_section,
+                                       new_report, validate)
 from mnv4_deploy.report.svg import pareto_front
 
 
+N_IMAGES, N_CLASSES = 2000, 10
+
+
+def fake_predictions(top1: float, agree: float, float_top1: float = 0.217,
+                     n: int = N_IMAGES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, float top-1, artifact top-1) with the given accuracies, nested so that a lower number only loses
+    images (a paired comparison of two such sets has no gains)."""
+    labels = np.arange(n) % N_CLASSES
+    n_float, n_ok, n_agree = round(float_top1 * n), round(top1 * n), round(agree * n)
+    assert n_ok <= n_float and n_ok <= n_agree <= n_ok + (n - n_float)
+    ref = np.where(np.arange(n) < n_float, labels, (labels + 1) % N_CLASSES)
+    pred = np.where(np.arange(n) < n_ok, labels, (labels + 2) % N_CLASSES)  # right, or wrong and not float's
+    agreeing = n_float + np.arange(n - n_float) < n_float + (n_agree - n_ok)  # among float's wrong images
+    pred[n_float:][agreeing] = ref[n_float:][agreeing]
+    return labels, ref, pred
+
+
+def one_hot(classes: np.ndarray) -> np.ndarray:
+    return np.eye(N_CLASSES, dtype=np.float32)[classes]
+
+
+def fake_record(labels: np.ndarray, ref: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """A manifest's per-evaluation-set record (digest, predictions, intervals), as the pipeline writes it."""
+    from types import SimpleNamespace
+
+    from mnv4_deploy.verify import evaluation_record
+
+    images = SimpleNamespace(x=np.zeros((len(labels), 1), np.float32), labels=labels, uint8=None, files=None)
+    return evaluation_record(one_hot(pred), one_hot(ref), images)
+
+
 def fake_manifest(target: str = "onnx", precision: str = "int8", top1: float = 0.21, agree: float = 0.75,
-                  median_ms: float = 0.55, size: int = 3_250_000) -> dict[str, Any]:
-    fid = {"images": 2000, "cosine": 0.98, "sqnr_db": 8.3, "top1_agreement": agree, "top1": top1, "top5": 0.45,
-           "reference_top1": 0.217, "max_abs_error": 1.0}
+                  median_ms: float = 0.55, size: int = 3_250_000, preds: Any = None) -> dict[str, Any]:
+    labels, ref, pred = preds if preds is not None else fake_predictions(top1, agree)
+    top1, agree = float((pred == labels).mean()), float((pred == ref).mean())
+    fid = {"images": len(labels), "cosine": 0.98, "sqnr_db": 8.3, "top1_agreement": agree, "top1": top1,
+           "top5": 0.45, "reference_top1": float((ref == labels).mean()), "max_abs_error": 1.0}
+    held = fake_predictions(0.21, 0.77, n=200)
     return {
         "schema_version": 1, "target": target, "precision": precision,
         "model": {"name": "mobilenetv4_conv_small", "weights": "w.pth", "weights_sha256": "ab" * 32},
         "artifact": {"file": "model.onnx", "size_bytes": size, "sha256": "cd" * 32},
         "export": {"method": "float"},
+        "input": {"shape": [1, 3, 64, 64]},
         "verification": {
             "numbers": "measured",
-            "held_back": {"source": "train (held back)", "vs_float": dict(fid, top1_agreement=0.77)},
-            "val": {"source": "val (2000 images)", "vs_float": fid},
+            "held_back": {"source": "train (held back)", "vs_float": dict(fid, images=200, top1_agreement=0.77)}
+            | fake_record(*held),
+            "val": {"source": "val (2000 images)", "vs_float": fid} | fake_record(labels, ref, pred),
             "latency": {"batch": 1, "median_ms": median_ms, "p90_ms": median_ms * 1.2, "runs": 30, "threads": None},
         },
         "tool_versions": {"onnxruntime": "1.x"},
@@ -42,16 +80,19 @@ def fake_manifest(target: str = "onnx", precision: str = "int8", top1: float = 0
 
 
 def fake_report(**kw: Any) -> dict[str, Any]:
+    model = "mobilenetv4_conv_small"
     cells = [cell_from_manifest(fake_manifest(precision="fp32", top1=0.217, agree=1.0, median_ms=0.8, size=15_000_000),
-                                "built", "fp32/onnx/model.onnx", "fp32/onnx/manifest.json"),
-             empty_cell("onnx", "fp16", "skipped", "onnx does not support fp16"),
-             cell_from_manifest(fake_manifest(**kw), "built", "int8/onnx/model.onnx", "int8/onnx/manifest.json")]
+                                "built", "fp32/onnx/model.onnx", "fp32/onnx/manifest.json", model=model),
+             empty_cell("onnx", "fp16", "skipped", "onnx does not support fp16", model),
+             cell_from_manifest(fake_manifest(**kw), "built", "int8/onnx/model.onnx", "int8/onnx/manifest.json",
+                                model=model)]
     layers = [roofline.Layer("stem", "full conv", 1_000_000, 864, 32, 20_000, "conv 3x3"),
               roofline.Layer("blocks.0", "depthwise conv", 50_000, 288, 32, 40_000, "dw 3x3"),
               roofline.Layer("head", "fully connected", 200_000, 200_000, 202, 1200, "linear")]
     roof = roofline.estimate(layers, ["fp32", "fp16", "int8"])
-    return new_report({"name": "mobilenetv4_conv_small", "weights": "w.pth", "weights_sha256": "ab" * 32},
-                      {"input_size": [64, 64], "recipe": "ptq-int8"}, cells, roof, {"python": "3.11"})
+    section = model_section(model, {"name": model, "weights": "w.pth", "weights_sha256": "ab" * 32},
+                            {"input_size": [64, 64], "recipe": "ptq-int8"}, roof)
+    return new_report([section], cells, {"python": "3.11"})
 
 
 # ---------------------------------------------------------------- schema
@@ -67,7 +108,11 @@ def test_schema_round_trip(tmp_path: Path):
     for cell in back["cells"]:
         for m in cell["metrics"].values():
             assert {"value", "unit", "method"} <= set(m)
-    assert back["roofline"]["precisions"]["int8"]["estimated_cost"]["method"] == "estimated"
+    assert back["models"][0]["roofline"]["precisions"]["int8"]["estimated_cost"]["method"] == "estimated"
+    # every accuracy carries its sample size and 95% interval
+    for key in ("val.top1", "val.top1_agreement", "val.top1_drop", "held_back.top1_agreement"):
+        m = back["cells"][2]["metrics"][key]
+        assert m["images"] and m["ci95"][0] <= m["value"] <= m["ci95"][1]  # the drop: points, like its interval
 
 
 def test_not_a_report_is_a_user_error(tmp_path: Path):
@@ -104,6 +149,8 @@ def check_cell_matches_manifest(cell: dict[str, Any], m: dict[str, Any]) -> None
             assert metrics[f"{name}.top1"]["value"] == f["top1"]
             assert metrics[f"{name}.top5"]["value"] == f["top5"]
             assert metrics[f"{name}.float_top1"]["value"] == f["reference_top1"]
+            assert metrics[f"{name}.top1"]["ci95"] == pytest.approx(v[name]["ci95"]["top1"], abs=1e-6)
+        assert cell["evaluation"][name]["image_set"] == v[name]["image_set"]
 
 
 # ---------------------------------------------------------------- gate
@@ -121,9 +168,11 @@ def test_gate_catches_one_point_top1_regression():
     assert not gate.passed
     [reg] = gate.regressions
     assert (reg.target, reg.precision, reg.check) == ("onnx", "int8", "top-1") and reg.change == pytest.approx(1.0)
+    assert (reg.lost, reg.gained, reg.images) == (20, 0, 2000) and reg.p_value == pytest.approx(0.5 ** 20)
     md = markdown.render(new, gate)
     assert "FAILED: 1 regression" in md
-    assert "| onnx/int8 | top-1 | 21.00% | 20.00% | -1.00 pp | -0.5 pp | ❌ regression |" in md
+    assert "| mobilenetv4_conv_small/onnx/int8 | top-1 | 21.00% | 20.00% | -1.00 pp (" in md
+    assert "p=9.5e-07, 20 lost / 0 gained of 2000" in md and "| -0.5 pp | ❌ regression |" in md
 
 
 def test_gate_catches_agreement_latency_and_missing_cells():
@@ -155,6 +204,7 @@ def test_compare_mode_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(args + ["--compare", str(tmp_path / "worse.json"), "--out", str(tmp_path / "cmp")]) == 1
     out = capsys.readouterr().out
     assert "FAILED: 1 regression" in out and "onnx/int8 | top-1" in out
+    assert main(args + ["--compare", str(tmp_path / "worse.json"), "--alpha", "1e-9"]) == 0  # not significant
     assert json.loads((tmp_path / "cmp" / "report.json").read_text())["gate"]["passed"] is False
     assert main(["report", "--compare", str(tmp_path / "same.json")]) == 2  # no baseline: user error
     assert main(["report"]) == 2  # neither --model nor --compare
@@ -262,6 +312,7 @@ def test_runner_isolates_failures_and_reuses_by_manifest_hash(tmp_path: Path):
     rs2 = ReportSettings(ConvertSettings(**{**base.__dict__, "recipe": str(tmp_path / "r.yaml")}), ["int8"])
     [failed] = Runner(rs2, _fake_convert(calls, fail={"onnx"})).run()
     assert failed["status"] == "failed" and failed["note"] == "RuntimeError: converter crashed"
+    assert failed["model"] == "mobilenetv4_conv_small_035"
 
 
 # ---------------------------------------------------------------- a real build (onnx, tiny model)
@@ -322,12 +373,14 @@ def test_build_writes_three_outputs_with_manifest_numbers(built: dict[str, Any])
         manifest = json.loads((out / cell["artifact"]["manifest"]).read_text())
         check_cell_matches_manifest(cell, manifest)
         assert (out / cell["artifact"]["path"]).is_file()
-    assert report["roofline"]["macs"]["value"] > 0 and report["host"]["cpu_count"]
-    sens = report["sensitivity"]["layers"]
+    [section] = report["models"]
+    assert section["roofline"]["macs"]["value"] > 0 and report["host"]["cpu_count"]
+    assert section["roofline"]["input_size"] == {"value": [64, 64], "source": "--input-size"}
+    sens = section["sensitivity"]["layers"]
     # The recipe's quantizers (weights and activations), most sensitive first, from the same recipe as the cells.
     assert {layer["kind"] for layer in sens} == {"weight", "activation"} and sens[0]["sqnr_db"] > 0
     assert [layer["sqnr_db"] for layer in sens] == sorted(layer["sqnr_db"] for layer in sens)
-    assert report["sensitivity"]["recipe"] == "tiny-test"
+    assert section["sensitivity"]["recipe"] == "tiny-test"
     md = (out / "report.md").read_text()
     assert "| onnx | int8 | built |" in md and "| onnx | fp16 | skipped |" in md
     check_html((out / "report.html").read_text(), pareto=False)

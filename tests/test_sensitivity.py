@@ -125,8 +125,11 @@ def test_int16_fallback_deploys_per_target(tmp_path, image_folder):
     from mnv4_deploy.pipeline import ConvertSettings, convert
 
     recipe = tmp_path / "mixed.yaml"
+    # The gate judges top-1 agreement on the 2 held-back images, which random weights make near-ties; this test
+    # checks the stronger things itself (cosine and every tensor against the simulation).
     recipe.write_text("quantization:\n  calibration: {images: 16, batch_size: 8}\n"
-                      "  fallback: {max_layers: 3, target_agreement: 1.01, precision: int16}\n")
+                      "  fallback: {max_layers: 3, target_agreement: 1.01, precision: int16}\n"
+                      "verification: {gate: false}\n")
     # Random weights from a fixed seed: on some draws OpenVINO mis-computes a residual add that has one float
     # and one int8 input (flagged by the tensor-by-tensor check; README, known limits), so the draw is pinned.
     torch.manual_seed(0)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from mnv4_deploy.fileio import sha256_of
 from mnv4_deploy.options import flag_fields
 from mnv4_deploy.pipeline import FAILED_MANIFEST, ArtifactResult, ConvertSettings, apply_overrides, convert
 from mnv4_deploy.recipes import parse_recipe
-from mnv4_deploy.targets import get_target, register_target, target_names, unregister_target
+from mnv4_deploy.targets import Runner, get_target, register_target, target_names, unregister_target
 
 PLUGIN = ("torchexport", "tests.torchexport_target:TorchExportTarget")
 TARGETS = [*target_names(), PLUGIN[0]]
@@ -33,8 +34,8 @@ PARITY = {"fp32": (0.9999, 0.99), "fp16": (0.999, 0.95)}
 RECIPE = """\
 name: conformance
 quantization:
-  calibration: {images: 128, batch_size: 32}
-verification: {images: 64, batch_size: 32}
+  calibration: {images: 64, batch_size: 32}
+verification: {images: 48, batch_size: 48}
 """
 
 
@@ -62,18 +63,23 @@ def recipe_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, reference_checkpoint: Path, tiny_imagenet: Path,
-          recipe_file: Path) -> dict[tuple[str, str], ArtifactResult]:
-    """Every target at every precision it supports, from the reference checkpoint (one convert per precision)."""
-    out = tmp_path_factory.mktemp("built")
+def base_settings(tmp_path_factory: pytest.TempPathFactory, reference_checkpoint: Path, tiny_imagenet: Path,
+                  recipe_file: Path) -> ConvertSettings:
+    """The reference checkpoint on real Tiny ImageNet images, with the conformance recipe."""
+    return ConvertSettings(
+        model="mobilenetv4_conv_small", weights=str(reference_checkpoint), num_classes=202,
+        preprocessing={"input_size": [64], "crop_pct": 1.0}, out=tmp_path_factory.mktemp("built"),
+        calib=tiny_imagenet / "train", recipe=str(recipe_file), latency_runs=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def built(base_settings: ConvertSettings) -> dict[tuple[str, str], ArtifactResult]:
+    """Every target at every precision it supports (one convert per precision: one quantization for all)."""
     results: dict[tuple[str, str], ArtifactResult] = {}
     for precision in ("fp32", "fp16", "int8"):
         names = [n for n in TARGETS if precision in get_target(n).precisions]
-        settings = ConvertSettings(
-            model="mobilenetv4_conv_small", weights=str(reference_checkpoint), num_classes=202,
-            preprocessing={"input_size": [64], "crop_pct": 1.0}, out=out / precision, targets=",".join(names),
-            precision=precision, calib=tiny_imagenet / "train", recipe=str(recipe_file), latency_runs=2,
-            progress=False)
+        settings = dataclasses.replace(base_settings, out=Path(base_settings.out) / precision,
+                                       targets=",".join(names), precision=precision)
         results |= {(r.target, precision): r for r in convert(settings)}
     return results
 
@@ -113,6 +119,16 @@ def test_int8_artifact_matches_its_simulation(built, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TARGETS)
+def test_int8_artifact_runs_every_conv_in_int8(built, name: str) -> None:
+    """From the graph the runtime executes (where the target can read it): no convolution or matmul left float."""
+    r = _result(built, name, "int8")
+    compute = r.manifest["structure"].get("int8_compute")
+    if compute is None:
+        pytest.skip(f"{name} cannot say what its runtime executes here")
+    assert compute["total"] >= 40 and compute["int8"] == compute["total"] and not compute["float"], compute
+
+
+@pytest.mark.parametrize("name", TARGETS)
 def test_manifest_schema(built, name: str) -> None:
     for precision in ("fp32", "fp16", "int8"):
         if precision not in get_target(name).precisions:
@@ -129,7 +145,7 @@ def test_manifest_schema(built, name: str) -> None:
         assert m["output"]["shape"] == [1, 202] and m["export"]["method"]
         v = m["verification"]
         assert v["gate"]["passed"] and v["gate"]["enforced"] and not v["gate"]["failures"]
-        assert v["held_back"]["vs_float"]["images"] == 64 and v["latency"]["median_ms"] > 0
+        assert v["held_back"]["vs_float"]["images"] == 48 and v["latency"]["median_ms"] > 0
         assert (m["quantization"] is not None) == (precision == "int8")
         assert ("vs_pytorch_simulation" in v["held_back"]) == (
             precision == "int8" and v["numbers"] == "measured"
@@ -143,30 +159,44 @@ def _request_like(manifest: dict[str, Any]) -> Any:
     return argparse.Namespace(precision=manifest["precision"], quantized=object(), options=target.Options())
 
 
-def _small_settings(out: Path, name: str, image_folder: Path, recipe_file: Path, **kw: Any) -> ConvertSettings:
-    return ConvertSettings(model="mobilenetv4_conv_small_035", weights="random",
-                           preprocessing={"input_size": [64], "crop_pct": 1.0}, out=out, targets=name,
-                           calib=image_folder, recipe=str(recipe_file), latency_runs=1, progress=False, **kw)
+def _copy_built(built: dict[tuple[str, str], ArtifactResult], name: str) -> Callable[..., dict[str, Any]]:
+    """An export that writes the already built and verified fp32 artifact (a file or a folder)."""
+    source = built[(name, "fp32")]
+
+    def export(self: Any, request: Any, path: Path) -> dict[str, Any]:
+        if source.path.is_dir():
+            shutil.copytree(source.path, path)
+        else:
+            shutil.copyfile(source.path, path)
+        return dict(source.manifest["export"])
+
+    return export
 
 
-class _NanRunner:
+class _NanRunner(Runner):
     """Wraps a runner: the artifact 'computes' NaN, as a broken export would."""
 
-    def __init__(self, runner: Any) -> None:
-        self.runner, self.measured, self.max_batch = runner, True, runner.max_batch
+    def __init__(self, runner: Runner) -> None:
+        self.runner, self.threads = runner, runner.threads
+
+    @property
+    def max_batch(self) -> Any:
+        return self.runner.max_batch
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.full_like(self.runner(x), np.nan)
 
 
 @pytest.mark.parametrize("name", TARGETS)
-def test_gate_refuses_a_broken_artifact(name: str, tmp_path: Path, image_folder: Path, recipe_file: Path,
+def test_gate_refuses_a_broken_artifact(built, base_settings, name: str, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     target = _installed(name)
+    _result(built, name, "fp32")
     load = type(target).load
+    monkeypatch.setattr(type(target), "export", _copy_built(built, name))
     monkeypatch.setattr(type(target), "load", lambda self, path, request: _NanRunner(load(self, path, request)))
     with pytest.raises(VerificationError, match=rf"\[{name}\] fp32: finite outputs 0.00% < 100.00%"):
-        convert(_small_settings(tmp_path, name, image_folder, recipe_file))
+        convert(dataclasses.replace(base_settings, out=tmp_path, targets=name, latency_runs=1))
     folder = tmp_path / name
     assert not (folder / target.artifact_name).exists() and not (folder / "manifest.json").exists()
     failed = json.loads((folder / FAILED_MANIFEST).read_text())
@@ -175,10 +205,11 @@ def test_gate_refuses_a_broken_artifact(name: str, tmp_path: Path, image_folder:
 
 
 @pytest.mark.parametrize("name", TARGETS)
-def test_export_failing_half_way_leaves_nothing(name: str, tmp_path: Path, image_folder: Path, recipe_file: Path,
+def test_export_failing_half_way_leaves_nothing(built, base_settings, name: str, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     target = _installed(name)
-    export = type(target).export
+    _result(built, name, "fp32")
+    export = _copy_built(built, name)
 
     def half_way(self: Any, request: Any, path: Path) -> dict[str, Any]:
         export(self, request, path)  # the artifact is on disk (at the temporary path) ...
@@ -186,7 +217,7 @@ def test_export_failing_half_way_leaves_nothing(name: str, tmp_path: Path, image
 
     monkeypatch.setattr(type(target), "export", half_way)
     with pytest.raises(RuntimeError, match="disk full"):
-        convert(_small_settings(tmp_path, name, image_folder, recipe_file))
+        convert(dataclasses.replace(base_settings, out=tmp_path, targets=name, latency_runs=1))
     folder = tmp_path / name
     assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
 

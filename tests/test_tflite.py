@@ -180,6 +180,7 @@ def hybrid():
     return loaded, images
 
 
+@pytest.mark.slow  # float hybrid TFLite, ~27 s; int8 attention stays in the default suite
 def test_hybrid_float_small(hybrid, tmp_path):
     loaded, images = hybrid
     target, request, path, _ = _export(tmp_path, loaded, "fp32", TfliteOptions())

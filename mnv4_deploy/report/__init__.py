@@ -1,7 +1,8 @@
 """`mnv4-deploy report`: per target x precision accuracy, size and latency, roofline estimates, and a CI gate.
 
-Modules, one job each: runner (build or reuse artifacts via the pipeline), roofline (estimated latency on the
-paper's hardware), schema (report.json), gate (regression checks), markdown / page + svg (renderers), cli.
+Modules, one job each: runner (build or reuse artifacts via the pipeline; shards and their merge), zoo (the
+models of a run), roofline (estimated latency on the paper's hardware), schema (report.json), gate (paired
+regression tests), markdown / page + svg (renderers), cli.
 """
 from __future__ import annotations
 

@@ -21,9 +21,15 @@ examples:
   # compare two existing reports only (seconds; what CI runs after the build job)
   mnv4-deploy report --compare reports/run/report.json --baseline reports/baseline.json
 
+  # a zoo, split over CI jobs: each job builds one shard, a last job merges and gates
+  mnv4-deploy report --models mobilenetv4_conv_small,mobilenetv4_conv_medium --shard 1/2 --out shard1/
+  mnv4-deploy report --models zoo.yaml --shard 2/2 --out shard2/
+  mnv4-deploy report --merge shard1/report.json shard2/report.json --out reports/run/ --baseline reports/baseline.json
+
 Writes OUT/report.json (versioned schema; every number with unit and method: measured / simulated /
-estimated), OUT/report.md (prints it too) and a self-contained OUT/report.html. Artifacts go to
-OUT/<precision>/<target>/ and are reused when their manifest hash matches.
+estimated; accuracies with their image count and 95% interval), OUT/report.md (prints it too) and a
+self-contained OUT/report.html. Artifacts go to OUT/<model>/<precision>/<target>/ and are reused when their
+manifest hash matches. The gate tests accuracy drops image by image (exact McNemar, --alpha, Holm-corrected).
 """
 
 
@@ -38,6 +44,13 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
         "write report.json/.md/.html, and optionally fail on regressions against a baseline report.", EPILOG,
         model_required=False)
     g = p.add_argument_group("what to build")
+    g.add_argument("--models", metavar="LIST|YAML",
+                   help="a zoo: comma list of models (the other flags apply to each) or a .yaml file with a list "
+                        "'models:' of entries with model and optionally name, weights, num_classes, input_size, "
+                        "crop_pct, mean, std, interpolation, targets, precisions, recipe (unset: the flags')")
+    g.add_argument("--shard", metavar="I/N", help="build only shard I of N (a stable split of the zoo's cells)")
+    g.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="merge the shards' report.json files into one report (builds nothing); gates with --baseline")
     g.add_argument("--targets", default="all", metavar="TARGETS", help="a target, a comma list, or 'all' (default)")
     g.add_argument("--precisions", default="fp32,fp16,int8", metavar="LIST",
                    help="comma list of fp32, fp16, int8 (default: all three); unsupported pairs are skipped with a note")
@@ -64,6 +77,9 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
                    help="largest allowed drop of top-1 agreement with float, points (default: --max-drop)")
     g.add_argument("--max-latency-regression", default="10%", metavar="PCT",
                    help="largest allowed median latency increase, e.g. 10%% (default), or 'off'")
+    g.add_argument("--alpha", type=float, default=0.05, metavar="P",
+                   help="significance level an accuracy drop must also reach (paired exact test on the same "
+                        "images, Holm-corrected over all cells gated; default 0.05)")
     p.set_defaults(func=cmd_report)
     return p
 
@@ -74,7 +90,9 @@ def _thresholds(args: argparse.Namespace) -> Any:
     for flag, v in (("--max-drop", args.max_drop), ("--max-agreement-drop", args.max_agreement_drop)):
         if v is not None and v < 0:
             raise UserError(f"{flag} must be >= 0 percentage points, got {v}")
-    return Thresholds(args.max_drop, args.max_agreement_drop, parse_percent(args.max_latency_regression))
+    if not 0 < args.alpha < 1:
+        raise UserError(f"--alpha must be between 0 and 1 (e.g. 0.05), got {args.alpha}")
+    return Thresholds(args.max_drop, args.max_agreement_drop, parse_percent(args.max_latency_regression), args.alpha)
 
 
 def _write_outputs(out: Path, report: dict[str, Any], gate: Optional[Any], baseline_name: str) -> str:
@@ -91,17 +109,31 @@ def _write_outputs(out: Path, report: dict[str, Any], gate: Optional[Any], basel
     return md
 
 
+def _exit_code(report: dict[str, Any], gate: Optional[Any]) -> int:
+    from .schema import cell_id
+
+    failed = [cell_id(c) for c in report["cells"] if c["status"] == "failed"]
+    if failed:
+        print(f"mnv4-deploy: {len(failed)} artifact(s) failed to build: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed or (gate is not None and not gate.passed) else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .gate import compare_reports
     from .schema import load_report
 
     thresholds = _thresholds(args)
+    modes = [f for f, v in (("--compare", args.compare), ("--merge", args.merge)) if v]
+    if len(modes) > 1:
+        raise UserError("--compare and --merge are separate modes: use one")
+    if modes and (args.model or args.models):
+        raise UserError(f"{modes[0]} only reads existing reports: drop --model/--models (or drop {modes[0]} to build)")
+    if args.model and args.models:
+        raise UserError("give --model NAME or --models LIST|YAML, not both")
     baseline = load_report(args.baseline) if args.baseline else None
     if args.compare is not None:
         if baseline is None:
             raise UserError("--compare needs --baseline OLD.json: the report to compare against")
-        if args.model:
-            raise UserError("--compare only compares existing reports: drop --model (or drop --compare to build)")
         new = load_report(args.compare)
         gate = compare_reports(new, baseline, thresholds)
         if args.out:
@@ -112,27 +144,38 @@ def cmd_report(args: argparse.Namespace) -> int:
             md = render(new, gate, str(args.baseline))
         print(md)
         return 0 if gate.passed else 1
+    if args.merge:
+        from .runner import merge_reports
 
-    if not args.model:
-        raise UserError("report needs --model NAME to build artifacts, or --compare NEW.json --baseline OLD.json")
+        report = merge_reports([load_report(p) for p in args.merge], [str(p) for p in args.merge])
+        gate = compare_reports(report, baseline, thresholds) if baseline is not None else None
+        print(_write_outputs(args.out or Path("reports/run"), report, gate, str(args.baseline)))
+        return _exit_code(report, gate)
+
+    if not args.model and not args.models:
+        raise UserError("report needs --model NAME or --models LIST|YAML to build artifacts, "
+                        "--compare NEW.json --baseline OLD.json, or --merge SHARD.json ...")
     from ..cli_common import preprocessing_overrides
     from ..pipeline import ConvertSettings
-    from .runner import ReportSettings, build_report, parse_precisions
+    from .runner import ReportSettings, build_report, parse_precisions, parse_shard
+    from .zoo import read_zoo, zoo_settings
 
+    shard = parse_shard(args.shard)
     out = args.out or Path("reports/run")
     base = ConvertSettings(
-        model=args.model, out=out, targets=args.targets, weights=args.weights, num_classes=args.num_classes,
+        model=args.model or "", out=out, targets=args.targets, weights=args.weights, num_classes=args.num_classes,
         preprocessing=preprocessing_overrides(args), calib=args.calib, val=args.val, val_limit=args.val_limit,
         recipe=args.recipe, workers=args.workers, latency_runs=args.latency_runs, verify_gate=args.verify_gate,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     rs = ReportSettings(base, parse_precisions(args.precisions), reuse=not args.no_reuse, roofline=not args.no_roofline,
                         sensitivity=not args.no_sensitivity)
-    report = build_report(rs)
-    gate = compare_reports(report, baseline, thresholds) if baseline is not None else None
+    zoo = zoo_settings(read_zoo(args.models), rs, parse_precisions) if args.models else [rs]
+    report = build_report(zoo, shard=shard, out=out)
+    gate = compare_reports(report, baseline, thresholds) if baseline is not None and shard is None else None
+    if baseline is not None and shard is not None:
+        print("note: a shard is not gated on its own: gate the merged report (report --merge ... --baseline)",
+              file=sys.stderr)
     md = _write_outputs(out, report, gate, str(args.baseline))
     print(md)
-    failed = [f"{c['target']}/{c['precision']}" for c in report["cells"] if c["status"] == "failed"]
-    if failed:
-        print(f"mnv4-deploy: {len(failed)} artifact(s) failed to build: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed or (gate is not None and not gate.passed) else 0
+    return _exit_code(report, gate)

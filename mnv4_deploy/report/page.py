@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 from . import svg
 from .gate import GateResult
-from .markdown import cells_rows, gate_lines
+from .markdown import GATE_HEADER, cells_rows, gate_lines, gate_row, model_keys
 from .roofline import DEVICES, OP_TYPES
-from .schema import value
+from .schema import interval, section, value
 
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
@@ -28,36 +28,38 @@ def _figure(svg_text: str, caption: str) -> str:
     return f"<figure>{svg_text}<figcaption>{escape(caption)}</figcaption></figure>"
 
 
-def accuracy_latency_plot(report: dict[str, Any]) -> str:
+def accuracy_latency_plot(report: dict[str, Any], model: Optional[str] = None) -> str:
+    """Accuracy (with its 95% interval as an error bar) against measured latency, one point per artifact."""
     # simulated latency (e.g. CoreML run as a PyTorch simulation on Linux) says nothing about the device
-    ok = [c for c in report["cells"] if c["status"] in ("built", "reused") and c.get("numbers") != "simulated"]
+    ok = [c for c in report["cells"] if c["status"] in ("built", "reused") and c.get("numbers") != "simulated"
+          and (model is None or c.get("model") == model)]
     use_top1 = bool(ok) and all(value(c, "val.top1") is not None for c in ok)
-    key = "val.top1" if use_top1 else None
-    points, ref = [], None
+    points, errors, ref = [], [], None
     for c in ok:
-        if key:
-            y = value(c, key)
+        if use_top1:
+            key = "val.top1"
             ref = value(c, "val.float_top1")
         else:
-            y = value(c, "val.top1_agreement") if value(c, "val.top1_agreement") is not None \
-                else value(c, "held_back.top1_agreement")
-        label = c["precision"]
-        points.append((c["metrics"]["latency_median"]["value"], round(100 * y, 3), label, c["target"]))
-    ylabel = "val top-1 (%)" if key else "top-1 agreement with float (%)"
+            key = "val.top1_agreement" if value(c, "val.top1_agreement") is not None else "held_back.top1_agreement"
+        ci = interval(c, key)
+        points.append((c["metrics"]["latency_median"]["value"], round(100 * value(c, key), 3), c["precision"],
+                       c["target"]))
+        errors.append(None if ci is None else (round(100 * ci[0], 3), round(100 * ci[1], 3)))
+    ylabel = "val top-1 (%), 95% interval" if use_top1 else "top-1 agreement with float (%), 95% interval"
     return svg.scatter(points, "Accuracy vs latency (measured on this host)", "median latency, batch 1 (ms)", ylabel,
-                       hline=(round(100 * ref, 3), "float PyTorch") if ref is not None else None)
+                       hline=(round(100 * ref, 3), "float PyTorch") if ref is not None else None,
+                       errors=errors, bounds=(0.0, 100.0))
 
 
-def size_plot(report: dict[str, Any]) -> str:
-    ok = [c for c in report["cells"] if c["status"] in ("built", "reused")]
+def size_plot(report: dict[str, Any], model: Optional[str] = None) -> str:
+    ok = [c for c in report["cells"] if c["status"] in ("built", "reused") and (model is None or c.get("model") == model)]
     targets = list(dict.fromkeys(c["target"] for c in ok))
     precisions = list(dict.fromkeys(c["precision"] for c in ok))
     values = {(c["target"], c["precision"]): round(c["metrics"]["size"]["value"] / 1e6, 3) for c in ok}
     return svg.grouped_bars(targets, precisions, values, "Artifact size per target", "size (MB)")
 
 
-def roofline_plots(report: dict[str, Any]) -> list[str]:
-    roof = report.get("roofline")
+def roofline_plots(roof: Optional[dict[str, Any]]) -> list[str]:
     if not roof:
         return []
     out = []
@@ -85,50 +87,74 @@ def roofline_plots(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def render(report: dict[str, Any], gate: Optional[GateResult] = None, baseline_name: str = "baseline") -> str:
-    model = report.get("model", {})
-    s = report.get("settings", {})
-    header, rows = cells_rows(report)
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>mnv4-deploy report: {escape(str(model.get('name', '')))}</title><style>{CSS}</style></head><body>",
-        f"<h1>mnv4-deploy report: {escape(str(model.get('name', '?')))}</h1>",
-        f"<p>weights <code>{escape(str(model.get('weights')))}</code> (sha256 {escape(str(model.get('weights_sha256'))[:12])}…), "
-        f"input {escape(str(s.get('input_size')))}, recipe <code>{escape(str(s.get('recipe')))}</code>, "
-        f"created {escape(str(report.get('created')))} on {escape(str(report.get('host', {}).get('hostname')))}.</p>",
-    ]
-    if gate is not None:
-        cls, word = ("pass", "PASSED") if gate.passed else ("fail", f"FAILED ({len(gate.regressions)} regressions)")
-        parts.append(f'<h2>Regression gate vs {escape(baseline_name)}: <span class="{cls}">{word}</span></h2>')
-        parts.append("<pre>" + escape("\n".join(gate_lines(gate, baseline_name)[2:])) + "</pre>")
-    parts += ["<h2>Artifacts (measured in each target's runtime)</h2>", _table(header, rows)]
-    ok = [c for c in report["cells"] if c["status"] in ("built", "reused")]
+def model_html(report: dict[str, Any], sec: dict[str, Any]) -> list[str]:
+    """One model's section: facts, cells with intervals, plots with error bars, roofline, sensitivity."""
+    key, model, s = sec["key"], sec.get("model", {}), sec.get("settings", {})
+    header, rows = cells_rows(report, key)
+    parts = [f'<section class="model" id="model-{escape(key)}"><h2>Model {escape(key)}</h2>',
+             f"<p><code>{escape(str(model.get('name', key)))}</code>, weights <code>{escape(str(model.get('weights')))}</code>"
+             f" (sha256 {escape(str(model.get('weights_sha256'))[:12])}…), input {escape(str(s.get('input_size')))} "
+             f"({escape(str(s.get('input_size_source', '?')))}), recipe <code>{escape(str(s.get('recipe')))}</code>.</p>",
+             "<h3>Artifacts (measured in each target's runtime)</h3>", _table(header, rows)]
+    ok = [c for c in report["cells"] if c["status"] in ("built", "reused") and c.get("model") == key]
     if ok:
-        parts.append(_figure(accuracy_latency_plot(report),
-                             "Each point is an artifact; outlined points and the dashed line form the Pareto front "
-                             "(nothing else is both faster and more accurate). Cells with simulated numbers "
-                             "(no runtime on this host) are left out."))
-        parts.append(_figure(size_plot(report), "Artifact size on disk."))
-    parts.append('<h2 class="est">Estimated latency on the paper\'s hardware (not measured)</h2>')
-    roof = report.get("roofline")
+        parts.append(_figure(accuracy_latency_plot(report, key),
+                             "Each point is an artifact, its bar the 95% interval of the accuracy (Wilson, n images); "
+                             "outlined points and the dashed line form the Pareto front (nothing else is both faster "
+                             "and more accurate). The y-axis is never zoomed so far that the intervals fill it. "
+                             "Cells with simulated numbers (no runtime on this host) are left out."))
+        parts.append(_figure(size_plot(report, key), "Artifact size on disk."))
+    roof = sec.get("roofline")
+    parts.append('<h3 class="est">Estimated latency on the paper\'s hardware (not measured)</h3>')
     if roof:
-        parts.append(f"<p>{escape(roof['method'])}. Unit: {escape(roof['precisions'][next(iter(roof['precisions']))]['estimated_cost']['unit'])}.</p>")
+        size = roof.get("input_size", {})
+        at = f" At input {size.get('value')} ({size.get('source')})." if size else ""
+        parts.append(f"<p>{escape(roof['method'])}.{escape(at)} Unit: "
+                     f"{escape(roof['precisions'][next(iter(roof['precisions']))]['estimated_cost']['unit'])}.</p>")
         parts.append(_table(["precision"] + [f"{n} (RP {rp})" for n, rp in DEVICES.values()],
                             [[p] + [f"{e['estimated_cost']['value'][k]:.3f}"
                                     + (f" (×{e['relative_to_fp32']['value'][k]:.2f} vs fp32)" if "relative_to_fp32" in e else "")
                                     for k in DEVICES] for p, e in roof["precisions"].items()]))
-    parts += roofline_plots(report)
-    sens = report.get("sensitivity")
+    parts += roofline_plots(roof)
+    sens = sec.get("sensitivity")
     if sens and sens.get("layers"):
         op = {layer["name"]: layer["op_type"] for layer in (roof or {}).get("layers", [])}
         names = [layer["name"] for layer in sens["layers"]]
-        parts.append("<h2>Per-layer int8 sensitivity (simulated)</h2>")
+        parts.append("<h3>Per-layer int8 sensitivity (simulated)</h3>")
         parts.append(_figure(svg.layer_bars([max(0.0, min(layer["sqnr_db"], 99.0)) for layer in sens["layers"]],
                                             [op.get(n, "other") for n in names], names,
                                             "Per-layer int8 sensitivity: logits SQNR with only this layer int8",
                                             "SQNR dB (lower = more sensitive)", OP_TYPES + ("other",)),
                              f"{sens['method']} ({sens['images']} images)."))
+    parts.append("<h3>Provenance</h3><pre>" + escape(json.dumps({"model": model, "settings": s}, indent=2)) + "</pre>")
+    return parts + ["</section>"]
+
+
+def render(report: dict[str, Any], gate: Optional[GateResult] = None, baseline_name: str = "baseline") -> str:
+    keys = model_keys(report)
+    title = keys[0] if len(keys) == 1 else f"{len(keys)} models"
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>mnv4-deploy report: {escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>mnv4-deploy report: {escape(title)}</h1>",
+        f"<p>created {escape(str(report.get('created')))} on {escape(str(report.get('host', {}).get('hostname')))}"
+        + (f", merged from {len(report['merged_from'])} shards" if report.get("merged_from") else "")
+        + (f", shard {report['shard']['index']}/{report['shard']['count']}" if report.get("shard") else "")
+        + ". Accuracies carry their image count and 95% interval; a drop whose interval covers 0 is within noise.</p>",
+    ]
+    if len(keys) > 1:
+        parts.append("<ul>" + "".join(f'<li><a href="#model-{escape(k)}">{escape(k)}</a></li>' for k in keys) + "</ul>")
+    if gate is not None:
+        cls, word = ("pass", "PASSED") if gate.passed else ("fail", f"FAILED ({len(gate.regressions)} regressions)")
+        parts.append(f'<h2>Regression gate vs {escape(baseline_name)}: <span class="{cls}">{word}</span></h2>')
+        lines = gate_lines(gate, baseline_name)
+        parts.append("<p>" + escape(lines[3]) + "</p>")
+        parts += [f"<p><b>warning:</b> {escape(w)}</p>" for w in gate.warnings]
+        parts.append(_table(GATE_HEADER, [gate_row(c) for c in gate.regressions + [c for c in gate.checks if not c.failed]]))
+    for key in keys:
+        parts += model_html(report, section(report, key))
     parts.append("<h2>Provenance</h2><pre>" + escape(json.dumps(
-        {"host": report.get("host"), "tool_versions": report.get("tool_versions"), "settings": s}, indent=2)) + "</pre>")
+        {"host": report.get("host"), "tool_versions": report.get("tool_versions"),
+         "merged_from": report.get("merged_from"), "shard": report.get("shard")}, indent=2)) + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

@@ -8,8 +8,15 @@ A metric is `{"value", "unit", "method", "how"}` with method one of
   derived   - arithmetic on other metrics (e.g. top-1 drop = float top-1 - top-1).
 The `roofline` (estimated) and `sensitivity` (simulated) sections hold long per-layer lists, so they state
 method and unit once per section instead of per number.
-Cells are keyed by (target, precision); the gate and the renderers only read this structure, so reports
-from older runs stay comparable as long as SCHEMA_VERSION is unchanged.
+Accuracy metrics also carry `images` (the sample size) and `ci95` ([low, high], Wilson for a proportion,
+Newcombe's paired interval for a drop against float); each built cell keeps, per evaluation set, the image
+set's digest and its per-image top-1 predictions (compact), which the gate's paired test needs.
+
+Version 2 holds a model zoo: `models` is a list of per-model sections (model, settings, roofline,
+sensitivity) keyed by `key`, and cells are keyed by (model key, target, precision). A shard of a zoo run
+records its place in `shard`; `report --merge` joins shards into one report.
+The gate and the renderers only read this structure, so reports from older runs stay comparable as long as
+SCHEMA_VERSION is unchanged.
 """
 from __future__ import annotations
 
@@ -23,13 +30,14 @@ from ..errors import UserError
 from ..fileio import read_json
 
 SCHEMA = "mnv4-deploy/report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 METHODS = ("measured", "simulated", "estimated", "counted", "derived")
 EVAL_SETS = ("val", "held_back")
 
 
-def metric(value: Any, unit: str, method: str, how: str = "", images: Optional[int] = None) -> dict[str, Any]:
-    """One number with its unit and provenance."""
+def metric(value: Any, unit: str, method: str, how: str = "", images: Optional[int] = None,
+           ci95: Optional[list[float]] = None) -> dict[str, Any]:
+    """One number with its unit and provenance (and, for an accuracy, its sample size and 95% interval)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method}")
     out: dict[str, Any] = {"value": value, "unit": unit, "method": method}
@@ -37,6 +45,8 @@ def metric(value: Any, unit: str, method: str, how: str = "", images: Optional[i
         out["how"] = how
     if images is not None:
         out["images"] = images
+    if ci95 is not None:
+        out["ci95"] = [round(float(v), 6) for v in ci95]
     return out
 
 
@@ -55,46 +65,59 @@ def host_info() -> dict[str, Any]:
 
 
 def cell_from_manifest(manifest: dict[str, Any], status: str, artifact: str, manifest_path: str,
-                       note: str = "") -> dict[str, Any]:
+                       note: str = "", model: str = "") -> dict[str, Any]:
     """A report cell whose numbers are copied from the artifact's manifest (never recomputed)."""
     v = manifest["verification"]
     runtime = v.get("numbers", "measured")
     lat = v["latency"]
+    shape = (manifest.get("input") or {}).get("shape")
     how_lat = (f"wall clock per call, batch {lat['batch']}, median of {lat['runs']} runs after warm-up, "
-               f"threads={lat.get('threads') or 'runtime default'}")
+               f"threads={lat.get('threads') or 'runtime default'}" + (f", input {shape}" if shape else ""))
     metrics: dict[str, Any] = {
         "size": metric(manifest["artifact"]["size_bytes"], "bytes", "counted", "artifact size on disk"),
         "latency_median": metric(lat["median_ms"], "ms", runtime, how_lat),
         "latency_p90": metric(lat["p90_ms"], "ms", runtime, how_lat.replace("median", "90th percentile")),
     }
+    evaluation: dict[str, Any] = {}
     for name in EVAL_SETS:
         if name not in v:
             continue
         f = v[name]["vs_float"]
         n = f["images"]
+        ci = v[name].get("ci95", {})
         src = v[name].get("source", name)
         metrics[f"{name}.top1_agreement"] = metric(f["top1_agreement"], "fraction", runtime,
-                                                   f"argmax equals the float PyTorch model's, {src}", n)
+                                                   f"argmax equals the float PyTorch model's, {src}", n,
+                                                   ci.get("top1_agreement"))
         metrics[f"{name}.cosine"] = metric(f["cosine"], "cosine", runtime, "mean per-image logits cosine vs float", n)
         metrics[f"{name}.sqnr_db"] = metric(f["sqnr_db"], "dB", runtime, "logits SQNR vs float", n)
         if f.get("top1") is not None:
-            metrics[f"{name}.top1"] = metric(f["top1"], "fraction", runtime, f"top-1 accuracy, {src}", n)
-            metrics[f"{name}.top5"] = metric(f["top5"], "fraction", runtime, f"top-5 accuracy, {src}", n)
+            metrics[f"{name}.top1"] = metric(f["top1"], "fraction", runtime, f"top-1 accuracy, {src}", n, ci.get("top1"))
+            metrics[f"{name}.top5"] = metric(f["top5"], "fraction", runtime, f"top-5 accuracy, {src}", n, ci.get("top5"))
             metrics[f"{name}.float_top1"] = metric(f["reference_top1"], "fraction", "measured",
-                                                   f"float PyTorch model top-1, {src}", n)
-            metrics[f"{name}.top1_drop"] = metric(round(100.0 * (f["reference_top1"] - f["top1"]), 3),
-                                                  "percentage points", "derived", "float top-1 minus top-1", n)
+                                                   f"float PyTorch model top-1, {src}", n, ci.get("reference_top1"))
+            drop_ci = ci.get("top1_drop")
+            metrics[f"{name}.top1_drop"] = metric(
+                round(100.0 * (f["reference_top1"] - f["top1"]), 3), "percentage points", "derived",
+                "float top-1 minus top-1 on the same images (95% interval: paired, Newcombe)", n,
+                None if drop_ci is None else [100.0 * drop_ci[0], 100.0 * drop_ci[1]])
         sim = v[name].get("vs_pytorch_simulation")
         if sim:
-            metrics[f"{name}.sim_agreement"] = metric(sim["top1_agreement"], "fraction", runtime,
-                                                      "argmax equals the PyTorch int8 simulation's", n)
+            from ..verify import wilson_interval
+
+            metrics[f"{name}.sim_agreement"] = metric(
+                sim["top1_agreement"], "fraction", runtime, "argmax equals the PyTorch int8 simulation's", n,
+                list(wilson_interval(round(sim["top1_agreement"] * sim["images"]), sim["images"])))
+        if "predictions" in v[name]:
+            evaluation[name] = {"image_set": v[name]["image_set"], "predictions": v[name]["predictions"]}
     tw = v.get("tensorwise") or {}
     if tw.get("status") == "compared":
         metrics["tensorwise.flagged"] = metric(
             tw["flagged"] + len(tw["unmatched_pytorch"]), "layers", runtime,
             f"quantized activations that disagree with the PyTorch simulation or are missing in the runtime "
             f"({tw['matched']}/{tw['pytorch_quantizers']} matched; {tw['flag_rule']})", tw["images"])
-    return {
+    cell = {
+        "model": model or manifest.get("model", {}).get("name", ""),
         "target": manifest["target"],
         "precision": manifest["precision"],
         "status": status,
@@ -102,26 +125,46 @@ def cell_from_manifest(manifest: dict[str, Any], status: str, artifact: str, man
         "numbers": runtime,
         "artifact": {"path": artifact, "manifest": manifest_path, "sha256": manifest["artifact"]["sha256"],
                      "export": manifest.get("export", {}).get("method")},
+        "input_shape": shape,
         "tool_versions": manifest.get("tool_versions", {}),
         "metrics": metrics,
+        "evaluation": evaluation,
     }
+    calib = (manifest.get("quantization") or {}).get("calibration_set")
+    if calib:
+        cell["calibration_set"] = calib
+    int8 = (manifest.get("structure") or {}).get("int8_compute")
+    if int8:
+        cell["int8_compute"] = int8
+    return cell
 
 
-def empty_cell(target: str, precision: str, status: str, note: str) -> dict[str, Any]:
+def empty_cell(target: str, precision: str, status: str, note: str, model: str = "") -> dict[str, Any]:
     """A cell that has no artifact: skipped (unsupported / not installed) or failed."""
-    return {"target": target, "precision": precision, "status": status, "note": note, "metrics": {}}
+    return {"model": model, "target": target, "precision": precision, "status": status, "note": note, "metrics": {}}
 
 
-def new_report(model: dict[str, Any], settings: dict[str, Any], cells: list[dict[str, Any]],
-               roofline: Optional[dict[str, Any]], tools: dict[str, str]) -> dict[str, Any]:
+def cell_id(cell: dict[str, Any]) -> str:
+    """'model/target/precision': a cell's name in messages, shards and the gate."""
+    return f"{cell.get('model', '')}/{cell['target']}/{cell['precision']}"
+
+
+def model_section(key: str, model: dict[str, Any], settings: dict[str, Any], roofline: Optional[dict[str, Any]],
+                  sensitivity: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """One model of the zoo: what it is, how it was asked for, and its estimated (roofline) costs."""
+    return {"key": key, "model": model, "settings": settings, "roofline": roofline, "sensitivity": sensitivity}
+
+
+def new_report(models: list[dict[str, Any]], cells: list[dict[str, Any]], tools: dict[str, str],
+               shard: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": host_info(),
         "tool_versions": tools,
-        "model": model,
-        "settings": settings,
+        "models": models,
+        "shard": shard,
         "methods": {
             "measured": "run in the target's real runtime on this host",
             "simulated": "PyTorch simulation, not the target runtime (e.g. CoreML on Linux)",
@@ -130,7 +173,6 @@ def new_report(model: dict[str, Any], settings: dict[str, Any], cells: list[dict
             "derived": "arithmetic on other metrics",
         },
         "cells": cells,
-        "roofline": roofline,
     }
 
 
@@ -144,11 +186,13 @@ def validate(report: Any, source: str = "report") -> dict[str, Any]:
         raise UserError(f"{source} has report schema version {version}, this mnv4-deploy reads {SCHEMA_VERSION}: "
                         "regenerate it with this version of `mnv4-deploy report`")
     cells = report.get("cells")
+    if not isinstance(report.get("models"), list):
+        raise UserError(f"{source} has no \"models\" list: regenerate it with `mnv4-deploy report`")
     if not isinstance(cells, list):
         raise UserError(f"{source} has no \"cells\" list: regenerate it with `mnv4-deploy report`")
     for i, cell in enumerate(cells):
-        if not isinstance(cell, dict) or not {"target", "precision", "status", "metrics"} <= set(cell):
-            raise UserError(f"{source}: cell {i} lacks target/precision/status/metrics: regenerate the report")
+        if not isinstance(cell, dict) or not {"model", "target", "precision", "status", "metrics"} <= set(cell):
+            raise UserError(f"{source}: cell {i} lacks model/target/precision/status/metrics: regenerate the report")
         for key, m in cell["metrics"].items():
             if not isinstance(m, dict) or not {"value", "unit", "method"} <= set(m) or m["method"] not in METHODS:
                 raise UserError(f"{source}: metric '{key}' of {cell['target']}/{cell['precision']} lacks "
@@ -167,3 +211,17 @@ def load_report(path: Path) -> dict[str, Any]:
 def value(cell: dict[str, Any], key: str) -> Optional[float]:
     m = cell.get("metrics", {}).get(key)
     return None if m is None else m["value"]
+
+
+def interval(cell: dict[str, Any], key: str) -> Optional[tuple[float, float]]:
+    """A metric's 95% interval, or None when it has none."""
+    ci = cell.get("metrics", {}).get(key, {}).get("ci95")
+    return None if ci is None else (ci[0], ci[1])
+
+
+def section(report: dict[str, Any], key: str) -> dict[str, Any]:
+    """The model section named `key` (an empty one when the report has none)."""
+    for m in report.get("models", []):
+        if m.get("key") == key:
+            return m
+    return model_section(key, {"name": key}, {}, None)

@@ -76,13 +76,36 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+def error_bar_axis(lows: Sequence[float], highs: Sequence[float], extra: Sequence[float] = (),
+                   fill: float = 1 / 3, min_span: float = 1.0) -> tuple[float, float]:
+    """A value range that holds every interval and in which the widest interval spans at most `fill` of the
+    axis: zooming in further would draw sampling noise as structure."""
+    values = list(lows) + list(highs) + list(extra)
+    if not values:
+        return 0.0, 1.0
+    lo, hi = min(values), max(values)
+    widest = max((h - l for l, h in zip(lows, highs)), default=0.0)
+    span = max(hi - lo, widest / fill, min_span)
+    mid = (lo + hi) / 2
+    return mid - span / 2 * 1.1, mid + span / 2 * 1.1
+
+
 def scatter(points: Sequence[tuple[float, float, str, str]], title: str, xlabel: str, ylabel: str,
-            hline: Optional[tuple[float, str]] = None) -> str:
-    """points: (x, y, label, series). Draws the Pareto front (low x, high y) over all points."""
+            hline: Optional[tuple[float, str]] = None,
+            errors: Optional[Sequence[Optional[tuple[float, float]]]] = None,
+            bounds: Optional[tuple[float, float]] = None) -> str:
+    """points: (x, y, label, series); errors: per point (low, high) of y, drawn as a vertical bar with caps.
+    Draws the Pareto front (low x, high y) over all points. The y range holds every error bar and is never
+    zoomed so far that the bars fill it (see error_bar_axis); `bounds` clips it (e.g. 0-100 %)."""
+    errors = list(errors) if errors is not None else [None] * len(points)
     xs = [p[0] for p in points] or [0.0, 1.0]
-    ys = [p[1] for p in points] + ([hline[0]] if hline else []) or [0.0, 1.0]
-    pad_y = (max(ys) - min(ys)) * 0.1 or 1.0
-    ax = Axes(0.0, max(xs) * 1.1 or 1.0, min(ys) - pad_y, max(ys) + pad_y, title, xlabel, ylabel)
+    lows = [e[0] if e else p[1] for p, e in zip(points, errors)]
+    highs = [e[1] if e else p[1] for p, e in zip(points, errors)]
+    ylo, yhi = error_bar_axis(lows, highs, [hline[0]] if hline else [])
+    if bounds:
+        shift = max(0.0, bounds[0] - ylo) - max(0.0, yhi - bounds[1])
+        ylo, yhi = max(bounds[0], ylo + shift), min(bounds[1], yhi + shift)
+    ax = Axes(0.0, max(xs) * 1.1 or 1.0, ylo, yhi, title, xlabel, ylabel)
     series = list(dict.fromkeys(p[3] for p in points))
     colors = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(series)}
     if hline:
@@ -94,6 +117,12 @@ def scatter(points: Sequence[tuple[float, float, str, str]], title: str, xlabel:
         d = " ".join(f"{ax.sx(x):.1f},{ax.sy(y):.1f}" for x, y in front)
         ax.parts.append(f'<polyline class="pareto" points="{d}" fill="none" stroke="#222" stroke-width="1.5" '
                         'stroke-dasharray="5 3"/>')
+    for (x, y, label, s), err in zip(points, errors):
+        if err:
+            cx, y0, y1 = ax.sx(x), ax.sy(err[0]), ax.sy(err[1])
+            ax.parts.append(f'<path class="errorbar" d="M{cx:.1f},{y0:.1f}V{y1:.1f}M{cx - 4:.1f},{y0:.1f}H{cx + 4:.1f}'
+                            f'M{cx - 4:.1f},{y1:.1f}H{cx + 4:.1f}" stroke="{colors[s]}" stroke-width="1.5" fill="none">'
+                            f'<title>{escape(f"{s} {label}: 95% interval {err[0]:g}-{err[1]:g}")}</title></path>')
     for x, y, label, s in points:
         on = (x, y) in front
         ax.parts.append(f'<circle cx="{ax.sx(x):.1f}" cy="{ax.sy(y):.1f}" r="{6 if on else 5}" fill="{colors[s]}" '
@@ -102,6 +131,8 @@ def scatter(points: Sequence[tuple[float, float, str, str]], title: str, xlabel:
     for s in series:
         ax.legend(s, colors[s])
     ax.legend("Pareto front", "#222", dash=True)
+    if any(errors):
+        ax.legend("95% interval: bars", "#fff")
     return ax.svg()
 
 

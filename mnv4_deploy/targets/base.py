@@ -55,6 +55,8 @@ class Runner(ABC):
     """
 
     measured: bool = True  # False where the numbers come from a simulation (CoreML on Linux)
+    # Intra-op threads the runtime computes with (recorded beside every latency): a number, or what decides it.
+    threads: Any = "runtime default"
 
     @abstractmethod
     def __call__(self, x: np.ndarray) -> np.ndarray: ...

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ class OnnxOptions:
     ort_per_channel: bool = False  # onnxruntime method only (its default is per-tensor)
     ort_calibrate_method: str = choice("MinMax", "MinMax", "Entropy", "Percentile")
     threads: int = 0  # onnxruntime intra-op threads for verification and latency (0 = runtime default)
+    # The 8-bit type of activations (pt2e method): the same values either way (int8 zero point z = uint8 z+128).
+    activation_dtype: str = choice("uint8", "uint8", "int8", flag=(
+        "onnx: 8-bit activation type of int8 artifacts: uint8 (default) is what onnxruntime's CPU provider fuses "
+        "into integer kernels on x86; int8 for ARM or NPU execution providers that want signed activations"))
 
 
 class OnnxTarget(Target):
@@ -56,7 +61,9 @@ class OnnxTarget(Target):
         opset = opts.opset
         if request.precision == "int8":
             model = request.quantized.converted(fold_weights=True)
-            info["method"] = "pt2e -> QDQ (int8 weights per-channel symmetric, int8 activations per-tensor)"
+            info["method"] = (f"pt2e -> QDQ (int8 weights per-channel symmetric, {opts.activation_dtype} "
+                              "activations per-tensor)")
+            info["activation_dtype"] = opts.activation_dtype
             if request.quantized.int16_sites:
                 opset = max(opset, INT16_OPSET)
                 info["method"] += f", int16 activations at {len(request.quantized.int16_sites)} fallback sites"
@@ -67,6 +74,8 @@ class OnnxTarget(Target):
             model = request.loaded.model
             info["method"] = "float"
         _export(model, request.example, path, opset)
+        if request.precision == "int8" and opts.activation_dtype == "uint8":
+            info["uint8_activation_zero_points"] = activations_to_uint8(path)
         return info
 
     def load(self, path: Path, request: ExportRequest) -> Runner:
@@ -93,7 +102,75 @@ class OnnxTarget(Target):
             "initializer_dtypes": dict(init_dtypes),
             "inputs": [_value_spec(v) for v in model.graph.input],
             "outputs": [_value_spec(v) for v in model.graph.output],
+            "int8_compute": int8_compute(path),
         }
+
+
+# Compute ops in the graph onnxruntime executes: integer kernels, and their float counterparts.
+_ORT_INT8_COMPUTE = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+                     "DynamicQuantizeMatMul")
+_ORT_FLOAT_COMPUTE = ("Conv", "FusedConv", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm")
+
+
+def int8_compute(path: Path) -> dict[str, Any]:
+    """Which convolutions and matmuls onnxruntime's CPU provider really runs with integer kernels, read from the
+    graph it executes (its optimized model: QDQ fusion, layout transforms), not from the exported file."""
+    nodes = _optimized_graph(path).graph.node
+    compute = [n for n in nodes if n.op_type in _ORT_INT8_COMPUTE + _ORT_FLOAT_COMPUTE]
+    integer = [n for n in compute if n.op_type in _ORT_INT8_COMPUTE]
+    return {"int8": len(integer), "total": len(compute),
+            "float": [f"{n.name} ({n.op_type})" for n in compute if n.op_type in _ORT_FLOAT_COMPUTE],
+            "adds_int8": sum(n.op_type in ("QLinearAdd", "QLinearMul") for n in nodes),
+            "adds_float": sum(n.op_type in ("Add", "Mul") for n in nodes),
+            "source": "onnxruntime CPUExecutionProvider's optimized graph (ORT_ENABLE_ALL)"}
+
+
+def activations_to_uint8(path: Path) -> int:
+    """Rewrite the artifact's int8 activation QuantizeLinear/DequantizeLinear pairs as uint8 (zero point + 128,
+    same scale): exactly the same real values, but the type onnxruntime's CPU provider needs on x86.
+
+    There it fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv only for uint8 activations (signed
+    activations are an ARM path); it converts int8 pairs itself only where a QuantizeLinear has one consumer, so
+    every MNv4 residual branch stayed a float Conv between Q/DQ. Weights stay int8 (per-channel, symmetric), and
+    int16 fallback sites stay int16. Returns how many zero points were rewritten.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def value(name: str) -> Optional[np.ndarray]:
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        node = constants.get(name)
+        return numpy_helper.to_array(node.attribute[0].t) if node is not None and node.attribute else None
+
+    quantized = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"
+                 and n.input[0] not in initializers and n.input[0] not in constants}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        activation = (node.op_type == "QuantizeLinear" and node.output[0] in quantized) or (
+            node.op_type == "DequantizeLinear" and node.input[0] in quantized)
+        zero = value(node.input[2]) if activation and len(node.input) > 2 else None
+        if zero is None or zero.dtype != np.int8:
+            continue
+        if node.input[2] not in renamed:
+            name = f"{node.input[2]}_uint8"
+            graph.initializer.append(numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8), name))
+            renamed[node.input[2]] = name
+        node.input[2] = renamed[node.input[2]]
+    used = {name for n in graph.node for name in n.input}
+    for old in [t for t in graph.initializer if t.name in renamed and t.name not in used]:
+        graph.initializer.remove(old)
+    for info in list(graph.value_info):  # the shapes stay; the element type of the 8-bit tensors changes
+        if info.name in quantized and info.type.tensor_type.elem_type == onnx.TensorProto.INT8:
+            info.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return len(renamed)
 
 
 def _export(model: Any, example: Any, path: Path, opset: int) -> None:
@@ -153,6 +230,7 @@ class OnnxRunner(Runner):
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
+        self.threads = threads or f"onnxruntime default (one per physical core; {os.cpu_count()} logical here)"
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name

@@ -141,7 +141,8 @@ class OpenVinoTarget(Target):
             "fake_quantize": ops.get("FakeQuantize", 0),
             "inputs": [_port_spec(p) for p in model.inputs],
             "outputs": [_port_spec(p) for p in model.outputs],
-            "runtime": runtime_precisions(compiled),
+            "runtime": (runtime := runtime_precisions(compiled)),
+            "int8_compute": int8_compute(runtime),
         }
 
 
@@ -309,6 +310,14 @@ def runtime_precisions(compiled: Any) -> dict[str, Any]:
     }
 
 
+def int8_compute(runtime: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's common `int8_compute` entry from the CPU plugin's executed graph (`runtime_precisions`)."""
+    floating = runtime["compute_layers_not_int8"]
+    return {"int8": runtime["compute_layers"] - len(floating), "total": runtime["compute_layers"],
+            "float": [f"{layer['name']} ({layer['type']}, {layer['precision']})" for layer in floating],
+            "source": "OpenVINO CPU plugin's runtime model (runtimePrecision per layer)"}
+
+
 def _port_spec(port: Any) -> dict[str, Any]:
     return {"name": port.get_any_name(), "shape": str(port.get_partial_shape()),
             "dtype": port.get_element_type().get_type_name()}
@@ -324,6 +333,7 @@ class OpenVinoRunner(Runner):
         self.core = ov.Core()
         self.compiled = self.core.compile_model(str(Path(path) / XML), "CPU", self.options.compile_config())
         self.request = self.compiled.create_infer_request()
+        self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})

@@ -122,6 +122,7 @@ class TfliteTarget(Target):
             "macs_note": "CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, BATCH_MATMUL from tensor shapes",
             "inputs": [_tensor_spec(tensors[i]) for i in inputs],
             "outputs": [_tensor_spec(tensors[i]) for i in outputs],
+            "int8_compute": _int8_compute(ops, tensors),
         }
 
     def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
@@ -454,6 +455,19 @@ def _is_integer_op(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) -> bo
     return not _is_float_op(op, tensors) and any(np.dtype(t["dtype"]) in (np.int8, np.uint8) for t in ts)
 
 
+_COMPUTE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV")
+
+
+def _int8_compute(ops: list[dict[str, Any]], tensors: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Convolutions and matmuls with 8-bit activations, from the interpreter's own op list (XNNPACK runs each
+    delegated op with the types the model gives it)."""
+    compute = [op for op in ops if op["op_name"] in _COMPUTE_OPS]
+    floating = [op for op in compute if not _is_integer_op(op, tensors)]
+    return {"int8": len(compute) - len(floating), "total": len(compute),
+            "float": [f"#{op['index']} ({op['op_name']})" for op in floating],
+            "source": "ai_edge_litert Interpreter op list"}
+
+
 def float_ops(path: Path) -> collections.Counter:
     """Operators that compute in (or convert to/from) float: what a full-integer model must not have."""
     ops, tensors = graph(path)
@@ -494,8 +508,8 @@ class TfliteRunner(Runner):
 
     def __init__(self, path: Path, pre: Any, opts: TfliteOptions) -> None:
         self.pre, self.opts = pre, opts
-        self.threads = opts.threads or None
-        self.interpreter = _interpreter(path, delegates=True, threads=self.threads)
+        self.threads = opts.threads or "LiteRT default"
+        self.interpreter = _interpreter(path, delegates=True, threads=opts.threads or None)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         if int(self.input["shape"][0]) != 1:
