@@ -143,8 +143,12 @@ class Verification:
     fp32: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.99, min_cosine=0.9999))
     fp16: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.95, min_cosine=0.999))
     int8: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.5, min_cosine=0.9))
-    # Artifacts built from the shared PT2E model against its PyTorch simulation (same quantization).
-    simulation: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.9, min_cosine=0.99))
+    # Artifacts built from the shared PT2E model against its PyTorch simulation (same quantization). Integer
+    # kernels round differently from the float simulation by up to 1 LSB per layer, and a fragile model amplifies
+    # that: the reference conv_small at 224 (trained at 64) stays at cosine 0.94-0.97 in all three runtimes with
+    # every tensor within 1 LSB locally. So this bound catches gross divergence; the tensor-by-tensor check names
+    # the layer where a converter went wrong.
+    simulation: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.85, min_cosine=0.9))
 
 
 @dataclass(frozen=True)
