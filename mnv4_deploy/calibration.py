@@ -24,6 +24,7 @@ import yaml
 
 from .data import ImageSet, LoadedImages, default_calibration, load_images, scan_folder, skimage_photos
 from .errors import UserError, did_you_mean
+from .fileio import sha256_of
 from .shipped import find_named, named_files, user_dir
 
 logger = logging.getLogger(__name__)
@@ -71,12 +72,6 @@ def digest_of(entries: Iterable[tuple[str, str]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- reading and writing set files
@@ -195,7 +190,7 @@ def make_set(folder: str | Path, name: str, per_class: Optional[int] = None, ima
     chosen: list[SetImage] = []
     for c in classes:
         for p in sorted(rng.sample(sorted(by_class[c]), quota[c])):
-            chosen.append(SetImage(p.relative_to(root).as_posix(), file_sha256(p), c or None))
+            chosen.append(SetImage(p.relative_to(root).as_posix(), sha256_of(p), c or None))
     selection = {"method": "per-class balanced" if found.labelled else "random", "seed": seed,
                  "source": f"{root.parent.name}/{root.name}", "classes": len(classes), "count": len(chosen)}
     if per_class is not None:
@@ -227,7 +222,7 @@ def check_set(cs: CalibrationSet, root: Path) -> tuple[list[str], dict[str, str]
         if not p.is_file():
             problems.append(f"missing: {im.path}")
             continue
-        actual[im.path] = file_sha256(p)
+        actual[im.path] = sha256_of(p)
         if im.sha256 and actual[im.path] != im.sha256:
             problems.append(f"changed: {im.path} (sha256 {actual[im.path][:12]}..., the set says {im.sha256[:12]}...)")
     return problems, actual
@@ -325,7 +320,7 @@ def _folder_data(folder: Path, pre: Any, n_cal: int, n_ver: int, seed: int, work
     if unreadable or found.skipped_files:
         logger.warning(f"note: skipped {unreadable} unreadable images and {found.skipped_files} non-image files in {folder}")
     root = Path(found.source)
-    digest = digest_of((p.relative_to(root).as_posix(), file_sha256(p)) for p in cal_set.paths)
+    digest = digest_of((p.relative_to(root).as_posix(), sha256_of(p)) for p in cal_set.paths)
     info = {"name": root.resolve().name, "digest": digest, "images": len(cal_set)}
     return CalibrationData(cal, f"{folder} ({len(cal)} images)", ver, f"{folder} (held back, {len(ver)} images)", info)
 
@@ -334,7 +329,7 @@ def _skimage_data(pre: Any, n_cal: int, n_ver: int, seed: int,
                   cs: Optional[CalibrationSet] = None) -> CalibrationData:
     """Random crops of scikit-image's photos; the digest covers the photos' bytes and the crop draw."""
     folder, photos = skimage_photos()
-    actual = {p.name: file_sha256(p) for p in photos}
+    actual = {p.name: sha256_of(p) for p in photos}
     cs = cs or _shipped_default()
     if cs is not None:
         listed = {im.path: im.sha256 for im in cs.images}

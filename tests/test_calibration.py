@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from mnv4_deploy import UserError
-from mnv4_deploy.calibration import (CalibrationSet, check_set, digest_of, dump_set, file_sha256,
-                                     load_calibration, load_set, make_set, parse_set, shipped_sets)
+from mnv4_deploy.calibration import (CalibrationSet, check_set, digest_of, dump_set, load_calibration, load_set,
+                                     make_set, parse_set, shipped_sets)
 from mnv4_deploy.cli import main
+from mnv4_deploy.fileio import sha256_of
 from mnv4_deploy.preprocessing import Preprocessing
 from mnv4_deploy.recipes import parse_recipe
 
@@ -48,7 +49,7 @@ def test_make_is_seeded_balanced_and_hashed(image_folder: Path, tmp_path: Path):
     assert a == make_set(image_folder, "mine", per_class=3, seed=1)
     assert a.images != make_set(image_folder, "mine", per_class=3, seed=2).images
     assert [im.label for im in a.images].count("a") == 3 and [im.label for im in a.images].count("b") == 3
-    assert all(im.sha256 == file_sha256(image_folder / im.path) for im in a.images)
+    assert all(im.sha256 == sha256_of(image_folder / im.path) for im in a.images)
     odd = make_set(image_folder, "odd", images=5, seed=0)
     counts = sorted([im.label for im in odd.images].count(c) for c in "ab")
     assert counts == [2, 3]
@@ -121,7 +122,7 @@ def test_folder_and_default_calibration_are_recorded_as_sets(image_folder: Path)
     recipe = parse_recipe(FAST % 8)
     data = load_calibration(image_folder, None, recipe, PRE)
     used = data.calibration.files.paths
-    expected = digest_of((p.relative_to(image_folder).as_posix(), file_sha256(p)) for p in used)
+    expected = digest_of((p.relative_to(image_folder).as_posix(), sha256_of(p)) for p in used)
     assert data.calibration_set == {"name": "images", "digest": expected, "images": len(used)}
     default = load_calibration(None, None, recipe, PRE).calibration_set
     assert default["name"] == "skimage-photos" and default["images"] == 8 and default["digest"].startswith("sha256:")
