@@ -257,3 +257,21 @@ def test_recipe_section_and_defaults(name: str) -> None:
     assert recipe.targets[name] == get_target(name).Options()
     target = get_target(name)
     assert target.name == name and target.precisions and target.artifact_name and target.extra
+
+
+def test_a_target_can_bring_its_own_quantizer(tmp_path: Path, image_folder: Path, recipe_file: Path) -> None:
+    """`Target.build_quantizer`: a target with its own quantizer gets its own calibrated model; the others share."""
+    from tests.torchexport_target import OwnQuantizerTarget
+
+    register_target("torchexport_own", "tests.torchexport_target:OwnQuantizerTarget")
+    try:
+        OwnQuantizerTarget.quantizers_built = 0
+        results = convert(ConvertSettings(
+            model="mobilenetv4_conv_small_035", weights="random", preprocessing={"input_size": [64], "crop_pct": 1.0},
+            out=tmp_path, targets="onnx,torchexport,torchexport_own", precision="int8", calib=image_folder,
+            recipe=str(recipe_file), latency_runs=1, progress=False, verify_gate=False))
+    finally:
+        unregister_target("torchexport_own")
+    assert OwnQuantizerTarget.quantizers_built == 1
+    assert get_target("onnx").quantizer_key() == get_target("torchexport").quantizer_key() == "shared"
+    assert [r.target for r in results] == ["onnx", "torchexport", "torchexport_own"]

@@ -50,3 +50,17 @@ class TorchExportRunner(Runner):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return self.module(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+
+class OwnQuantizerTarget(TorchExportTarget):
+    """The same runtime with a PT2E quantizer of its own (here the shared recipe's, counted), so the pipeline
+    must calibrate a second int8 model for it."""
+
+    name = "torchexport_own"
+    quantizers_built = 0
+
+    def build_quantizer(self, quantization: Any) -> Any:
+        from mnv4_deploy.quantize import build_quantizer
+
+        type(self).quantizers_built += 1
+        return build_quantizer(quantization)
