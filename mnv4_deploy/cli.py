@@ -202,10 +202,11 @@ def summary_table(results: Sequence[Any]) -> str:
                 continue
             f = Fidelity(**v[name]["vs_float"])
             pct = lambda a: "-" if a is None else f"{100 * a:.2f}%"
-            rows.append((r.target, r.precision + ("" if v["numbers"] == "measured" else " (simulated)"), name,
+            median = v["latency"]["median_ms"]
+            rows.append((r.target, r.precision + ("" if v["numbers"] == "measured" else f" ({v['numbers']})"), name,
                          str(f.images), f"{r.manifest['artifact']['size_bytes'] / 1e6:.2f}", f"{f.cosine:.4f}",
                          f"{f.sqnr_db:.1f}", pct(f.top1_agreement), pct(f.reference_top1), pct(f.top1),
-                         f"{v['latency']['median_ms']:.2f}"))
+                         "not timed" if median is None else f"{median:.2f}"))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

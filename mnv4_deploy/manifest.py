@@ -11,6 +11,15 @@ from .fileio import sha256_of, size_of
 
 SCHEMA_VERSION = 1
 
+# Where a runner's numbers come from. Manifests and reports carry the kind beside every number, and only
+# "measured" runners are timed: an executor's or an emulator's wall clock says nothing about the device.
+NUMBERS_KINDS: dict[str, str] = {
+    "measured": "run in the target's real runtime on this host",
+    "executed": "run by this project's reference executor of the artifact's own program (not the vendor runtime)",
+    "emulated": "run by the vendor runtime emulating the device on this host (not the device)",
+    "simulated": "PyTorch simulation of the same quantization, not the artifact",
+}
+
 
 def tool_versions(extra: dict[str, str]) -> dict[str, str]:
     out = {"python": platform.python_version()}

@@ -15,7 +15,7 @@ import numpy as np
 from .data import LoadedImages, load_images, scan_folder
 from .errors import UserError, VerificationError
 from .fileio import atomic_path, ensure_writable_dir, write_json
-from .manifest import artifact_facts, build_manifest, tool_versions
+from .manifest import NUMBERS_KINDS, artifact_facts, build_manifest, tool_versions
 from .models import LoadedModel, load_model
 from .options import field_names
 from .prepare import prepare
@@ -277,13 +277,18 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
         export_info.setdefault("seconds", round(time.perf_counter() - started, 2))  # conversion time, per target
         runner = target.load(tmp, request)
         batch = recipe.verification.batch_size
-        verification: dict[str, Any] = {"numbers": "measured" if runner.measured else "simulated"}
-        measured, logits = _measure(runner, evals, batch, simulated if runner.measured else None)
+        verification: dict[str, Any] = {"numbers": runner.numbers}
+        # a simulation runner is the simulation itself: comparing it with the simulation would prove nothing
+        measured, logits = _measure(runner, evals, batch, None if runner.numbers == "simulated" else simulated)
         verification |= measured
         judged = evals[0].name
         verification["gate"] = gate = _gate(request, recipe, judged, verification[judged], logits, enforced)
-        verification["latency"] = measure_latency(runner, evals[0].images.x[:1], runs=settings.latency_runs,
-                                                  threads=runner.threads).to_dict()
+        one = evals[0].images.x[:1]
+        verification["latency"] = (
+            measure_latency(runner, one, runs=settings.latency_runs, threads=runner.threads).to_dict()
+            if runner.timed else {"batch": 1, "median_ms": None, "p90_ms": None, "runs": 0,
+                                  "threads": runner.threads, "input_shape": list(one.shape),
+                                  "not_measured": f"{runner.numbers}: {NUMBERS_KINDS[runner.numbers]}"})
         tensor_table = None
         if request.precision == "int8":
             verification["tensorwise"], tensor_table = tensorwise.run(target, tmp, request, evals[0].images.x)

@@ -102,7 +102,7 @@ def test_int8_weights_only(tmp_path: Path) -> None:
     # The simulation rounds the weights the same way; it stays close to the float model.
     runner = get_target("coreml").load(out["path"], out["request"])
     x = np.random.default_rng(1).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
-    assert runner.measured is False and runner(x).shape == (2, 10)
+    assert runner.numbers == "simulated" and not runner.timed and runner(x).shape == (2, 10)
 
 
 def test_image_input_and_options(tmp_path: Path) -> None:

@@ -96,8 +96,8 @@ def _result(built: dict[tuple[str, str], ArtifactResult], name: str, precision: 
 def test_float_artifact_matches_pytorch(built, name: str, precision: str) -> None:
     r = _result(built, name, precision)
     v = r.manifest["verification"]
-    if v["numbers"] != "measured":
-        pytest.skip(f"{name}: numbers are a PyTorch simulation here ({v['numbers']}), not the artifact")
+    if v["numbers"] == "simulated":
+        pytest.skip(f"{name}: numbers are a PyTorch simulation here, not the artifact")
     min_cosine, min_agreement = PARITY[precision]
     fid = v["held_back"]["vs_float"]
     assert fid["cosine"] >= min_cosine and fid["top1_agreement"] >= min_agreement, fid
@@ -107,8 +107,8 @@ def test_float_artifact_matches_pytorch(built, name: str, precision: str) -> Non
 def test_int8_artifact_matches_its_simulation(built, name: str) -> None:
     r = _result(built, name, "int8")
     v = r.manifest["verification"]
-    if v["numbers"] != "measured":
-        pytest.skip(f"{name}: numbers are a PyTorch simulation here ({v['numbers']}), not the artifact")
+    if v["numbers"] == "simulated":
+        pytest.skip(f"{name}: numbers are a PyTorch simulation here, not the artifact")
     sim = v["held_back"]["vs_pytorch_simulation"]
     # Rounding differs between runtimes (a tie here, a requantization there); a dropped or rescaled quantizer
     # costs far more (tests/test_tensorwise.py builds such defects).
@@ -145,10 +145,12 @@ def test_manifest_schema(built, name: str) -> None:
         assert m["output"]["shape"] == [1, 202] and m["export"]["method"]
         v = m["verification"]
         assert v["gate"]["passed"] and v["gate"]["enforced"] and not v["gate"]["failures"]
-        assert v["held_back"]["vs_float"]["images"] == 48 and v["latency"]["median_ms"] > 0
+        assert v["held_back"]["vs_float"]["images"] == 48
+        # only the real runtime is timed; anything else says why it has no latency
+        assert (v["latency"]["median_ms"] > 0) if v["numbers"] == "measured" else v["latency"]["not_measured"]
         assert (m["quantization"] is not None) == (precision == "int8")
         assert ("vs_pytorch_simulation" in v["held_back"]) == (
-            precision == "int8" and v["numbers"] == "measured"
+            precision == "int8" and v["numbers"] != "simulated"
             and get_target(name).deploys_simulated_model(_request_like(m)))
         assert not (r.path.parent / FAILED_MANIFEST).exists()
 

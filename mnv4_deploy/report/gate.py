@@ -213,7 +213,7 @@ def compare_reports(new: dict[str, Any], baseline: dict[str, Any], th: Threshold
             change = round(100.0 * (nl["value"] / bl["value"] - 1.0), 2) if bl["value"] else None
             limit = th.max_latency_regression
             failed = bool(both_measured and limit is not None and change is not None and change > 100 * limit)
-            note = "" if both_measured else "simulated: not gated"
+            note = "" if both_measured else "not measured in the real runtime: not gated"
             result.checks.append(Check(cur["target"], cur["precision"], "latency", bl["value"], nl["value"], change,
                                        None if limit is None else 100 * limit, "%", failed, note, cur.get("model", "")))
     result.tests = len(paired)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ..manifest import NUMBERS_KINDS
 from .gate import GateResult
 from .roofline import DEVICES
 from .schema import interval, section, value
@@ -63,10 +64,11 @@ def cells_rows(report: dict[str, Any], model: Optional[str] = None) -> tuple[lis
         m = c["metrics"]
         agree_key = "val.top1_agreement" if "val.top1_agreement" in m else "held_back.top1_agreement"
         ev = agree_key.split(".")[0]
-        lat = f"{m['latency_median']['value']:.2f} / {m['latency_p90']['value']:.2f}"
+        lat = (f"{m['latency_median']['value']:.2f} / {m['latency_p90']['value']:.2f}" if "latency_median" in m
+               else "not timed")
         note = [c.get("note", "")] if c.get("note") else []
-        if c.get("numbers") == "simulated":
-            note.append("simulated (no runtime on this host)")
+        if c.get("numbers", "measured") != "measured":
+            note.append(f"{c['numbers']}: {NUMBERS_KINDS[c['numbers']]}")
         if value(c, "tensorwise.flagged"):
             note.append(f"{value(c, 'tensorwise.flagged')} layer(s) disagree with the int8 simulation "
                         "(manifest verification.tensorwise)")

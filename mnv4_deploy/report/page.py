@@ -30,8 +30,8 @@ def _figure(svg_text: str, caption: str) -> str:
 
 def accuracy_latency_plot(report: dict[str, Any], model: Optional[str] = None) -> str:
     """Accuracy (with its 95% interval as an error bar) against measured latency, one point per artifact."""
-    # simulated latency (e.g. CoreML run as a PyTorch simulation on Linux) says nothing about the device
-    ok = [c for c in report["cells"] if c["status"] in ("built", "reused") and c.get("numbers") != "simulated"
+    # only the real runtime is timed: a simulation's, executor's or emulator's clock says nothing about the device
+    ok = [c for c in report["cells"] if c["status"] in ("built", "reused") and "latency_median" in c["metrics"]
           and (model is None or c.get("model") == model)]
     use_top1 = bool(ok) and all(value(c, "val.top1") is not None for c in ok)
     points, errors, ref = [], [], None
@@ -102,7 +102,7 @@ def model_html(report: dict[str, Any], sec: dict[str, Any]) -> list[str]:
                              "Each point is an artifact, its bar the 95% interval of the accuracy (Wilson, n images); "
                              "outlined points and the dashed line form the Pareto front (nothing else is both faster "
                              "and more accurate). The y-axis is never zoomed so far that the intervals fill it. "
-                             "Cells with simulated numbers (no runtime on this host) are left out."))
+                             "Only cells timed in the target's real runtime on this host are shown (not simulated, executed or emulated ones)."))
         parts.append(_figure(size_plot(report, key), "Artifact size on disk."))
     roof = sec.get("roofline")
     parts.append('<h3 class="est">Estimated latency on the paper\'s hardware (not measured)</h3>')

@@ -1,8 +1,8 @@
 """report.json: a versioned schema where every number carries its unit and how it was obtained.
 
 A metric is `{"value", "unit", "method", "how"}` with method one of
-  measured  - run in the target's real runtime on this host,
-  simulated - computed by a PyTorch simulation (e.g. CoreML on Linux), not the real runtime,
+  measured, executed, emulated, simulated - where a runtime number came from (manifest.NUMBERS_KINDS; only
+              measured cells carry a latency),
   estimated - from a model of hardware we did not run (the roofline),
   counted   - read from the artifact or the graph (sizes, MACs),
   derived   - arithmetic on other metrics (e.g. top-1 drop = float top-1 - top-1).
@@ -28,10 +28,11 @@ from typing import Any, Optional
 
 from ..errors import UserError
 from ..fileio import read_json
+from ..manifest import NUMBERS_KINDS
 
 SCHEMA = "mnv4-deploy/report"
 SCHEMA_VERSION = 2
-METHODS = ("measured", "simulated", "estimated", "counted", "derived")
+METHODS = (*NUMBERS_KINDS, "estimated", "counted", "derived")
 EVAL_SETS = ("val", "held_back")
 
 
@@ -74,10 +75,10 @@ def cell_from_manifest(manifest: dict[str, Any], status: str, artifact: str, man
     how_lat = (f"wall clock per call, batch {lat['batch']}, median of {lat['runs']} runs after warm-up, "
                f"threads={lat.get('threads') or 'runtime default'}" + (f", input {shape}" if shape else ""))
     metrics: dict[str, Any] = {
-        "size": metric(manifest["artifact"]["size_bytes"], "bytes", "counted", "artifact size on disk"),
-        "latency_median": metric(lat["median_ms"], "ms", runtime, how_lat),
-        "latency_p90": metric(lat["p90_ms"], "ms", runtime, how_lat.replace("median", "90th percentile")),
-    }
+        "size": metric(manifest["artifact"]["size_bytes"], "bytes", "counted", "artifact size on disk")}
+    if lat.get("median_ms") is not None:  # only the real runtime is timed (an emulator's clock means nothing)
+        metrics["latency_median"] = metric(lat["median_ms"], "ms", runtime, how_lat)
+        metrics["latency_p90"] = metric(lat["p90_ms"], "ms", runtime, how_lat.replace("median", "90th percentile"))
     evaluation: dict[str, Any] = {}
     for name in EVAL_SETS:
         if name not in v:
@@ -166,8 +167,7 @@ def new_report(models: list[dict[str, Any]], cells: list[dict[str, Any]], tools:
         "models": models,
         "shard": shard,
         "methods": {
-            "measured": "run in the target's real runtime on this host",
-            "simulated": "PyTorch simulation, not the target runtime (e.g. CoreML on Linux)",
+            **NUMBERS_KINDS,
             "estimated": "roofline model of hardware not run here (normalised units)",
             "counted": "read from the artifact or the graph",
             "derived": "arithmetic on other metrics",

@@ -54,7 +54,7 @@ class Runner(ABC):
     zero point), so every target is verified on exactly the same images.
     """
 
-    measured: bool = True  # False where the numbers come from a simulation (CoreML on Linux)
+    numbers: str = "measured"  # a key of manifest.NUMBERS_KINDS
     # Intra-op threads the runtime computes with (recorded beside every latency): a number, or what decides it.
     threads: Any = "runtime default"
 
@@ -65,6 +65,11 @@ class Runner(ABC):
     def max_batch(self) -> Optional[int]:
         """Largest batch the artifact accepts (None: any)."""
         return None
+
+    @property
+    def timed(self) -> bool:
+        """Whether its latency means anything: only the real runtime's does."""
+        return self.numbers == "measured"
 
 
 class Target(ABC):

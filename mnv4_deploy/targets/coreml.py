@@ -285,7 +285,7 @@ def _feature(feature: Any) -> dict[str, Any]:
 class SimulatedRunner(Runner):
     """Linux: CoreML cannot run, so the numbers come from PyTorch running the same quantization."""
 
-    measured = False
+    numbers = "simulated"
 
     def __init__(self, request: ExportRequest) -> None:
         import torch
@@ -333,8 +333,6 @@ def _fake_quantize_weights(model: Any) -> Any:
 
 class CoremlRunner(Runner):
     """macOS: the .mlpackage run by CoreML itself (`predict`), on the requested compute units."""
-
-    measured = True
 
     def __init__(self, path: Path, request: ExportRequest) -> None:
         import coremltools as ct
