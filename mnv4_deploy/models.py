@@ -68,6 +68,19 @@ def list_variants() -> list[str]:
     return sorted(timm.list_models("mobilenetv4_*"))
 
 
+RANDOM_WEIGHTS_SEED = 0
+
+
+def _random_model(timm: Any, name: str, kwargs: dict[str, Any]) -> Any:
+    """`--weights random` draws the same weights every time (seed 0, the caller's RNG state untouched): a
+    random-weights convert is repeatable, and shards of a random-weights zoo build the same models."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
 def load_model(
     name: str,
     weights: str = "pretrained",
@@ -99,8 +112,8 @@ def load_model(
         model = _create_pretrained(timm, name, kwargs)
         source = f"pretrained:{model.pretrained_cfg.get('hf_hub_id') or name}"
     elif weights == "random":
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        source = "random"
+        model = _random_model(timm, name, kwargs)
+        source = "random"  # always seed RANDOM_WEIGHTS_SEED
     else:
         path = Path(weights).expanduser()
         if not path.is_file():

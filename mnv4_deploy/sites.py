@@ -83,10 +83,21 @@ class _SwitchableFakeQuant(nn.Module):
         self.axis = int(getattr(observer, "ch_axis", 0))
         self.per_channel = self.scale.numel() > 1
         self.enabled = True
+        # A weight site sees the same parameter on every forward: its fake-quantized copy is computed once
+        # (most of a sensitivity sweep's time otherwise); keyed on the parameter's identity and version.
+        self._weight_cache: Optional[tuple[int, int, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if isinstance(x, nn.Parameter) and not torch.is_grad_enabled():
+            key = (id(x), x._version)
+            if self._weight_cache is None or self._weight_cache[:2] != key:
+                self._weight_cache = (*key, self._fake_quantize(x))
+            return self._weight_cache[2]
+        return self._fake_quantize(x)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
         return torch.fake_quantize_per_tensor_affine(x, float(self.scale), int(self.zero_point), self.qmin, self.qmax)

@@ -53,6 +53,7 @@ class QTensor:
     module: str = ""  # PyTorch module path (PyTorch side)
     op: str = ""  # the producing operation
     note: str = ""  # a runtime-side inconsistency (e.g. written and read with different scales)
+    scale_rtol: float = SCALE_RTOL  # how exactly its scale can match PyTorch's (a float16 scale: about 2^-11)
 
     @property
     def per_image(self) -> int:
@@ -155,7 +156,8 @@ def close_qparams(scale_a: float, zero_a: int, scale_b: float, zero_b: int) -> b
 
 
 def _same_qparams(a: QTensor, b: QTensor) -> bool:
-    return close_qparams(a.scale, a.zero_point, b.scale, b.zero_point)
+    rtol = max(a.scale_rtol, b.scale_rtol)
+    return a.zero_point == b.zero_point and abs(a.scale - b.scale) <= rtol * max(a.scale, b.scale)
 
 
 def _best(t: QTensor, candidates: Sequence[QTensor]) -> Optional[tuple[QTensor, np.ndarray, float]]:

@@ -1,7 +1,10 @@
-"""CoreML target: structure of the converted ML Programs (CoreML cannot run on Linux; numbers are simulated)."""
+"""CoreML target: structure of the converted ML Programs, and the programs executed by the reference ML Program
+executor (mnv4_deploy/mlprogram; Core ML itself runs only on macOS, where predict is compared with it)."""
 from __future__ import annotations
 
 import json
+import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from mnv4_deploy.targets.coreml import CoremlOptions  # noqa: E402
 from .conftest import prepared_model  # noqa: E402
 
 SIZE = 64
+IS_MAC = platform.system() == "Darwin"
 _MODELS: dict[str, Any] = {}
 
 
@@ -99,10 +103,12 @@ def test_int8_weights_only(tmp_path: Path) -> None:
     assert s["quantize"] == 0 and s["dequantize"] == 0  # activations stay float16
     assert s["constexpr_dequantize"] >= s["operators"]["conv"] and set(s["quantized_weight_dtypes"]) == {"int8"}
     assert "linear_quantize_weights" in out["info"]["method"]
-    # The simulation rounds the weights the same way; it stays close to the float model.
-    runner = get_target("coreml").load(out["path"], out["request"])
+    target = get_target("coreml")
+    runner = target.load(out["path"], out["request"])
     x = np.random.default_rng(1).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
-    assert runner.numbers == "simulated" and not runner.timed and runner(x).shape == (2, 10)
+    assert runner.numbers == ("measured" if IS_MAC else "executed") and runner(x).shape == (2, 10)
+    assert runner.timed == IS_MAC
+    assert "no activation quantizers" in target.quantized_tensors(out["path"], out["request"], x)
 
 
 def test_image_input_and_options(tmp_path: Path) -> None:
@@ -127,6 +133,10 @@ def test_image_input_and_options(tmp_path: Path) -> None:
         direct = loaded.model((pixels / 255 - mean) / std)
     # Same values up to float32 rounding of the two algebraically equal forms (random logits can be large).
     assert (wrapped - direct).abs().max().item() <= 1e-4 * max(1.0, direct.abs().max().item())
+    # The program, fed the pixels Core ML would hand it, computes the same logits (float16 rounding aside).
+    x = ((pixels / 255 - mean) / std).numpy()
+    executed = target.load(out["path"], out["request"])(x)
+    assert np.abs(executed - direct.numpy()).max() <= 2e-2 * max(1.0, direct.abs().max().item())
 
 
 @pytest.mark.parametrize("options,precision,match", [
@@ -139,16 +149,171 @@ def test_user_errors(tmp_path: Path, options: dict[str, Any], precision: str, ma
         get_target("coreml").export(_request("mobilenetv4_conv_small", precision, **options), tmp_path / "m.mlpackage")
 
 
-def test_pipeline_w8a8_manifest_is_simulated(tmp_path: Path, image_folder: Path) -> None:
-    """End to end through the pipeline: verified by simulation on Linux, and labelled so."""
+def test_pipeline_w8a8_manifest_is_executed(tmp_path: Path, image_folder: Path) -> None:
+    """End to end through the pipeline: the program is executed (Linux) or predicted (macOS), labelled so, compared
+    with the PyTorch simulation and checked tensor by tensor."""
     [r] = convert(ConvertSettings(model="mobilenetv4_conv_small_035", weights="random", out=tmp_path,
                                   targets="coreml", precision="int8", calib=image_folder, latency_runs=2,
                                   preprocessing={"input_size": [SIZE], "crop_pct": 1.0}, progress=False))
     m = json.loads(r.manifest_path.read_text())
     assert r.path == tmp_path / "coreml" / "model.mlpackage" and r.path.is_dir()
-    assert m["verification"]["numbers"] == "simulated"
-    # The simulation is not compared with itself: no "agreement with the simulation" number for CoreML on Linux.
-    assert "vs_pytorch_simulation" not in m["verification"]["held_back"]
-    assert m["verification"]["tensorwise"]["status"].startswith("not available: simulated")
+    v = m["verification"]
+    assert v["numbers"] == ("measured" if IS_MAC else "executed")
+    assert (v["latency"]["median_ms"] is None) != IS_MAC  # only Core ML itself is timed
+    assert "vs_pytorch_simulation" in v["held_back"]
+    assert v["tensorwise"]["status"] == "compared" and v["tensorwise"]["runtime"].startswith("reference ML Program")
+    assert m["structure"]["execution"].startswith("measured (Core ML predict)" if IS_MAC else "executed (ML Program reference)")
+    if IS_MAC:
+        assert m["structure"]["predict_vs_executor"]["images"] > 0
     assert m["structure"]["quantize"] > 10 and m["artifact"]["size_bytes"] > 0
     assert "coremltools" in m["tool_versions"]
+
+
+# ----------------------------------------------------------------------------- the reference ML Program executor
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, reference_checkpoint: Path, tiny_imagenet: Path) -> dict[str, Any]:
+    """The reference checkpoint (conv_small, 202 classes, 64x64), int8 calibrated on 32 Tiny ImageNet train images;
+    its fp32 and W8A8 programs written once, plus 8 val images."""
+    from mnv4_deploy.data import load_images, scan_folder
+
+    from .conftest import reference_model
+
+    loaded = reference_model(reference_checkpoint)
+    cal = load_images(scan_folder(tiny_imagenet / "train").sample(32, seed=0), loaded.preprocessing)
+    val = load_images(scan_folder(tiny_imagenet / "val").sample(8, seed=1), loaded.preprocessing)
+    recipe = load_recipe(None)
+    quantized = quantize(loaded.model, cal, recipe, "tin202 train (32)")
+    out = tmp_path_factory.mktemp("coreml_reference")
+    target = get_target("coreml")
+    built = {"loaded": loaded, "x": val.x, "target": target}
+    for kind, precision in (("fp32", "fp32"), ("int8", "int8")):
+        request = ExportRequest(loaded, precision, CoremlOptions(), quantized if precision == "int8" else None, cal)
+        path = out / kind / "model.mlpackage"
+        target.export(request, path)
+        built[kind] = (request, path)
+    return built
+
+
+def test_fp32_program_executes_like_pytorch(reference: dict[str, Any]) -> None:
+    import torch
+
+    from mnv4_deploy import mlprogram
+
+    _, path = reference["fp32"]
+    executor = mlprogram.load(path)
+    x = reference["x"]
+    logits = executor.run({"input": x})["logits"]
+    with torch.no_grad():
+        expected = reference["loaded"].model(torch.from_numpy(x)).numpy()
+    assert logits.shape == expected.shape == (len(x), 202)
+    assert np.abs(logits - expected).max() < 1e-4
+    # Any named intermediate comes back, batch first, in the program's layout (NCHW).
+    first_conv = next(o for o in executor.ops if o.type == "conv").name
+    assert executor.run({"input": x[:2]}, outputs=[first_conv])[first_conv].shape == (2, 32, SIZE // 2, SIZE // 2)
+
+
+def test_w8a8_program_matches_simulation_tensor_by_tensor(reference: dict[str, Any]) -> None:
+    from mnv4_deploy import tensorwise
+
+    request, path = reference["int8"]
+    result = tensorwise.check(reference["target"], path, request, reference["x"])
+    s = result["summary"]
+    assert s["status"] == "compared" and s["runtime"].startswith("reference ML Program executor"), s
+    assert s["matched"] == s["pytorch_quantizers"] and not s["unmatched_pytorch"], s
+    assert s["flagged"] == 0 and s["matched_by_values_requantized"] == 0, s
+    # The executor runs what the program says: float16 between quantizers, the program's float16 scales.
+    assert s["max_local_lsb"] <= 1.5, s
+    runner = reference["target"].load(path, request)
+    sim = request.quantized.simulate(reference["x"])
+    assert (runner(reference["x"]).argmax(1) == sim.argmax(1)).mean() >= 0.75
+
+
+def _corrupt_quantize_scale(src: Path, dst: Path, index: int, factor: float = 1.5) -> str:
+    """Multiply the scale of the `index`-th activation `quantize` op of a saved program by `factor` (its readers
+    keep the old scale: a converter that wrote a wrong scale). Edits the saved proto; returns the op's output."""
+    import coremltools as ct
+    from coremltools.libmodelpackage import ModelPackage
+
+    shutil.copytree(src, dst)
+    spec = ct.utils.load_spec(str(dst))
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    consts = {op.outputs[0].name: op for op in block.operations if op.type == "const"}
+    op = [o for o in block.operations if o.type == "quantize"][index]
+    value = consts[op.inputs["scale"].arguments[0].name].attributes["val"].immediateValue.tensor
+    scale = np.frombuffer(value.bytes.values, np.float16) * np.float16(factor)
+    value.bytes.values = scale.astype(np.float16).tobytes()
+    Path(ModelPackage(str(dst)).getRootModel().path()).write_bytes(spec.SerializeToString())
+    return op.outputs[0].name
+
+
+def test_corrupted_scale_is_flagged_at_that_layer(reference: dict[str, Any], tmp_path: Path) -> None:
+    from mnv4_deploy import tensorwise
+
+    request, path = reference["int8"]
+    name = _corrupt_quantize_scale(path, tmp_path / "bad.mlpackage", index=5)
+    result = tensorwise.check(reference["target"], tmp_path / "bad.mlpackage", request, reference["x"])
+    s = result["summary"]
+    assert s["flagged"] >= 1 and s["first_flagged"]["runtime_tensor"] == name, s
+    [row] = [r for r in result["table"] if r["runtime_tensor"] == name]
+    assert any("re-quantized" in r for r in row["reasons"]) and any("inconsistent" in r for r in row["reasons"]), row
+    assert row["order"] == 5  # the PyTorch quantizer in the same place of the graph
+    assert name in tensorwise.warning_line("coreml", s) or row["module"] in tensorwise.warning_line("coreml", s)
+
+
+def test_unknown_op_is_refused_by_name(reference: dict[str, Any]) -> None:
+    import coremltools as ct
+
+    from mnv4_deploy.mlprogram import Executor, UnsupportedOpError
+    from mnv4_deploy.mlprogram.reader import from_spec, weights_dir
+
+    _, path = reference["fp32"]
+    spec = ct.utils.load_spec(str(path))
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    relu = next(o for o in block.operations if o.type == "relu")
+    relu.type = "hard_swish_v2"
+    with pytest.raises(UnsupportedOpError, match=r"'hard_swish_v2' \(output '" + relu.outputs[0].name):
+        Executor(from_spec(spec, weights_dir(path), str(path)))
+
+
+@pytest.mark.slow  # a W8 conversion, ~15 s
+def test_ios18_weights_only_program_executes(tmp_path: Path) -> None:
+    """iOS18 compresses weights as constexpr_blockwise_shift_scale (iOS16/17: constexpr_affine_dequantize)."""
+    out = _convert(tmp_path, "mobilenetv4_conv_small", "int8", weights_only=True, minimum_deployment_target="iOS18")
+    assert out["structure"]["operators"].get("constexpr_blockwise_shift_scale", 0) >= out["structure"]["operators"]["conv"]
+    runner = get_target("coreml").load(out["path"], out["request"])
+    x = np.random.default_rng(3).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    import torch
+
+    with torch.no_grad():
+        expected = out["request"].loaded.model(torch.from_numpy(x)).numpy()
+    assert np.abs(runner(x) - expected).max() <= 0.1 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.skipif(not IS_MAC, reason="Core ML predict runs only on macOS")
+def test_predict_matches_executor(reference: dict[str, Any]) -> None:
+    """macOS: Core ML's own predict and the reference executor agree on the same programs and images."""
+    from mnv4_deploy.verify import compare
+
+    x = reference["x"]
+    for kind, min_cosine, min_agreement in (("fp32", 0.999, 1.0), ("int8", 0.99, 0.75)):
+        request, path = reference[kind]
+        runner = reference["target"].load(path, request)
+        assert runner.numbers == "measured"
+        fid = compare(runner(x), runner.executed(x)).to_dict()
+        assert fid["cosine"] >= min_cosine and fid["top1_agreement"] >= min_agreement, (kind, fid)
+        recorded = reference["target"].describe(path, request)["predict_vs_executor"]
+        assert recorded["images"] == len(x) and recorded["top1_agreement"] == fid["top1_agreement"]
+
+
+@pytest.mark.slow  # hybrid_medium fp16 + W8 conversions, ~60 s
+@pytest.mark.parametrize("precision,weights_only", [("fp16", False), ("int8", True)])
+def test_hybrid_medium_programs_execute(tmp_path: Path, precision: str, weights_only: bool) -> None:
+    """MobileMQA programs (matmul, softmax, batch_norm, reshape) run; random weights: shape and finiteness only."""
+    out = _convert(tmp_path, "mobilenetv4_hybrid_medium", precision, weights_only=weights_only)
+    runner = get_target("coreml").load(out["path"], out["request"])
+    x = np.random.default_rng(2).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    logits = runner(x)
+    assert logits.shape == (2, 10) and np.isfinite(logits).all()
+    assert {"matmul", "softmax"} <= set(runner.executor.op_types)

@@ -194,3 +194,14 @@ def test_preprocessing_comes_from_pretrained_cfg_and_overrides():
     small = load_model("mobilenetv4_conv_small", weights="random",
                        preprocessing_overrides={"input_size": [64], "crop_pct": 1.0, "mean": [0.5] * 3})
     assert small.preprocessing.input_size == (64, 64) and small.preprocessing.mean == (0.5, 0.5, 0.5)
+
+
+def test_random_weights_are_repeatable_and_leave_the_callers_rng_alone():
+    """A random-weights convert or zoo shard builds the same model every time, without reseeding the caller."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    a = load_model("mobilenetv4_conv_small_035", "random", 10).model.state_dict()
+    assert torch.equal(torch.rand(4), expected_next)  # global RNG stream untouched
+    b = load_model("mobilenetv4_conv_small_035", "random", 10).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

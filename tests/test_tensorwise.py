@@ -191,17 +191,6 @@ def test_tflite_faithful_and_requantized_layer(small, tmp_path):
 
 
 # ----------------------------------------------------------------------------- other targets
-def test_coreml_says_simulated(small):
-    import platform
-
-    if platform.system() == "Darwin":
-        pytest.skip("Linux behaviour")
-    loaded, recipe, q, cal, x, out = small
-    request = ExportRequest(loaded, "int8", options_for(recipe, "coreml"), q, cal)
-    s = tensorwise.check(get_target("coreml"), out / "none.mlpackage", request, x)["summary"]
-    assert s["status"].startswith("not available: simulated")
-
-
 @pytest.mark.slow
 def test_openvino_faithful_export(small):
     pytest.importorskip("openvino")

@@ -15,7 +15,6 @@ reuses the cell instead of rebuilding it.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,7 +23,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..errors import MissingDependencyError, UserError, VerificationError
 from ..fileio import sha256_of, write_json
@@ -139,8 +138,7 @@ class Runner:
             failed[target] = empty_cell(target, precision, "failed", _first_line(exc), model)
 
         try:
-            with _seeded(s.weights):
-                results = self.convert(s, on_target_error=on_error)
+            results = self.convert(s, on_target_error=on_error)
         except UserError:
             raise
         except Exception as exc:  # before any export (loading, calibration): every target of this precision fails
@@ -212,23 +210,6 @@ def _bar(total: int, enabled: bool) -> Callable[[Optional[str]], None]:
             bar.set_postfix_str(msg)
             bar.update(1)
     return tick
-
-
-@contextlib.contextmanager
-def _seeded(weights: str) -> Iterator[None]:
-    """`--weights random` draws the same weights in every run and shard (seed 0), so a random-weights zoo
-    sharded over CI jobs builds the same models as one run; the global RNG state is restored afterwards."""
-    if weights != "random":
-        yield
-        return
-    import torch
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -310,8 +291,7 @@ def _model_section(rs: ReportSettings) -> dict[str, Any]:
     from ..prepare import prepare
 
     base = rs.base
-    with _seeded(base.weights):
-        loaded = load_model(base.model, base.weights, base.num_classes, base.preprocessing)
+    loaded = load_model(base.model, base.weights, base.num_classes, base.preprocessing)
     prepare(loaded.model)
     model = loaded.describe()
     if loaded.weights == "random":
@@ -328,8 +308,7 @@ def _model_section(rs: ReportSettings) -> dict[str, Any]:
         from .sensitivity import recipe_sensitivity, report_section
 
         logger.info(f"sensitivity of {rs.name}: the recipe's int8 model, one quantizer at a time")
-        with _seeded(base.weights):
-            sens = report_section(recipe_sensitivity(dataclasses.replace(base, precision="int8"), images=64))
+        sens = report_section(recipe_sensitivity(dataclasses.replace(base, precision="int8"), images=64))
     settings = {
         "model": base.model, "weights": base.weights, "num_classes": loaded.num_classes,
         "input_size": size, "input_size_source": size_source, "preprocessing": loaded.preprocessing.to_dict(),

@@ -7,32 +7,40 @@ them onto MIL `quantize`/`dequantize` (activations) and `constexpr_affine_dequan
 Two conversion paths reach the same program: torch.export (default; the PT2E graph as is) and torch.jit.trace
 (the PT2E ops rewritten to ATen's quantized-tensor ops, which coremltools' TorchScript frontend reads).
 
-CoreML cannot run on Linux: there the runner returns the PyTorch simulation of the same model and marks its
-numbers `simulated`; on macOS it runs the .mlpackage with `predict` and marks them `measured`.
+Core ML itself runs only on macOS. Elsewhere the saved program is run by this project's reference ML Program
+executor (mnv4_deploy/mlprogram: Core ML's op semantics, float16 where the program is float16) and its numbers
+are `executed`; on macOS the .mlpackage runs with `predict` (`measured`) and the executor runs the first
+verification images again, so the manifest records how far the two disagree.
 """
 from __future__ import annotations
 
 import collections
-import copy
+import logging
 import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from ..capture import captured
 from ..errors import UserError
 from ..input_adapter import DeployInput
+from ..mlprogram import ane
 from ..options import choice, option
 from .base import ExportRequest, Runner, RuntimeTensors, Target
+
+logger = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 _QDQ_OPS = ("quantize", "dequantize", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
 # Oldest OS per artifact kind: constexpr weights need iOS16, activation quantize/dequantize need iOS17.
 _MIN_TARGET = {"fp32": "iOS15", "fp16": "iOS15", "int8-weights": "iOS16", "int8": "iOS17"}
 _COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
+EXECUTION = "executed (ML Program reference): the saved program run op by op by mnv4_deploy.mlprogram, not Core ML"
+PREDICT_EXECUTION = "measured (Core ML predict), compared with the ML Program reference executor"
+COMPARE_IMAGES = 64  # macOS: images on which predict is compared with the executor
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,10 @@ class CoremlTarget(Target):
     precisions = ("fp32", "fp16", "int8")
     requires = ("coremltools",)
     Options = CoremlOptions
+
+    def __init__(self) -> None:
+        # macOS: the predict runner of each artifact, so describe() can report its comparison with the executor.
+        self._predict_runs: dict[str, CoremlRunner] = {}
 
     def distributions(self) -> tuple[str, ...]:
         return ("coremltools",)
@@ -80,6 +92,11 @@ class CoremlTarget(Target):
             mlmodel = _quantize_weights(mlmodel)
             method = "coremltools.optimize.coreml.linear_quantize_weights (int8 per-channel symmetric, fp16 activations)"
         info["method"] = method
+        if kind == "int8":
+            warning = _calibration_warning(request)
+            if warning:
+                logger.warning(warning)
+                info["calibration_warning"] = warning
         info["conversion"] = ("torch.export -> ct.convert" if opts.conversion == "export"
                               else "torch.jit.trace -> ct.convert")
         info["compute_precision"] = "float32" if request.precision == "fp32" else "float16"
@@ -89,16 +106,24 @@ class CoremlTarget(Target):
 
     def load(self, path: Path, request: ExportRequest) -> Runner:
         if platform.system() == "Darwin":
-            return CoremlRunner(path, request)
-        return SimulatedRunner(request)
+            runner = CoremlRunner(path, request)
+            self._predict_runs[str(path)] = runner
+            return runner
+        return ExecutedRunner(path, request)
 
     def deploys_simulated_model(self, request: ExportRequest) -> bool:
         return super().deploys_simulated_model(request) and not request.options.weights_only
 
     def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> RuntimeTensors:
-        if platform.system() != "Darwin":
-            return "not available: simulated (no CoreML runtime on Linux; its numbers are the PyTorch simulation)"
-        return "not available: CoreML predict does not expose intermediate tensors"
+        """The W8A8 program's quantize outputs, from the reference executor (Core ML's predict, on macOS, does
+        not expose intermediates; the executor runs the same saved program on every OS)."""
+        from ..mlprogram.quantized import quantized_tensors
+
+        if _kind(request) == "int8-weights":
+            return "not available: weights-only int8 program (no activation quantizers; activations stay float16)"
+        runner = ExecutedRunner(path, request)
+        tensors, info = quantized_tensors(runner.executor, runner.feed(x), INPUT_NAME)
+        return tensors, info
 
     def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
         from ..manifest import input_spec
@@ -123,8 +148,15 @@ class CoremlTarget(Target):
         float_conv_weights = ops.pop("conv with a float weight", 0)
         ops.pop("const", None)
         plan = _compute_plan(path, "all") if platform.system() == "Darwin" else None
+        predicted = self._predict_runs.get(str(path))
+        execution: dict[str, Any] = {"execution": EXECUTION if predicted is None else PREDICT_EXECUTION}
+        if predicted is not None:
+            execution["predict_vs_executor"] = predicted.comparison()
         return {
+            **execution,
             "compute_plan": plan or "not available on Linux (MLComputePlan needs macOS 14.4+)",
+            # where the program would leave the Neural Engine or run float, judged statically (mlprogram/ane.py)
+            "neural_engine_fit": ane.manifest_entry(spec),
             "program": "mlprogram",
             "spec_version": spec.specificationVersion,
             "operators": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
@@ -137,6 +169,12 @@ class CoremlTarget(Target):
             "inputs": [_feature(f) for f in spec.description.input],
             "outputs": [_feature(f) for f in spec.description.output],
         }
+
+
+def _calibration_warning(request: ExportRequest) -> Optional[str]:
+    """Loud when W8A8 ranges come from images that are not the user's (they are fixed in the program)."""
+    cal = request.calibration.calibration_set if request.calibration is not None else None
+    return ane.calibration_warning(cal.get("name") if cal else None)
 
 
 def _kind(request: ExportRequest) -> str:
@@ -282,53 +320,32 @@ def _feature(feature: Any) -> dict[str, Any]:
     return out
 
 
-class SimulatedRunner(Runner):
-    """Linux: CoreML cannot run, so the numbers come from PyTorch running the same quantization."""
+class ExecutedRunner(Runner):
+    """Any OS: the saved ML Program run op by op by the reference executor (mnv4_deploy/mlprogram)."""
 
-    numbers = "simulated"
+    numbers = "executed"
+    threads = 1  # the executor's intra-op threads (batch-1 ops on small tensors)
 
-    def __init__(self, request: ExportRequest) -> None:
-        import torch
+    def __init__(self, path: Path, request: ExportRequest) -> None:
+        from ..mlprogram import load
 
-        kind = _kind(request)
-        if kind == "int8":
-            self._fn: Callable[[np.ndarray], np.ndarray] = lambda x: request.quantized.simulate(x)
-            self.simulation = "PT2E int8 model (the same quantize/dequantize scales) in PyTorch"
-            return
-        model = request.loaded.model
-        if kind == "int8-weights":
-            model = _fake_quantize_weights(copy.deepcopy(model))
-            self.simulation = "float PyTorch model with int8 per-channel symmetric weights"
-        else:
-            self.simulation = "float32 PyTorch model"
+        self.executor = load(path)
+        self.image_input = request.options.image_input
+        pre = request.loaded.preprocessing
+        self.mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(pre.std, dtype=np.float32).reshape(1, 3, 1, 1)
 
-        def run(x: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-
-        self._fn = run
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        """The program's input for normalised NCHW images (RGB pixel values 0-255 for an ImageType input, as
+        Core ML hands a pixel buffer to the program)."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.image_input:
+            return np.clip(np.round((x * self.std + self.mean) * 255.0), 0, 255).astype(np.float32)
+        return x
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self._fn(x)
-
-
-def _fake_quantize_weights(model: Any) -> Any:
-    """Round conv/linear weights to int8 per output channel, symmetric (as linear_quantize_weights does).
-
-    CoreML quantizes the BatchNorm-folded weights; per-output-channel symmetric rounding is invariant to the
-    per-channel factor BN folding multiplies in, so rounding the unfolded weights gives the same values.
-    """
-    import torch
-    from torch import nn
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                w = m.weight
-                scale = w.abs().amax(dim=tuple(range(1, w.dim()))).clamp_min(1e-12) / 127.0
-                zero = torch.zeros(len(scale), dtype=torch.int32)
-                w.copy_(torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127))
-    return model
+        logits = self.executor.run({INPUT_NAME: self.feed(x)})[OUTPUT_NAME]
+        return np.asarray(logits, dtype=np.float32).reshape(len(x), -1)
 
 
 class CoremlRunner(Runner):
@@ -337,6 +354,8 @@ class CoremlRunner(Runner):
     def __init__(self, path: Path, request: ExportRequest) -> None:
         import coremltools as ct
 
+        self.executed = ExecutedRunner(path, request)
+        self._sample: Optional[tuple[np.ndarray, np.ndarray]] = None  # first images seen, with predict's logits
         opts: CoremlOptions = request.options
         self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, opts.compute_units.upper()))
         self.image_input = opts.image_input
@@ -359,7 +378,21 @@ class CoremlRunner(Runner):
             else:
                 feed = one[None]
             outs.append(np.asarray(self.model.predict({INPUT_NAME: feed})[OUTPUT_NAME], dtype=np.float32).reshape(1, -1))
-        return np.concatenate(outs)
+        predicted = np.concatenate(outs)
+        if self._sample is None:  # kept for comparison(); the executor does not run here, so latency stays predict's
+            self._sample = (np.array(x[:COMPARE_IMAGES], dtype=np.float32), predicted[:COMPARE_IMAGES].copy())
+        return predicted
+
+    def comparison(self) -> dict[str, Any]:
+        """Core ML's predict against the reference executor on the first images predict ran (the verification
+        images): how far Core ML's arithmetic is from the executor's model of it."""
+        if self._sample is None:
+            return {"images": 0}
+        from ..verify import compare
+
+        x, predicted = self._sample
+        fid = compare(predicted, self.executed(x)).to_dict()
+        return {k: fid[k] for k in ("images", "cosine", "top1_agreement", "max_abs_error")}
 
 
 def _compute_plan(path: Path, compute_units: str) -> Optional[dict[str, Any]]:
