@@ -9,7 +9,8 @@ float logits are computed once and the PyTorch-side PT2E quantization is shared 
 Each row is read back from the manifest that convert wrote (`verification.val.vs_float`):
 
   top-1       int8 top-1 on the val images, run in the target's runtime (onnxruntime, LiteRT, OpenVINO CPU);
-              CoreML cannot run on Linux, so its numbers are the PyTorch simulation ("simulated" column)
+              CoreML on Linux: this project's ML Program executor runs the saved program ("executed");
+              qnn: onnxruntime-qnn's HTP emulator ("emulated")
   float       the float PyTorch model's top-1 on the same images
   drop pts    float minus int8, in percentage points
   agreement   share of images whose int8 top-1 class equals float's
@@ -18,7 +19,8 @@ Each row is read back from the manifest that convert wrote (`verification.val.vs
               NNCF: nncf.quantize; onnxruntime: inside export s; QAT: the whole training run)
   export s    seconds in the target's export (conversion; for ort-baseline also quantize_static)
   latency ms  median batch-1 latency in the runtime, default threads (--latency-runs calls; one run's rows are
-              comparable with each other, not with other runs); CoreML: the PyTorch simulation's, not a device
+              comparable with each other, not with other runs); only real runtimes are timed ("not timed"
+              for executed / emulated numbers)
 
 Rows:
   - with --with-float: the float model per target (agreement 100% by definition; the latency reference)
@@ -218,7 +220,7 @@ def _fmt(v: Any, pct: bool = False, nd: int = 2) -> str:
 
 def table(result: dict[str, Any]) -> str:
     title = (f"mobilenetv4_conv_small (mnv4_conv_small_tin202.pth), int8, {result['val_images']} Tiny ImageNet val "
-             f"images; measured in each target's runtime (CoreML on Linux: PyTorch simulation)")
+             f"images; measured in each target's runtime (CoreML on Linux: executed by the ML Program executor)")
     lines = [title, "",
              "| target | recipe/method | top-1 | float | drop pts | agreement | SQNR dB | quantize s | export s | "
              "latency ms | numbers |",
@@ -229,8 +231,6 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"| {r['target']} | {label} | failed: {r['error'][:80]} | | | | | | | | |")
             continue
         numbers = r.get("numbers") or "-"
-        if numbers == "simulated":
-            numbers = "simulated (PyTorch; no CoreML runtime on Linux)" if r["target"] == "coreml" else "simulated"
         if r.get("eval_set") != "val":
             numbers += " (held-back images, no val)"
         elif r.get("val_images") != result["val_images"]:
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder written by `mnv4-deploy qat --out DIR`: adds DIR/<target>/manifest.json rows")
     ap.add_argument("--val-limit", type=int, default=0, help="fixed seed-0 sample of N val images (default: all 5,050)")
     ap.add_argument("--latency-runs", type=int, default=5,
-                    help="timed batch-1 calls per artifact (median in the table; CoreML: the PyTorch simulation's)")
+                    help="timed batch-1 calls per artifact (median in the table; real runtimes only)")
     ap.add_argument("--with-float", action="store_true",
                     help="also export and time the float model per target (a latency reference in the same run)")
     ap.add_argument("--workers", type=int, default=0, help="image-loading worker processes")

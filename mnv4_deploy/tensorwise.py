@@ -144,6 +144,10 @@ def _alignments(values: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
         out.append(values)
     if values.ndim == 4 and len(shape) == 4 and values.transpose(0, 3, 1, 2).shape == shape:
         out.append(values.transpose(0, 3, 1, 2))
+    # Last two axes swapped: TFLite softmaxes attention over its last axis (PyTorch's axis 2 transposed there
+    # and back) and OpenVINO folds the small K transpose into its MatMul, so those tensors exist transposed.
+    if values.ndim == len(shape) >= 2 and np.swapaxes(values, -1, -2).shape == shape:
+        out.append(np.swapaxes(values, -1, -2))
     squeeze = lambda s: tuple(d for d in s if d != 1)
     if not out and values.size == int(np.prod(shape)) and squeeze(values.shape[1:]) == squeeze(shape[1:]) \
             and values.shape[0] == shape[0]:

@@ -239,6 +239,12 @@ def test_hybrid_attention_full_integer(hybrid, tmp_path):
     assert fid.cosine > 0.99, fid
     fid = compare(runner(images.x), torch_logits(model, images.x))
     assert fid.cosine > 0.95, fid
+    # Every attention quantizer has its runtime tensor, including the ones TFLite keeps transposed (softmax over
+    # its last axis) or as 2-D FULLY_CONNECTED operands without a batch axis.
+    from mnv4_deploy import tensorwise
+
+    summary = tensorwise.check(target, path, request, images.x[:4])["summary"]
+    assert summary["unmatched_pytorch"] == [] and summary["flagged"] == 0, summary
 
 
 @pytest.mark.slow

@@ -544,7 +544,15 @@ def invoke_each(interpreter: Any, x: np.ndarray, keep: Sequence[int] = ()) -> tu
         outs.append(interpreter.get_tensor(i_out).copy())
         for t in keep:
             kept[t].append(interpreter.get_tensor(t).copy())
-    return np.concatenate(outs), {t: np.concatenate(v) for t, v in kept.items()}
+    return np.concatenate(outs), {t: _batch_first(v) for t, v in kept.items()}
+
+
+def _batch_first(per_image: list[np.ndarray]) -> np.ndarray:
+    """Per-image tensors stacked on a new batch axis, which replaces a leading batch-1 axis. A tensor the converter
+    reshaped without one (an attention matrix as a 2-D FULLY_CONNECTED operand) keeps its rows per image."""
+    stacked = np.stack(per_image)
+    return stacked.reshape(len(per_image), *stacked.shape[2:]) if stacked.ndim > 1 and stacked.shape[1] == 1 \
+        else stacked
 
 
 def float_output(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
