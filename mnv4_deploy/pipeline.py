@@ -248,6 +248,29 @@ def _measure(runner: Any, evals: Sequence[EvalData], batch: int,
     return verification, first
 
 
+def _within_limit(runner: Any, evals: Sequence[EvalData],
+                  simulated: Optional[np.ndarray]) -> tuple[Sequence[EvalData], Optional[np.ndarray]]:
+    """A runner too slow for every image (an emulator, `Runner.max_images`) is verified on that many images of
+    each set, evenly spaced (held-back images come class by class); each set's source says so."""
+    n = runner.max_images
+    pick = lambda total: np.linspace(0, total - 1, n).round().astype(int)  # noqa: E731
+    out = []
+    for ev in evals:
+        im, total = ev.images, len(ev.images)
+        if not n or total <= n:
+            out.append(ev)
+            continue
+        idx = pick(total)
+        sub = dataclasses.replace(im, x=im.x[idx], labels=None if im.labels is None else im.labels[idx],
+                                  uint8=None if im.uint8 is None else im.uint8[idx],
+                                  files=None if im.files is None else im.files.subset(idx.tolist()))
+        note = f"{ev.source}; {n} of its {total} images, evenly spaced ({runner.numbers}: {runner.max_images_reason})"
+        out.append(EvalData(ev.name, note, sub, ev.float_logits[idx]))
+    if simulated is not None and n and len(simulated) > n:
+        simulated = simulated[pick(len(simulated))]
+    return out, simulated
+
+
 def _gate(request: ExportRequest, recipe: Recipe, judged: str, entry: dict[str, Any], logits: np.ndarray,
           enforced: bool) -> dict[str, Any]:
     """Judge one evaluation set's numbers (`judged`: the held-back images) against the recipe's thresholds;
@@ -276,6 +299,7 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
         export_info = target.export(request, tmp)
         export_info.setdefault("seconds", round(time.perf_counter() - started, 2))  # conversion time, per target
         runner = target.load(tmp, request)
+        evals, simulated = _within_limit(runner, evals, simulated)
         batch = recipe.verification.batch_size
         verification: dict[str, Any] = {"numbers": runner.numbers}
         # a simulation runner is the simulation itself: comparing it with the simulation would prove nothing

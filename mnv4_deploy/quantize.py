@@ -266,10 +266,16 @@ class QuantizedModel:
         return self._float_variant
 
     def converted(self, fold_weights: bool = True) -> torch.fx.GraphModule:
-        """The int8 graph (quantize/dequantize ops); `fold_weights` stores weights as int8 constants."""
+        """The int8 graph (quantize/dequantize ops); `fold_weights` stores weights as int8 constants.
+
+        convert_pt2e runs once per model and flavour (it takes tens of seconds on a QAT graph, whose conv-BN
+        patterns it rewrites); every caller, the simulation and each target's exporter, gets its own copy."""
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-        return convert_pt2e(copy.deepcopy(self.prepared), fold_quantize=fold_weights)
+        cache = self.__dict__.setdefault("_converted", {})
+        if fold_weights not in cache:
+            cache[fold_weights] = convert_pt2e(copy.deepcopy(self.prepared), fold_quantize=fold_weights)
+        return copy.deepcopy(cache[fold_weights])
 
     def simulate(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Logits of the fake-quantized model in PyTorch: what a faithful runtime should reproduce."""

@@ -69,6 +69,10 @@ def cells_rows(report: dict[str, Any], model: Optional[str] = None) -> tuple[lis
         note = [c.get("note", "")] if c.get("note") else []
         if c.get("numbers", "measured") != "measured":
             note.append(f"{c['numbers']}: {NUMBERS_KINDS[c['numbers']]}")
+        if c.get("placement"):
+            p = c["placement"]
+            note.append(f"on HTP: {p['nodes_on_htp']}/{p['nodes_seen_by_qnn']} nodes" + "".join(
+                f"; left off HTP: {r['node']} ({r['op']}): {r['reason']}" for r in p["left_off_htp"][:3]))
         if value(c, "tensorwise.flagged"):
             note.append(f"{value(c, 'tensorwise.flagged')} layer(s) disagree with the int8 simulation "
                         "(manifest verification.tensorwise)")

@@ -137,6 +137,9 @@ def cell_from_manifest(manifest: dict[str, Any], status: str, artifact: str, man
     int8 = (manifest.get("structure") or {}).get("int8_compute")
     if int8:
         cell["int8_compute"] = int8
+    placement = (manifest.get("structure") or {}).get("placement")  # an NPU target: which nodes it runs
+    if placement:
+        cell["placement"] = {k: placement.get(k) for k in ("nodes_on_htp", "nodes_seen_by_qnn", "left_off_htp")}
     return cell
 
 

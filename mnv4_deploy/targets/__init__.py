@@ -11,6 +11,7 @@ _REGISTRY: dict[str, str] = {
     "tflite": "mnv4_deploy.targets.tflite:TfliteTarget",
     "openvino": "mnv4_deploy.targets.openvino:OpenVinoTarget",
     "coreml": "mnv4_deploy.targets.coreml:CoremlTarget",
+    "qnn": "mnv4_deploy.targets.qnn:QnnTarget",
 }
 
 

@@ -57,6 +57,10 @@ class Runner(ABC):
     numbers: str = "measured"  # a key of manifest.NUMBERS_KINDS
     # Intra-op threads the runtime computes with (recorded beside every latency): a number, or what decides it.
     threads: Any = "runtime default"
+    # A runner too slow to verify every image (an emulator) sets how many it verifies, evenly spaced over each
+    # evaluation set, and why; the manifest's sources say so. None: every image.
+    max_images: Optional[int] = None
+    max_images_reason: str = ""
 
     @abstractmethod
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
