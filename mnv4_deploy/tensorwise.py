@@ -211,9 +211,15 @@ def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple
     return pairs, lost, left
 
 
-def _lsb_stats(reference: QTensor, aligned: np.ndarray, observed: Optional[np.ndarray] = None) -> dict[str, Any]:
+def _lsb_stats(reference: QTensor, aligned: np.ndarray, observed: Optional[np.ndarray] = None,
+               runtime: Optional[QTensor] = None) -> dict[str, Any]:
     ref = reference.dequantized() if observed is None else observed
-    lsb = np.abs(aligned - ref) / reference.scale
+    if runtime is not None and _same_qparams(reference, runtime):
+        # Same grid up to the scale's storage precision (a float16 scale in CoreML): count integer steps on each
+        # side's own scale, or a 1-step difference at q = 127 would read as 1.12 steps and be flagged.
+        lsb = np.abs(aligned / runtime.scale - ref / reference.scale)
+    else:
+        lsb = np.abs(aligned - ref) / reference.scale
     return {"max_lsb": round(float(lsb.max()), 3), "mean_lsb": round(float(lsb.mean()), 5),
             "frac_over_1lsb": round(float((lsb > 1.0 + 1e-6).mean()), 6)}
 
@@ -229,8 +235,8 @@ def compare(gm: Any, x: np.ndarray, runtime: Sequence[QTensor], threshold: float
     local = {t.name: t for t in torch_quantized(gm, x, forced)}
     rows = []
     for p in pairs:
-        acc = _lsb_stats(p.torch, p.aligned)
-        loc = _lsb_stats(local[p.torch.name], p.aligned)
+        acc = _lsb_stats(p.torch, p.aligned, runtime=p.runtime)
+        loc = _lsb_stats(local[p.torch.name], p.aligned, runtime=p.runtime)
         reasons = []
         if not _same_qparams(p.torch, p.runtime):
             reasons.append(f"re-quantized: scale {p.runtime.scale:.6g} zero point {p.runtime.zero_point} "
