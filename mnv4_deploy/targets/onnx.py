@@ -134,9 +134,22 @@ def activations_to_uint8(path: Path) -> int:
     every MNv4 residual branch stayed a float Conv between Q/DQ. Weights stay int8 (per-channel, symmetric), and
     int16 fallback sites stay int16. Returns how many zero points were rewritten.
     """
+    return activations_to_unsigned(path, np.int8)
+
+
+# signed activation type -> (its unsigned twin, ONNX element types, zero-point shift)
+_UNSIGNED = {np.dtype(np.int8): (np.uint8, "INT8", "UINT8", 128),
+             np.dtype(np.int16): (np.uint16, "INT16", "UINT16", 32768)}
+
+
+def activations_to_unsigned(path: Path, signed: Any) -> int:
+    """Rewrite the activation QuantizeLinear/DequantizeLinear zero points of type `signed` (int8 or int16) as
+    the unsigned type (zero point + 2^(bits-1), same scale): the same real values. Weights keep their type.
+    Returns how many zero points were rewritten."""
     import onnx
     from onnx import numpy_helper
 
+    unsigned, signed_elem, unsigned_elem, shift = _UNSIGNED[np.dtype(signed)]
     model = onnx.load(str(path))
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -155,19 +168,19 @@ def activations_to_uint8(path: Path) -> int:
         activation = (node.op_type == "QuantizeLinear" and node.output[0] in quantized) or (
             node.op_type == "DequantizeLinear" and node.input[0] in quantized)
         zero = value(node.input[2]) if activation and len(node.input) > 2 else None
-        if zero is None or zero.dtype != np.int8:
+        if zero is None or zero.dtype != np.dtype(signed):
             continue
         if node.input[2] not in renamed:
-            name = f"{node.input[2]}_uint8"
-            graph.initializer.append(numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8), name))
+            name = f"{node.input[2]}_{np.dtype(unsigned).name}"
+            graph.initializer.append(numpy_helper.from_array((zero.astype(np.int64) + shift).astype(unsigned), name))
             renamed[node.input[2]] = name
         node.input[2] = renamed[node.input[2]]
     used = {name for n in graph.node for name in n.input}
     for old in [t for t in graph.initializer if t.name in renamed and t.name not in used]:
         graph.initializer.remove(old)
-    for info in list(graph.value_info):  # the shapes stay; the element type of the 8-bit tensors changes
-        if info.name in quantized and info.type.tensor_type.elem_type == onnx.TensorProto.INT8:
-            info.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    for info in list(graph.value_info):  # the shapes stay; the element type of the quantized tensors changes
+        if info.name in quantized and info.type.tensor_type.elem_type == getattr(onnx.TensorProto, signed_elem):
+            info.type.tensor_type.elem_type = getattr(onnx.TensorProto, unsigned_elem)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return len(renamed)

@@ -25,7 +25,7 @@ from ..errors import VerificationError
 from ..options import choice, option
 from ..tensorwise import QTensor
 from .base import ExportRequest, Runner, RuntimeTensors, Target
-from .onnx import INPUT_NAME, INT16_OPSET, OnnxTarget, _export, activations_to_uint8
+from .onnx import INPUT_NAME, INT16_OPSET, OnnxTarget, _export, activations_to_uint8, activations_to_unsigned
 
 logger = logging.getLogger(__name__)
 
@@ -134,39 +134,9 @@ class QnnTarget(Target):
 
 # ----------------------------------------------------------------------------- export helpers
 def _int16_to_uint16(path: Path) -> int:
-    """Rewrite int16 activation zero points as uint16 (+32768, same scale): the same real values in the 16-bit
-    type QNN's HTP runs (it documents uint8/uint16 activations). Returns how many zero points changed."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    renamed: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
-            continue
-        if node.input[0] in inits or node.input[2] not in inits:  # weights stay signed
-            continue
-        zero = numpy_helper.to_array(inits[node.input[2]])
-        if zero.dtype != np.int16:
-            continue
-        if node.input[2] not in renamed:
-            name = f"{node.input[2]}_uint16"
-            graph.initializer.append(numpy_helper.from_array((zero.astype(np.int32) + 32768).astype(np.uint16), name))
-            renamed[node.input[2]] = name
-        node.input[2] = renamed[node.input[2]]
-    if not renamed:
-        return 0
-    used = {name for n in graph.node for name in n.input}
-    for old in [t for t in graph.initializer if t.name in renamed and t.name not in used]:
-        graph.initializer.remove(old)
-    for info in graph.value_info:
-        if info.type.tensor_type.elem_type == onnx.TensorProto.INT16:
-            info.type.tensor_type.elem_type = onnx.TensorProto.UINT16
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return len(renamed)
+    """int16 activation zero points as uint16 (+32768, same scale): the same real values in the 16-bit type
+    QNN's HTP runs (it documents uint8/uint16 activations). Returns how many zero points changed."""
+    return activations_to_unsigned(path, np.int16)
 
 
 _PASS_THROUGH = ("Relu", "Clip")  # fused between a compute op and its output QuantizeLinear
