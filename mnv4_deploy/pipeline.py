@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -204,7 +204,7 @@ def deploy(run: Run, quantized_for: Callable[[Any], Optional[QuantizedModel]],
     `quantized_for(target)` gives the int8 model a target deploys (None for float artifacts).
     """
     settings, recipe = run.settings, run.recipe
-    simulations: dict[int, np.ndarray] = {}
+    simulations: dict[tuple[int, str, int], np.ndarray] = {}
     results = []
     for target in run.targets:
         logger.info(f"[{target.name}] exporting {settings.precision}")
@@ -216,17 +216,29 @@ def deploy(run: Run, quantized_for: Callable[[Any], Optional[QuantizedModel]],
             request = ExportRequest(run.loaded, settings.precision, options, deployed, run.calibration)
             simulated = None
             if deployed is not None and target.deploys_simulated_model(request):
-                # The fake-quant simulation is slow in PyTorch; the held-back images suffice to catch a runtime
-                # that disagrees with it (a converter that re-quantizes or drops a quantizer).
-                if id(deployed) not in simulations:
-                    simulations[id(deployed)] = deployed.simulate(run.evals[0].images.x, recipe.verification.batch_size)
-                simulated = simulations[id(deployed)]
+                simulated = _simulation(deployed, target.simulation_semantics(request), simulations,
+                                        recipe.verification.batch_size)
             results.append(export_and_verify(target, request, recipe, run.evals, settings, simulated))
         except Exception as exc:
             if on_target_error is None or isinstance(exc, UserError):
                 raise
             on_target_error(target.name, exc)
     return results
+
+
+def _simulation(deployed: QuantizedModel, semantics: Any, cache: dict[tuple[int, str, int], np.ndarray],
+                batch: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The PyTorch simulation's logits on the held-back images a runner is verified on, computed when first
+    asked (the fake-quant simulation is slow in PyTorch, and an emulated runner uses only some of the images;
+    the held-back images suffice to catch a runtime that re-quantizes or drops a quantizer), shared by every
+    target with the same model and semantics."""
+    def simulate(x: np.ndarray) -> np.ndarray:
+        key = (id(deployed), semantics.key, len(x))
+        if key not in cache:
+            cache[key] = deployed.simulate(x, batch, semantics)
+        return cache[key]
+
+    return simulate
 
 
 def _measure(runner: Any, evals: Sequence[EvalData], batch: int,
@@ -249,7 +261,7 @@ def _measure(runner: Any, evals: Sequence[EvalData], batch: int,
 
 
 def _within_limit(runner: Any, evals: Sequence[EvalData],
-                  simulated: Optional[np.ndarray]) -> tuple[Sequence[EvalData], Optional[np.ndarray]]:
+                  simulated: Any) -> tuple[Sequence[EvalData], Any]:
     """A runner too slow for every image (an emulator, `Runner.max_images`) is verified on that many images of
     each set, evenly spaced (held-back images come class by class); each set's source says so."""
     n = runner.max_images
@@ -266,7 +278,7 @@ def _within_limit(runner: Any, evals: Sequence[EvalData],
                                   files=None if im.files is None else im.files.subset(idx.tolist()))
         note = f"{ev.source}; {n} of its {total} images, evenly spaced ({runner.numbers}: {runner.max_images_reason})"
         out.append(EvalData(ev.name, note, sub, ev.float_logits[idx]))
-    if simulated is not None and n and len(simulated) > n:
+    if isinstance(simulated, np.ndarray) and n and len(simulated) > n:
         simulated = simulated[pick(len(simulated))]
     return out, simulated
 
@@ -285,11 +297,13 @@ def _gate(request: ExportRequest, recipe: Recipe, judged: str, entry: dict[str, 
 
 
 def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals: Sequence[EvalData],
-                      settings: ConvertSettings, simulated: Optional[np.ndarray] = None) -> ArtifactResult:
+                      settings: ConvertSettings,
+                      simulated: Union[np.ndarray, Callable[[np.ndarray], np.ndarray], None] = None) -> ArtifactResult:
     """Export into a temporary path, verify there, and rename into place only when the gate passes.
 
     A refused artifact leaves a `manifest.failed.json` (what was measured and why it failed) and raises
-    VerificationError; with the gate off it is written and its manifest says it failed.
+    VerificationError; with the gate off it is written and its manifest says it failed. `simulated`: the PyTorch
+    simulation's logits on the held-back images, or a function giving them for the images verified.
     """
     out_dir = Path(settings.out) / target.name
     final = out_dir / target.artifact_name
@@ -300,11 +314,15 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
         export_info.setdefault("seconds", round(time.perf_counter() - started, 2))  # conversion time, per target
         runner = target.load(tmp, request)
         evals, simulated = _within_limit(runner, evals, simulated)
+        if callable(simulated):
+            simulated = simulated(evals[0].images.x)
         batch = recipe.verification.batch_size
         verification: dict[str, Any] = {"numbers": runner.numbers}
         # a simulation runner is the simulation itself: comparing it with the simulation would prove nothing
         measured, logits = _measure(runner, evals, batch, None if runner.numbers == "simulated" else simulated)
         verification |= measured
+        if simulated is not None and runner.numbers != "simulated":
+            verification["simulation"] = target.simulation_semantics(request).to_dict()
         judged = evals[0].name
         verification["gate"] = gate = _gate(request, recipe, judged, verification[judged], logits, enforced)
         one = evals[0].images.x[:1]

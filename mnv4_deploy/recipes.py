@@ -100,7 +100,15 @@ class BiasCorrection:
     """Remove each conv's per-channel mean output error from its bias (mnv4_deploy/ptq/bias_correction.py)."""
 
     enabled: bool = False
-    images: int = 512  # calibration images used (a trimmed mean over them)
+    images: int = 512  # calibration images used at most (a trimmed mean over them)
+    # ...and no more than this many pixels of them (512 images at 64x64), at least 128 images: a mean shift
+    # per channel over 128 images of 256x256 has more samples than 512 of 64x64, and bias correction runs
+    # the float and fake-quantized model over every image, the largest share of a native-resolution convert.
+    pixels: int = 512 * 64 * 64
+
+    def images_for(self, height: int, width: int) -> int:
+        """How many calibration images bias correction uses at this input size."""
+        return min(self.images, max(128, self.pixels // (height * width)))
 
 
 @dataclass(frozen=True)

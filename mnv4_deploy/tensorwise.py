@@ -291,7 +291,7 @@ def check(target: Any, path: Any, request: Any, x: np.ndarray) -> dict[str, Any]
     if isinstance(got, str):
         return {"summary": {"status": got}}
     runtime, info = got
-    result = compare(request.quantized._sim_module(), x, runtime)
+    result = compare(request.quantized.simulation_module(target.simulation_semantics(request)), x, runtime)
     result["summary"] = {"status": "compared", **info, **{k: v for k, v in result["summary"].items() if k != "status"}}
     return result
 

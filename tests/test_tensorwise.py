@@ -130,7 +130,7 @@ def _by_runtime_tensor(result, name: str):
 def _pytorch_quantizer(small, index: int) -> str:
     """The name of the `index`-th activation quantizer of the PyTorch int8 graph (the artifact's order too)."""
     loaded, recipe, q, cal, x, out = small
-    return tensorwise.torch_quantized(q._sim_module(), x[:1])[index].name
+    return tensorwise.torch_quantized(q.simulation_module(), x[:1])[index].name
 
 
 # ----------------------------------------------------------------------------- ONNX

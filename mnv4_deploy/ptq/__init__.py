@@ -5,7 +5,7 @@
 | `equalize` | `equalization: {method: cle / activation, alpha}` | channel ranges across conv pairs (float model, before export) |
 | `adaround` | `adaround: {enabled: true, iterations, images}` | weight rounding, layer by layer |
 | `range_learning` | `range_learning: {steps, lr, batch_size}` | activation scales, against the float logits |
-| `bias_correction` | `bias_correction: {enabled: true, images}` | per-channel mean output shift of each conv |
+| `bias_correction` | `bias_correction: {enabled: true, images, pixels}` | per-channel mean output shift of each conv |
 
 (`observer: kl`, the entropy activation observer, lives with the other observers in `mnv4_deploy/observers.py`.)
 `quantize()` runs them in the order of that table, around calibration; each returns a small dict for the manifest.
@@ -56,7 +56,8 @@ def refine(prepared: fx.GraphModule, float_model: nn.Module, x: np.ndarray, q: Q
     if q.bias_correction.enabled:
         from .bias_correction import bias_correct
 
-        info["bias_correction"] = _timed(lambda: bias_correct(prepared, x[:q.bias_correction.images], reference))
+        images = q.bias_correction.images_for(*x.shape[-2:])
+        info["bias_correction"] = _timed(lambda: bias_correct(prepared, x[:images], reference))
     return info
 
 

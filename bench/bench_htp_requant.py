@@ -1,0 +1,160 @@
+"""How Qualcomm HTP requantizes, measured in onnxruntime-qnn's HTP emulator (the evidence behind
+mnv4_deploy/htp_semantics.py).
+
+Single QDQ ops are compiled for HTP and fed synthetic inputs; each output is compared with exact rounding
+(what onnxruntime CPU and the PyTorch simulation compute) and with the modelled HTP rule:
+
+1. `accumulators`: a 2-input-channel conv (weights 1 and 127) whose 65,536 pixels cover every accumulator value
+   of the range once, for several output scales;
+2. `kernels`: random convs (1x1, 3x3, stride 2, depthwise, with float biases and per-channel scales), modelled
+   with round(bias / scale) and with the bias HTP compiles (probed);
+3. `adds`: 8-bit Adds over all 65,536 input pairs.
+
+  python bench/bench_htp_requant.py [--soc SM8550]
+
+Writes bench/results/htp_requant.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mnv4_deploy.htp_semantics import requantize  # noqa: E402
+from mnv4_deploy.targets.qnn import QnnOptions, _session, htp_add_table, htp_conv_biases, scale_of  # noqa: E402
+
+
+def conv_model(w: np.ndarray, sw: np.ndarray, bias: np.ndarray, s_in: float, z_in: int, s_out: float, z_out: int,
+               shape: tuple[int, int, int], group: int = 1, stride: int = 1, pad: int = 0) -> Any:
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = w.shape[0]
+    c, h, wd = shape
+    out_h, out_w = (h + 2 * pad - w.shape[2]) // stride + 1, (wd + 2 * pad - w.shape[3]) // stride + 1
+    consts = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in (
+        ("s_in", s_in, np.float32), ("z_in", z_in, np.uint8), ("s_out", s_out, np.float32), ("z_out", z_out, np.uint8))]
+    consts += [numpy_helper.from_array(w, "w"), numpy_helper.from_array(sw.astype(np.float32), "sw"),
+               numpy_helper.from_array(np.zeros(k, np.int8), "zw"), numpy_helper.from_array(bias.astype(np.float32), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_in", "z_in"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "b"], ["y"], group=group, strides=[stride] * 2, pads=[pad] * 4),
+             helper.make_node("QuantizeLinear", ["y", "s_out", "z_out"], ["yq"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, wd])],
+                              [helper.make_tensor_value_info("yq", TensorProto.UINT8, [1, k, out_h, out_w])], consts)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+
+
+def run_conv(soc: str, w: np.ndarray, sw: np.ndarray, bias: np.ndarray, s_in: float, z_in: int, s_out: float,
+             z_out: int, xq: np.ndarray, **conv: int) -> tuple[np.ndarray, np.ndarray]:
+    """HTP's uint8 outputs and the exact int accumulators (without bias) for integer inputs `xq`."""
+    session = _session(conv_model(w, sw, bias, s_in, z_in, s_out, z_out, xq.shape[1:], **conv), QnnOptions(soc=soc), False)
+    got = session.run(None, {"x": ((xq - z_in) * np.float32(s_in)).astype(np.float32)})[0].astype(np.int64)
+    acc = torch.nn.functional.conv2d(torch.from_numpy(xq.astype(np.float64) - z_in), torch.from_numpy(w.astype(np.float64)),
+                                     None, conv.get("stride", 1), conv.get("pad", 0), 1, conv.get("group", 1)).numpy()
+    return got, acc
+
+
+def rates(got: np.ndarray, exact: np.ndarray, modelled: np.ndarray) -> dict[str, Any]:
+    inside = (exact > 0.5) & (exact < 254.5)  # saturated outputs say nothing about rounding
+    return {"outputs": int(inside.sum()),
+            "exact_rounding_matches": round(float((np.floor(exact + 0.5) == got)[inside].mean()), 5),
+            "htp_rule_matches": round(float((modelled == got)[inside].mean()), 5)}
+
+
+def accumulators(soc: str) -> list[dict[str, Any]]:
+    w = np.array([[[[1]], [[127]]]], np.int8)
+    xq = np.zeros((1, 2, 256, 256), np.int64)
+    xq[0, 0], xq[0, 1] = np.arange(256)[None, :], np.arange(256)[:, None]
+    rows = []
+    for s_out in (0.4, 0.1, 0.07, 0.05, 0.03, 0.013, 0.0059, 0.0035, 0.0016):
+        got, acc = run_conv(soc, w, np.array([2 ** -7]), np.zeros(1), 1 / 16, 128, s_out, 128, xq)
+        multiplier = scale_of(1 / 16, np.array([2 ** -7]))[0] / np.float64(np.float32(s_out))
+        rows.append({"s_out": s_out, "multiplier": round(float(multiplier), 6),
+                     "shift": int(np.floor(np.log2(1 / (8 * multiplier)))),
+                     **rates(got, acc * multiplier + 128, requantize(acc, multiplier, 128, 0, 255))})
+    return rows
+
+
+def kernels(soc: str) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, c, k, kh, stride, group in (("1x1", 64, 64, 1, 1, 1), ("3x3", 16, 32, 3, 1, 1),
+                                          ("3x3 stride 2", 16, 32, 3, 2, 1), ("depthwise 3x3", 32, 32, 3, 1, 32),
+                                          ("depthwise 5x5", 32, 32, 5, 1, 32), ("depthwise 3x3 stride 2", 32, 32, 3, 2, 32)):
+        w = rng.integers(-127, 128, size=(k, c // group, kh, kh)).astype(np.int8)
+        sw = (rng.uniform(0.5, 1.5, size=k) * 0.004).astype(np.float32)
+        bias = rng.normal(0, 0.3, size=k).astype(np.float32)
+        s_in, z_in, z_out = 0.05, 128, 100
+        s_out = 0.09 * (c // group * kh * kh / 9) ** 0.5
+        xq = rng.integers(0, 256, size=(4, c, 32, 32))
+        outs = [run_conv(soc, w, sw, bias, s_in, z_in, s_out, z_out, xq[i:i + 1], group=group, stride=stride,
+                         pad=kh // 2) for i in range(len(xq))]
+        got, acc = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        scale = scale_of(s_in, sw)
+        multiplier = (scale / np.float64(np.float32(s_out)))[None, :, None, None]
+        nominal = np.round(bias.astype(np.float64) / scale)[None, :, None, None]
+        probed = htp_conv_biases(soc, s_in, z_in, sw, bias)[None, :, None, None]
+        exact = (acc + nominal) * multiplier + z_out
+        strided_dw = group > 1 and stride > 1
+        def rule(b: np.ndarray, acc: np.ndarray = acc, multiplier: np.ndarray = multiplier,
+                 z_out: int = z_out, linear: bool = strided_dw) -> np.ndarray:
+            if linear:
+                return np.clip(np.floor((acc + b) * multiplier + z_out + 0.5), 0, 255)
+            return requantize(acc + b, multiplier, z_out, 0, 255)
+        rows.append({"kernel": name, "model": "exact, half up" if strided_dw else "HTP rule",
+                     **rates(got, exact, rule(nominal)),
+                     "htp_rule_with_probed_bias_matches": rates(got, exact, rule(probed))["htp_rule_matches"],
+                     "channels_whose_probed_bias_differs": int((probed != nominal).sum())})
+    return rows
+
+
+def adds(soc: str) -> list[dict[str, Any]]:
+    rows = []
+    a, b = np.meshgrid(np.arange(256), np.arange(256))
+    for s_a, z_a, s_b, z_b, s_out, z_out in ((0.0924, 119, 0.0500, 130, 0.0965, 124), (0.0819, 130, 0.0509, 131, 0.0924, 119),
+                                             (0.05, 128, 0.07, 120, 0.09, 125)):
+        got = htp_add_table(soc, s_a, z_a, s_b, z_b, s_out, z_out).astype(np.int64)
+        exact = ((a - z_a) * np.float64(np.float32(s_a)) + (b - z_b) * np.float64(np.float32(s_b))) / np.float64(np.float32(s_out)) + z_out
+        inside = (exact > 0.5) & (exact < 254.5)
+        rows.append({"scales": [s_a, s_b, s_out], "outputs": int(inside.sum()),
+                     "exact_rounding_matches": round(float((np.floor(exact + 0.5) == got)[inside].mean()), 5)})
+    return rows
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| probe | outputs | exact rounding | HTP rule | HTP rule, probed bias |", "|---|---|---|---|---|"]
+    for r in result["accumulators"]:
+        lines.append(f"| every accumulator, s_out {r['s_out']} (shift {r['shift']}) | {r['outputs']} | "
+                     f"{100 * r['exact_rounding_matches']:.2f}% | {100 * r['htp_rule_matches']:.2f}% | - |")
+    for r in result["kernels"]:
+        lines.append(f"| {r['kernel']} conv, float bias ({r['model']}) | {r['outputs']} | {100 * r['exact_rounding_matches']:.2f}% | "
+                     f"{100 * r['htp_rule_matches']:.2f}% | {100 * r['htp_rule_with_probed_bias_matches']:.2f}% |")
+    for r in result["adds"]:
+        lines.append(f"| Add, scales {r['scales']} | {r['outputs']} | {100 * r['exact_rounding_matches']:.2f}% | "
+                     "table from the emulator | - |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--soc", default="SM8550")
+    args = parser.parse_args()
+    result = {"soc": args.soc, "accumulators": accumulators(args.soc), "kernels": kernels(args.soc), "adds": adds(args.soc)}
+    out = REPO / "bench" / "results" / "htp_requant.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
