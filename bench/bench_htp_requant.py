@@ -8,7 +8,8 @@ Single QDQ ops are compiled for HTP and fed synthetic inputs; each output is com
    of the range once, for several output scales;
 2. `kernels`: random convs (1x1, 3x3, stride 2, depthwise, with float biases and per-channel scales), modelled
    with round(bias / scale) and with the bias HTP compiles (probed);
-3. `adds`: 8-bit Adds over all 65,536 input pairs.
+3. `socs`: the accumulator probe compiled for every SoC the target offers (the rule holds from HTP v73 on);
+4. `adds`: 8-bit Adds over all 65,536 input pairs.
 
   python bench/bench_htp_requant.py [--soc SM8550]
 
@@ -130,6 +131,19 @@ def adds(soc: str) -> list[dict[str, Any]]:
     return rows
 
 
+def socs() -> list[dict[str, Any]]:
+    """The accumulator probe (s_out 0.07 and 0.05) compiled for each SoC: where the rule holds."""
+    from mnv4_deploy.targets.qnn import SOCS
+
+    rows = []
+    for soc, (_, arch, name) in SOCS.items():
+        measured = [r for r in accumulators(soc) if r["s_out"] in (0.07, 0.05)]
+        rows.append({"soc": soc, "name": name, "htp_arch": f"v{arch}",
+                     "exact_rounding_matches": min(r["exact_rounding_matches"] for r in measured),
+                     "htp_rule_matches": min(r["htp_rule_matches"] for r in measured)})
+    return rows
+
+
 def table(result: dict[str, Any]) -> str:
     lines = ["| probe | outputs | exact rounding | HTP rule | HTP rule, probed bias |", "|---|---|---|---|---|"]
     for r in result["accumulators"]:
@@ -138,6 +152,9 @@ def table(result: dict[str, Any]) -> str:
     for r in result["kernels"]:
         lines.append(f"| {r['kernel']} conv, float bias ({r['model']}) | {r['outputs']} | {100 * r['exact_rounding_matches']:.2f}% | "
                      f"{100 * r['htp_rule_matches']:.2f}% | {100 * r['htp_rule_with_probed_bias_matches']:.2f}% |")
+    for r in result["socs"]:
+        lines.append(f"| every accumulator on {r['soc']} (HTP {r['htp_arch']}), worst of s_out 0.07 / 0.05 | - | "
+                     f"{100 * r['exact_rounding_matches']:.2f}% | {100 * r['htp_rule_matches']:.2f}% | - |")
     for r in result["adds"]:
         lines.append(f"| Add, scales {r['scales']} | {r['outputs']} | {100 * r['exact_rounding_matches']:.2f}% | "
                      "table from the emulator | - |")
@@ -148,7 +165,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--soc", default="SM8550")
     args = parser.parse_args()
-    result = {"soc": args.soc, "accumulators": accumulators(args.soc), "kernels": kernels(args.soc), "adds": adds(args.soc)}
+    result = {"soc": args.soc, "accumulators": accumulators(args.soc), "kernels": kernels(args.soc),
+              "socs": socs(), "adds": adds(args.soc)}
     out = REPO / "bench" / "results" / "htp_requant.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))

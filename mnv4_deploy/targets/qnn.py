@@ -38,6 +38,7 @@ SOCS: dict[str, tuple[int, int, str]] = {
     "SM8650": (57, 75, "Snapdragon 8 Gen 3"),
     "SM8750": (69, 79, "Snapdragon 8 Elite"),
 }
+MODELLED_HTP_ARCH = 73  # mnv4_deploy/htp_semantics.py's rule holds bit for bit from HTP v73 on (measured)
 _FALLBACK_REFUSED = "fallback to CPU EP has been explicitly disabled"  # onnxruntime's words when placement fails
 _COMPUTE = ("Conv", "Gemm", "MatMul")
 _QNN_COMPUTE = ("Conv2d", "DepthWiseConv2d", "TransposeConv2d", "FullyConnected", "MatMul")
@@ -133,15 +134,18 @@ class QnnTarget(Target):
 
     def simulation_semantics(self, request: ExportRequest) -> Any:
         """HTP's own requantization (mnv4_deploy/htp_semantics.py), with the conv biases and Add tables HTP
-        compiles for this SoC probed from the emulator."""
+        compiles for this SoC probed from the emulator. The rule was measured on HTP v73 and later (SM8550,
+        SM8650, SM8750, bit for bit); v68/v69 round otherwise, and are compared with the exact simulation."""
         from ..htp_semantics import htp_graph
-        from ..quantize import Semantics
+        from ..quantize import EXACT, Semantics
 
         soc = request.options.soc
+        if SOCS[soc][1] < MODELLED_HTP_ARCH:
+            return EXACT
         return Semantics(f"htp-{soc}", f"Qualcomm HTP ({soc}): conv/linear requantization by shift and 12-bit "
                          "multiplier rounding half up, global pool rounding half up, conv biases and 8-bit Adds as "
-                         "the emulator compiles them (probed on synthetic inputs); 16-bit activations and other ops "
-                         "exact (mnv4_deploy/htp_semantics.py)",
+                         "the emulator compiles them (probed on synthetic inputs); strided depthwise convs, 16-bit "
+                         "activations and other ops exact (mnv4_deploy/htp_semantics.py)",
                          functools.partial(htp_graph, probes=EmulatorProbes(soc)))
 
 
