@@ -30,35 +30,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mnv4_deploy.htp_semantics import requantize  # noqa: E402
-from mnv4_deploy.targets.qnn import QnnOptions, _session, htp_add_table, htp_conv_biases, scale_of  # noqa: E402
-
-
-def conv_model(w: np.ndarray, sw: np.ndarray, bias: np.ndarray, s_in: float, z_in: int, s_out: float, z_out: int,
-               shape: tuple[int, int, int], group: int = 1, stride: int = 1, pad: int = 0) -> Any:
-    from onnx import TensorProto, helper, numpy_helper
-
-    k = w.shape[0]
-    c, h, wd = shape
-    out_h, out_w = (h + 2 * pad - w.shape[2]) // stride + 1, (wd + 2 * pad - w.shape[3]) // stride + 1
-    consts = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in (
-        ("s_in", s_in, np.float32), ("z_in", z_in, np.uint8), ("s_out", s_out, np.float32), ("z_out", z_out, np.uint8))]
-    consts += [numpy_helper.from_array(w, "w"), numpy_helper.from_array(sw.astype(np.float32), "sw"),
-               numpy_helper.from_array(np.zeros(k, np.int8), "zw"), numpy_helper.from_array(bias.astype(np.float32), "b")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s_in", "z_in"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd", "b"], ["y"], group=group, strides=[stride] * 2, pads=[pad] * 4),
-             helper.make_node("QuantizeLinear", ["y", "s_out", "z_out"], ["yq"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, wd])],
-                              [helper.make_tensor_value_info("yq", TensorProto.UINT8, [1, k, out_h, out_w])], consts)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+from mnv4_deploy.targets.qnn import htp_add_table, htp_conv_biases, run_qdq_conv, scale_of  # noqa: E402
 
 
 def run_conv(soc: str, w: np.ndarray, sw: np.ndarray, bias: np.ndarray, s_in: float, z_in: int, s_out: float,
              z_out: int, xq: np.ndarray, **conv: int) -> tuple[np.ndarray, np.ndarray]:
-    """HTP's uint8 outputs and the exact int accumulators (without bias) for integer inputs `xq`."""
-    session = _session(conv_model(w, sw, bias, s_in, z_in, s_out, z_out, xq.shape[1:], **conv), QnnOptions(soc=soc), False)
-    got = session.run(None, {"x": ((xq - z_in) * np.float32(s_in)).astype(np.float32)})[0].astype(np.int64)
+    """HTP's uint8 outputs and the exact int accumulators (without bias) for integer inputs `xq` (batch 1)."""
+    got = run_qdq_conv(soc, w, sw, bias, s_in, z_in, s_out, z_out, xq, **conv)[None]
     acc = torch.nn.functional.conv2d(torch.from_numpy(xq.astype(np.float64) - z_in), torch.from_numpy(w.astype(np.float64)),
                                      None, conv.get("stride", 1), conv.get("pad", 0), 1, conv.get("group", 1)).numpy()
     return got, acc

@@ -67,3 +67,17 @@ def image_folder(tmp_path: Path) -> Path:
                 s = min(w, h) // (j + 1)
                 img.crop((0, 0, s, s)).resize((80, 80)).save(root / cls / f"{i}_{j}.jpg")
     return root
+
+
+def qnn_or_skip() -> Any:
+    """The qnn target module, or a skip naming the command that installs its extra."""
+    from mnv4_deploy.errors import UserError
+    from mnv4_deploy.targets import get_target
+
+    try:
+        get_target("qnn").check_installed()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    from mnv4_deploy.targets import qnn
+
+    return qnn

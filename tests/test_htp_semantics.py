@@ -5,44 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 
-from mnv4_deploy.errors import UserError
 from mnv4_deploy.htp_semantics import requantize
-from mnv4_deploy.targets import get_target
-
-
-def _qnn() -> Any:
-    try:
-        get_target("qnn").check_installed()
-    except UserError as exc:
-        pytest.skip(str(exc))
-    from mnv4_deploy.targets import qnn
-
-    return qnn
+from tests.conftest import qnn_or_skip
 
 
 def _run_conv(qnn: Any, w: np.ndarray, sw: np.ndarray, bias: np.ndarray, s_in: float, z_in: int, s_out: float,
               z_out: int, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A uint8 QDQ 1x1 conv on HTP: its outputs and the exact accumulators (without bias) for inputs `xq`."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    k, c = w.shape[:2]
-    consts = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in (
-        ("s_in", s_in, np.float32), ("z_in", z_in, np.uint8), ("s_out", s_out, np.float32), ("z_out", z_out, np.uint8))]
-    consts += [numpy_helper.from_array(w, "w"), numpy_helper.from_array(sw, "sw"),
-               numpy_helper.from_array(np.zeros(k, np.int8), "zw"), numpy_helper.from_array(bias, "b")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s_in", "z_in"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd", "b"], ["y"]),
-             helper.make_node("QuantizeLinear", ["y", "s_out", "z_out"], ["yq"])]
-    shape = list(xq.shape)
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("yq", TensorProto.UINT8, [1, k, *shape[2:]])], consts)
-    session = qnn._session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString(),
-                           qnn.QnnOptions(), False)
-    got = session.run(None, {"x": ((xq - z_in) * np.float32(s_in)).astype(np.float32)})[0].astype(np.int64)
+    got = qnn.run_qdq_conv("SM8550", w, sw, bias, s_in, z_in, s_out, z_out, xq)[None]
     acc = np.einsum("kc,nchw->nkhw", w[:, :, 0, 0].astype(np.int64), xq.astype(np.int64) - z_in)
     return got, acc
 
@@ -58,7 +29,7 @@ def test_rule_on_measured_values() -> None:
 
 def test_rule_matches_htp_on_every_accumulator() -> None:
     """Two input channels weighted 1 and 127 over a 256x256 image: every accumulator value of the range once."""
-    qnn = _qnn()
+    qnn = qnn_or_skip()
     w = np.array([[[[1]], [[127]]]], np.int8)
     xq = np.zeros((1, 2, 256, 256), np.int64)
     xq[0, 0], xq[0, 1] = np.arange(256)[None, :], np.arange(256)[:, None]
@@ -74,7 +45,7 @@ def test_rule_matches_htp_on_every_accumulator() -> None:
 def test_probed_biases_make_a_conv_bit_exact() -> None:
     """Random weights, per-channel scales and float biases: round(bias / scale) leaves outputs off; the biases
     read from the emulator (htp_conv_biases) reproduce every output."""
-    qnn = _qnn()
+    qnn = qnn_or_skip()
     rng = np.random.default_rng(0)
     k, c = 64, 64
     w = rng.integers(-127, 128, size=(k, c, 1, 1)).astype(np.int8)

@@ -11,22 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mnv4_deploy.errors import MissingDependencyError, UserError, VerificationError
+from mnv4_deploy.errors import MissingDependencyError, VerificationError
 from mnv4_deploy.pipeline import ConvertSettings, _select_targets, convert
 from mnv4_deploy.targets import get_target
+from tests.conftest import qnn_or_skip
 
 INSTALL = "pip install 'mnv4-deploy[qnn]'"
-
-
-def _qnn() -> Any:
-    """The qnn module, or a skip naming the command that installs it."""
-    try:
-        get_target("qnn").check_installed()
-    except UserError as exc:
-        pytest.skip(str(exc))
-    from mnv4_deploy.targets import qnn
-
-    return qnn
 
 
 def _qdq_model(path: Path, dtype: Any, scale: float, zero: int, ops: tuple[str, ...] = ("Relu",)) -> Path:
@@ -74,7 +64,7 @@ def test_refuses_a_model_not_placed_whole(tmp_path: Path) -> None:
     reason; --allow-cpu-fallback compiles it, and the manifest's placement names what stayed on the CPU."""
     import onnx
 
-    qnn = _qnn()
+    qnn = qnn_or_skip()
     model = _qdq_model(tmp_path / "m.onnx", np.uint8, 0.05, 128, ops=("Relu", "Hardmax", "Relu"))
     folder = tmp_path / "strict"
     folder.mkdir()
@@ -99,7 +89,7 @@ def test_uint16_activations_run_on_htp(tmp_path: Path) -> None:
     QNN documents for HTP, compiles whole into a context binary, and loads back with CPU fallback disabled."""
     import onnx
 
-    qnn = _qnn()
+    qnn = qnn_or_skip()
     signed = _qdq_model(tmp_path / "s.onnx", np.int16, 1e-4, -300)
     unsigned = tmp_path / "u.onnx"
     unsigned.write_bytes(signed.read_bytes())
@@ -220,7 +210,7 @@ def test_w8a16_boundaries_get_converts(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    qnn = _qnn()
+    qnn = qnn_or_skip()
     inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s8"), numpy_helper.from_array(np.array(128, np.uint8), "z8"),
              numpy_helper.from_array(np.array(2e-4, np.float32), "s16"),
              numpy_helper.from_array(np.array(32768, np.uint16), "z16")]

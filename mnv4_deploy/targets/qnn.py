@@ -559,8 +559,6 @@ def htp_conv_biases(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias
 def _bias_probe(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias: np.ndarray, nominal: np.ndarray,
                 offsets: np.ndarray, s_out: float) -> np.ndarray:
     """One probe conv (see htp_conv_biases) at output scale `s_out`: which bias offsets fit each channel."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from ..htp_semantics import requantize
 
     k = len(w_scales)
@@ -576,31 +574,41 @@ def _bias_probe(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias: np
         remaining -= w * step
     cancel = -nominal - remaining  # what the constant channels add to each accumulator
     z_out = 128
-    consts = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in (
-        ("s_in", s_in, np.float32), ("z_in", z_in, np.uint8), ("s_out", s_out, np.float32), ("z_out", z_out, np.uint8))]
-    consts += [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(w_scales, "sw"),
-               numpy_helper.from_array(np.zeros(k, np.int8), "zw"), numpy_helper.from_array(bias, "b")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s_in", "z_in"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd", "b"], ["y"]),
-             helper.make_node("QuantizeLinear", ["y", "s_out", "z_out"], ["yq"])]
-    channels = weights.shape[1]
-    graph = helper.make_graph(nodes, "htp_bias_probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 64, 64])],
-                              [helper.make_tensor_value_info("yq", TensorProto.UINT8, [1, k, 64, 64])], consts)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     i = np.arange(4096)
     low, high = i % 16, i // 16  # acc = low + 16 * high - 17 * z_in: every value of a 4,096-long range once
-    x = np.empty((1, channels, 64, 64), np.float32)
-    x[0, 0] = ((low - z_in) * np.float32(s_in)).reshape(64, 64)
-    x[0, 1] = ((high - z_in) * np.float32(s_in)).reshape(64, 64)
-    x[0, 2:] = np.float32(step * np.float32(s_in))
-    got = _session(model.SerializeToString(), QnnOptions(soc=soc), False).run(None, {"x": x})[0][0].reshape(k, -1)
+    xq = np.empty((1, weights.shape[1], 64, 64), np.int64)
+    xq[0, 0], xq[0, 1], xq[0, 2:] = low.reshape(64, 64), high.reshape(64, 64), level
+    got = run_qdq_conv(soc, weights, w_scales, bias, s_in, z_in, s_out, z_out, xq).reshape(k, -1)
     multiplier = (scale_of(s_in, w_scales) / np.float64(np.float32(s_out)))[:, None]
     acc = ((low - z_in) + 16 * (high - z_in))[None, :] + cancel[:, None]
     return np.stack([(requantize(acc + (nominal + o)[:, None], multiplier, z_out, 0, 255) == got).all(axis=1)
                      for o in offsets], axis=1)
+
+
+def run_qdq_conv(soc: str, weights: np.ndarray, w_scales: np.ndarray, bias: np.ndarray, s_in: float, z_in: int,
+                 s_out: float, z_out: int, xq: np.ndarray, group: int = 1, stride: int = 1, pad: int = 0) -> np.ndarray:
+    """One uint8 QDQ conv (int8 per-channel weights, float bias) compiled for HTP on `soc`, run on the integer
+    inputs `xq` (NCHW, batch 1): its uint8 outputs. The probes' and the HTP benchmark's building block."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = weights.shape[0]
+    _, c, h, w = xq.shape
+    out_h, out_w = (h + 2 * pad - weights.shape[2]) // stride + 1, (w + 2 * pad - weights.shape[3]) // stride + 1
+    consts = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in (
+        ("s_in", s_in, np.float32), ("z_in", z_in, np.uint8), ("s_out", s_out, np.float32), ("z_out", z_out, np.uint8))]
+    consts += [numpy_helper.from_array(weights.astype(np.int8), "w"),
+               numpy_helper.from_array(np.asarray(w_scales, np.float32), "sw"),
+               numpy_helper.from_array(np.zeros(k, np.int8), "zw"), numpy_helper.from_array(np.asarray(bias, np.float32), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_in", "z_in"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "b"], ["y"], group=group, strides=[stride] * 2, pads=[pad] * 4),
+             helper.make_node("QuantizeLinear", ["y", "s_out", "z_out"], ["yq"])]
+    graph = helper.make_graph(nodes, "htp_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
+                              [helper.make_tensor_value_info("yq", TensorProto.UINT8, [1, k, out_h, out_w])], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = ((xq - z_in) * np.float32(s_in)).astype(np.float32)
+    return _session(model.SerializeToString(), QnnOptions(soc=soc), False).run(None, {"x": x})[0][0].astype(np.int64)
 
 
 def scale_of(s_in: float, w_scales: np.ndarray) -> np.ndarray:
