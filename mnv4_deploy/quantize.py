@@ -18,6 +18,7 @@ from torch import nn
 
 from .data import LoadedImages
 from .recipes import ActivationQuant, Quantization, Recipe
+from .semantics import EXACT, Semantics
 
 
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
@@ -277,7 +278,7 @@ class QuantizedModel:
             cache[fold_weights] = convert_pt2e(copy.deepcopy(self.prepared), fold_quantize=fold_weights)
         return copy.deepcopy(cache[fold_weights])
 
-    def simulate(self, x: np.ndarray, batch_size: int = 64, semantics: Optional["Semantics"] = None) -> np.ndarray:
+    def simulate(self, x: np.ndarray, batch_size: int = 64, semantics: Optional[Semantics] = None) -> np.ndarray:
         """Logits of the fake-quantized model in PyTorch: what a faithful runtime should reproduce (with
         `semantics`, what a runtime with that arithmetic should reproduce)."""
         gm = self.simulation_module(semantics)
@@ -285,7 +286,7 @@ class QuantizedModel:
             return np.concatenate([gm(torch.from_numpy(x[i:i + batch_size])).numpy()
                                    for i in range(0, len(x), batch_size)])
 
-    def simulation_module(self, semantics: Optional["Semantics"] = None) -> torch.fx.GraphModule:
+    def simulation_module(self, semantics: Optional[Semantics] = None) -> torch.fx.GraphModule:
         """The converted graph the simulation runs: PyTorch's exact quantize/dequantize arithmetic, or that graph
         rewritten to a runtime's own arithmetic (`Semantics.rewrite`); built once per semantics."""
         semantics = semantics or EXACT
@@ -294,22 +295,6 @@ class QuantizedModel:
             gm = self.converted(fold_weights=True)
             sims[semantics.key] = semantics.rewrite(gm) if semantics.rewrite is not None else gm
         return sims[semantics.key]
-
-
-@dataclass(frozen=True)
-class Semantics:
-    """The integer arithmetic a simulation reproduces. A runtime whose rounding differs from PyTorch's in ways
-    that are known and modelled names its own (the QNN target: Qualcomm HTP's requantization)."""
-
-    key: str
-    description: str
-    rewrite: Optional[Callable[[torch.fx.GraphModule], torch.fx.GraphModule]] = None
-
-    def to_dict(self) -> dict[str, str]:
-        return {"semantics": self.key, "description": self.description}
-
-
-EXACT = Semantics("exact", "PyTorch's quantize/dequantize: exact requantization, rounding half to even")
 
 
 def _tag_adds(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from ..errors import MissingDependencyError
+from ..semantics import EXACT, Semantics
 
 if TYPE_CHECKING:
     from ..data import LoadedImages
     from ..models import LoadedModel
-    from ..quantize import QuantizedModel, Semantics
+    from ..quantize import QuantizedModel
     from ..recipes import Quantization
     from ..tensorwise import QTensor
 
@@ -133,11 +134,9 @@ class Target(ABC):
         reference its runtime must reproduce (False for a target-native quantizer or weights-only int8)."""
         return request.precision == "int8" and request.quantized is not None
 
-    def simulation_semantics(self, request: ExportRequest) -> "Semantics":
+    def simulation_semantics(self, request: ExportRequest) -> Semantics:
         """The integer arithmetic the runtime's int8 numbers are compared against: PyTorch's exact quantize/
         dequantize unless the runtime's own rounding is known and modelled (mnv4_deploy/htp_semantics.py)."""
-        from ..quantize import EXACT
-
         return EXACT
 
     def tool_versions(self) -> dict[str, str]:

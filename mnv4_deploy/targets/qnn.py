@@ -137,7 +137,7 @@ class QnnTarget(Target):
         compiles for this SoC probed from the emulator. The rule was measured on HTP v73 and later (SM8550,
         SM8650, SM8750, bit for bit); v68/v69 round otherwise, and are compared with the exact simulation."""
         from ..htp_semantics import htp_graph
-        from ..quantize import EXACT, Semantics
+        from ..semantics import EXACT, Semantics
 
         soc = request.options.soc
         if SOCS[soc][1] < MODELLED_HTP_ARCH:
