@@ -90,6 +90,7 @@ def test_cosine_schedule_is_a_function_of_the_step():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-2, 1e-4])
 
 
+@pytest.mark.slow  # about 75 s on 2 cores: QAT plus a fallback search; the default suite keeps the plain QAT tests
 def test_qat_with_fallback_trains_those_sites_float(tmp_path: Path, reference_checkpoint: Path, small_train: Path):
     """A recipe fallback is chosen on the calibrated student; those tensors train and export float."""
     import yaml
