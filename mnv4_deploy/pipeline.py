@@ -20,6 +20,7 @@ from .models import LoadedModel, load_model
 from .options import field_names
 from .prepare import prepare
 from .quantize import QuantizedModel, quantize
+from .semantics import Semantics
 from . import tensorwise
 from .recipes import Recipe, load_recipe, options_for
 from .targets import ExportRequest, get_target, parse_targets, target_names
@@ -226,7 +227,7 @@ def deploy(run: Run, quantized_for: Callable[[Any], Optional[QuantizedModel]],
     return results
 
 
-def _simulation(deployed: QuantizedModel, semantics: Any, cache: dict[tuple[int, str, int], np.ndarray],
+def _simulation(deployed: QuantizedModel, semantics: Semantics, cache: dict[tuple[int, str, int], np.ndarray],
                 batch: int) -> Callable[[np.ndarray], np.ndarray]:
     """The PyTorch simulation's logits on the held-back images a runner is verified on, computed when first
     asked (the fake-quant simulation is slow in PyTorch, and an emulated runner uses only some of the images;

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import VerificationError
 from ..options import choice, option
+from ..semantics import EXACT, Semantics
 from ..tensorwise import QTensor
 from .base import ExportRequest, Runner, RuntimeTensors, Target
 from .onnx import INPUT_NAME, INT16_OPSET, OnnxTarget, _export, activations_to_uint8, activations_to_unsigned
@@ -132,13 +133,11 @@ class QnnTarget(Target):
     def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> RuntimeTensors:
         return emulated_quantized_tensors(path, request.options, x)
 
-    def simulation_semantics(self, request: ExportRequest) -> Any:
+    def simulation_semantics(self, request: ExportRequest) -> Semantics:
         """HTP's own requantization (mnv4_deploy/htp_semantics.py), with the conv biases and Add tables HTP
         compiles for this SoC probed from the emulator. The rule was measured on HTP v73 and later (SM8550,
         SM8650, SM8750, bit for bit); v68/v69 round otherwise, and are compared with the exact simulation."""
         from ..htp_semantics import htp_graph
-        from ..semantics import EXACT, Semantics
-
         soc = request.options.soc
         if SOCS[soc][1] < MODELLED_HTP_ARCH:
             return EXACT
