@@ -7,8 +7,9 @@ Single QDQ ops are compiled for HTP and fed synthetic inputs; each output is com
 1. `accumulators`: a 2-input-channel conv (weights 1 and 127) whose 65,536 pixels cover every accumulator value
    of the range once, for several output scales;
 2. `kernels`: random convs (1x1, 3x3, stride 2, depthwise, with float biases and per-channel scales), modelled
-   with round(bias / scale) and with the bias HTP compiles (probed);
-3. `socs`: the accumulator probe compiled for every SoC the target offers (the rule holds from HTP v73 on);
+   with round(bias / scale) and with the bias HTP compiles (probed); strided depthwise convs by their own rule;
+3. `socs`: the accumulator probe and a strided depthwise conv compiled for every SoC the target offers (the conv
+   rule holds from HTP v73 on, the strided depthwise rule on all);
 4. `adds`: 8-bit Adds over all 65,536 input pairs.
 
   python bench/bench_htp_requant.py [--soc SM8550]
@@ -29,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mnv4_deploy.htp_semantics import requantize  # noqa: E402
+from mnv4_deploy.htp_semantics import requantize, requantize_strided_depthwise  # noqa: E402
 from mnv4_deploy.targets.qnn import htp_add_table, htp_conv_biases, run_qdq_conv, scale_of  # noqa: E402
 
 
@@ -68,7 +69,8 @@ def kernels(soc: str) -> list[dict[str, Any]]:
     rows = []
     for name, c, k, kh, stride, group in (("1x1", 64, 64, 1, 1, 1), ("3x3", 16, 32, 3, 1, 1),
                                           ("3x3 stride 2", 16, 32, 3, 2, 1), ("depthwise 3x3", 32, 32, 3, 1, 32),
-                                          ("depthwise 5x5", 32, 32, 5, 1, 32), ("depthwise 3x3 stride 2", 32, 32, 3, 2, 32)):
+                                          ("depthwise 5x5", 32, 32, 5, 1, 32), ("depthwise 3x3 stride 2", 32, 32, 3, 2, 32),
+                                          ("depthwise 5x5 stride 2", 32, 32, 5, 2, 32)):
         w = rng.integers(-127, 128, size=(k, c // group, kh, kh)).astype(np.int8)
         sw = (rng.uniform(0.5, 1.5, size=k) * 0.004).astype(np.float32)
         bias = rng.normal(0, 0.3, size=k).astype(np.float32)
@@ -84,12 +86,11 @@ def kernels(soc: str) -> list[dict[str, Any]]:
         probed = htp_conv_biases(soc, s_in, z_in, sw, bias)[None, :, None, None]
         exact = (acc + nominal) * multiplier + z_out
         strided_dw = group > 1 and stride > 1
-        def rule(b: np.ndarray, acc: np.ndarray = acc, multiplier: np.ndarray = multiplier,
-                 z_out: int = z_out, linear: bool = strided_dw) -> np.ndarray:
-            if linear:
-                return np.clip(np.floor((acc + b) * multiplier + z_out + 0.5), 0, 255)
-            return requantize(acc + b, multiplier, z_out, 0, 255)
-        rows.append({"kernel": name, "model": "exact, half up" if strided_dw else "HTP rule",
+        requant = requantize_strided_depthwise if strided_dw else requantize
+        def rule(b: np.ndarray, acc: np.ndarray = acc, multiplier: np.ndarray = multiplier, z_out: int = z_out,
+                 requant: Any = requant) -> np.ndarray:
+            return requant(acc + b, multiplier, z_out, 0, 255)
+        rows.append({"kernel": name, "model": "strided depthwise rule" if strided_dw else "HTP rule",
                      **rates(got, exact, rule(nominal)),
                      "htp_rule_with_probed_bias_matches": rates(got, exact, rule(probed))["htp_rule_matches"],
                      "channels_whose_probed_bias_differs": int((probed != nominal).sum())})
@@ -109,8 +110,24 @@ def adds(soc: str) -> list[dict[str, Any]]:
     return rows
 
 
+def strided_depthwise(soc: str) -> dict[str, Any]:
+    """A random 3x3 stride-2 depthwise conv (float biases, output zero point 200) under its own rule."""
+    rng = np.random.default_rng(1)
+    c = 32
+    w = rng.integers(-40, 41, size=(c, 1, 3, 3)).astype(np.int8)
+    sw = (rng.uniform(0.5, 1.5, size=c) * 0.004).astype(np.float32)
+    bias = rng.normal(0, 0.3, size=c).astype(np.float32)
+    got, acc = run_conv(soc, w, sw, bias, 0.05, 128, 0.03, 200, rng.integers(0, 256, size=(1, c, 128, 128)),
+                        group=c, stride=2, pad=1)
+    scale = scale_of(0.05, sw)
+    multiplier = (scale / np.float64(np.float32(0.03)))[None, :, None, None]
+    acc = acc + np.round(bias / scale)[None, :, None, None]
+    return rates(got, acc * multiplier + 200, requantize_strided_depthwise(acc, multiplier, 200, 0, 255))
+
+
 def socs() -> list[dict[str, Any]]:
-    """The accumulator probe (s_out 0.07 and 0.05) compiled for each SoC: where the rule holds."""
+    """The accumulator probe (s_out 0.07 and 0.05) and a strided depthwise conv compiled for each SoC: where
+    each rule holds."""
     from mnv4_deploy.targets.qnn import SOCS
 
     rows = []
@@ -118,7 +135,8 @@ def socs() -> list[dict[str, Any]]:
         measured = [r for r in accumulators(soc) if r["s_out"] in (0.07, 0.05)]
         rows.append({"soc": soc, "name": name, "htp_arch": f"v{arch}",
                      "exact_rounding_matches": min(r["exact_rounding_matches"] for r in measured),
-                     "htp_rule_matches": min(r["htp_rule_matches"] for r in measured)})
+                     "htp_rule_matches": min(r["htp_rule_matches"] for r in measured),
+                     "strided_depthwise": strided_depthwise(soc)})
     return rows
 
 
@@ -133,6 +151,9 @@ def table(result: dict[str, Any]) -> str:
     for r in result["socs"]:
         lines.append(f"| every accumulator on {r['soc']} (HTP {r['htp_arch']}), worst of s_out 0.07 / 0.05 | - | "
                      f"{100 * r['exact_rounding_matches']:.2f}% | {100 * r['htp_rule_matches']:.2f}% | - |")
+        dw = r["strided_depthwise"]
+        lines.append(f"| depthwise 3x3 stride 2 on {r['soc']}, strided depthwise rule | {dw['outputs']} | "
+                     f"{100 * dw['exact_rounding_matches']:.2f}% | {100 * dw['htp_rule_matches']:.2f}% | - |")
     for r in result["adds"]:
         lines.append(f"| Add, scales {r['scales']} | {r['outputs']} | {100 * r['exact_rounding_matches']:.2f}% | "
                      "table from the emulator | - |")

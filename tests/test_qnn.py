@@ -150,6 +150,12 @@ def test_conv_small_placed_whole(tmp_path: Path, reference_checkpoint: Path, tin
     assert compute["int8"] == compute["total"] >= 40 and not compute["float"], compute
     assert result.manifest["verification"]["held_back"]["vs_float"]["images"] == 16  # the emulated_images limit
     assert "16 of its 32 images" in result.manifest["verification"]["held_back"]["source"]
+    # HTP's arithmetic is modelled (mnv4_deploy/htp_semantics.py): the emulator gives the simulation's top-1
+    v = result.manifest["verification"]
+    assert v["simulation"]["semantics"] == "htp-SM8550", v["simulation"]
+    assert v["held_back"]["vs_pytorch_simulation"]["top1_agreement"] == 1.0, v["held_back"]["vs_pytorch_simulation"]
+    table = json.loads((result.manifest_path.parent / "tensorwise.json").read_text())["tensors"]
+    assert max(r["local"]["mean_lsb"] for r in table) < 1e-3, table  # rare ties: htp_semantics.MULTIPLIER_TIE
 
 
 @pytest.mark.slow

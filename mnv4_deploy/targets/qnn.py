@@ -143,8 +143,9 @@ class QnnTarget(Target):
             return EXACT
         return Semantics(f"htp-{soc}", f"Qualcomm HTP ({soc}): conv/linear requantization by shift and 12-bit "
                          "multiplier rounding half up, global pool rounding half up, conv biases and 8-bit Adds as "
-                         "the emulator compiles them (probed on synthetic inputs); strided depthwise convs, 16-bit "
-                         "activations and other ops exact (mnv4_deploy/htp_semantics.py)",
+                         "the emulator compiles them (probed on synthetic inputs), strided depthwise convs with the "
+                         "zero point folded in and a Q15 multiplier; 16-bit activations and other ops exact "
+                         "(mnv4_deploy/htp_semantics.py)",
                          functools.partial(htp_graph, probes=EmulatorProbes(soc)))
 
 
@@ -278,14 +279,15 @@ def _ep_devices() -> tuple[Any, ...]:
 
 
 def _session(model: Any, opts: QnnOptions, fallback: bool, config: Optional[dict[str, str]] = None,
-             provider: Optional[dict[str, str]] = None) -> Any:
-    """An onnxruntime session on QNN's HTP backend for `opts.soc`; `fallback` False: every node on HTP or fail."""
+             provider: Optional[dict[str, str]] = None, quiet: bool = False) -> Any:
+    """An onnxruntime session on QNN's HTP backend for `opts.soc`; `fallback` False: every node on HTP or fail
+    (`quiet`: without onnxruntime's own error log, for a caller that handles the failure)."""
     import onnxruntime as ort
     import onnxruntime_qnn as qnn
 
     soc_model, arch, _ = SOCS[opts.soc]
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if quiet else 3
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "0" if fallback else "1")
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
@@ -477,9 +479,19 @@ def emulated_quantized_tensors(path: Path, opts: QnnOptions, x: np.ndarray) -> t
     for name, (_, zero, _) in exposed.items():
         model.graph.output.append(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(zero.dtype), None))
-    # Instrumentation, not the deployed model: the layout Transposes onnxruntime adds to hand exposed NHWC tensors
-    # back as NCHW outputs may stay on the CPU (HTP refuses standalone uint16 Transposes); they only move values.
-    session = _session(model.SerializeToString(), opts, True)
+    # Whole on HTP where QNN takes it, so the input is quantized by HTP as in the deployed model. Otherwise the
+    # layout Transposes onnxruntime adds to hand exposed NHWC tensors back as NCHW outputs stay on the CPU (HTP
+    # refuses standalone uint16 Transposes; they only move values), and so may the input quantizer.
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    whole_on_htp = True
+    try:
+        session = _session(model.SerializeToString(), opts, False, quiet=True)
+    except Fail as exc:
+        if _FALLBACK_REFUSED not in str(exc):
+            raise
+        whole_on_htp = False
+        session = _session(model.SerializeToString(), opts, True)
     names = [o.name for o in session.get_outputs()]
     feed = np.ascontiguousarray(x, np.float32)
     runs = [dict(zip(names, session.run(None, {INPUT_NAME: feed[i:i + 1]}))) for i in range(len(feed))]
@@ -491,7 +503,9 @@ def emulated_quantized_tensors(path: Path, opts: QnnOptions, x: np.ndarray) -> t
         tensors.append(QTensor(name, scale, zp, values, i, op=op))
     info = {"runtime": "QNN HTP emulator: the QDQ model with every quantized activation exposed as an output",
             "exposed_run_vs_deployed_logits_max_abs": float(np.abs(logits - deployed).max()),
-            "exposed_run_vs_deployed_on": "first image"}
+            "exposed_run_vs_deployed_on": "first image",
+            "exposed_run_cpu_fallback": "none: every node on HTP" if whole_on_htp else
+            "allowed: layout Transposes (and possibly the input quantizer) ran on the CPU"}
     return tensors, info
 
 
@@ -544,7 +558,9 @@ def htp_conv_biases(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias
         if not todo.any():
             break
         largest = w_scales[todo].max()
-        possible &= _bias_probe(soc, s_in, z_in, w_scales, bias, nominal, offsets, float(8 * s_in * largest))
+        fits = _bias_probe(soc, s_in, z_in, w_scales, bias, nominal, offsets, float(8 * s_in * largest))
+        on_scale = w_scales <= largest  # a channel with a larger scale saturates here: its outputs tell nothing
+        possible[on_scale] &= fits[on_scale]
         probed |= w_scales >= largest / 16
     pinned = possible.sum(axis=1) == 1
     out = nominal.copy()
@@ -558,7 +574,7 @@ def htp_conv_biases(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias
 def _bias_probe(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias: np.ndarray, nominal: np.ndarray,
                 offsets: np.ndarray, s_out: float) -> np.ndarray:
     """One probe conv (see htp_conv_biases) at output scale `s_out`: which bias offsets fit each channel."""
-    from ..htp_semantics import requantize
+    from ..htp_semantics import ambiguous_multipliers, multiplier_units, requantize
 
     k = len(w_scales)
     level = 0 if z_in > 127 else 255  # constant inputs as far from the zero point as the grid allows
@@ -580,7 +596,12 @@ def _bias_probe(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias: np
     got = run_qdq_conv(soc, weights, w_scales, bias, s_in, z_in, s_out, z_out, xq).reshape(k, -1)
     multiplier = (scale_of(s_in, w_scales) / np.float64(np.float32(s_out)))[:, None]
     acc = ((low - z_in) + 16 * (high - z_in))[None, :] + cancel[:, None]
-    return np.stack([(requantize(acc + (nominal + o)[:, None], multiplier, z_out, 0, 255) == got).all(axis=1)
+    # a multiplier within a hair of a tie may be rounded either way: either fits
+    units = multiplier_units(multiplier)
+    tie = ambiguous_multipliers(multiplier[:, 0])
+    lower = np.floor(2.0 ** np.floor(np.log2(1.0 / (8.0 * multiplier))) * multiplier * 2.0 ** 15)
+    return np.stack([np.any([(requantize(acc + (nominal + o)[:, None], multiplier, z_out, 0, 255, u) == got).all(axis=1)
+                             & ((u == units)[:, 0] | tie) for u in (lower, lower + 1)], axis=0)
                      for o in offsets], axis=1)
 
 
