@@ -9,7 +9,7 @@ outputs bit for bit:
   (floor) and the middle of the dropped range added back (+0.5); that is multiplied by 2^k * M kept to 2^-15
   (a 12-bit multiplier), the zero point added, and the result rounded half up and saturated. An output is off
   the exact one by up to 1/16 of a step.
-- Strided depthwise convs run another kernel (`requantize_strided_depthwise`, HTP v69 to v79): the output zero
+- Strided depthwise convs run another kernel (`requantize_strided_depthwise`, HTP v68 to v79): the output zero
   point is folded into the accumulator as round(z_out / M) and the sum multiplied by M kept to 16 significant
   bits (a Q15 multiplier), rounded half up; the bias is round(bias / scale) computed in float32.
 - The float model input is quantized by HTP itself: x / s rounded to float16, then half away from zero.
