@@ -45,19 +45,23 @@ def _shift_step(multiplier: Any) -> Any:
     return 2.0 ** xp.floor(xp.log2(1.0 / (8.0 * multiplier)))
 
 
+def exact_units(multiplier: Any) -> Any:
+    """2^k * M * 2^15 before rounding: the multiplier HTP keeps is this rounded to an integer."""
+    return _shift_step(multiplier) * multiplier * 2.0 ** MULTIPLIER_BITS
+
+
 def multiplier_units(multiplier: Any) -> Any:
-    """HTP's 12-bit multiplier in units of 2^-15: 2^k * M * 2^15 rounded half up after a first rounding to
-    2^-10 of a unit. Within MULTIPLIER_TIE of a half HTP's choice is not a function of M alone (a conv probed
-    alone and the same scales inside a model can round differently); this first rounding is what reproduced
-    every such channel of the reference conv_small."""
+    """HTP's 12-bit multiplier in units of 2^-15: `exact_units` rounded half up after a first rounding to 2^-10
+    of a unit. Within MULTIPLIER_TIE of a half HTP's choice is not a function of M alone (a conv probed alone
+    and the same scales inside a model can round differently); this first rounding is what reproduced every
+    such channel of the reference conv_small."""
     floor = torch.floor if isinstance(multiplier, torch.Tensor) else np.floor
-    fine = floor(_shift_step(multiplier) * multiplier * 2.0 ** (MULTIPLIER_BITS + 10) + 0.5) / 2.0 ** 10
-    return floor(fine + 0.5)
+    return floor(floor(exact_units(multiplier) * 2.0 ** 10 + 0.5) / 2.0 ** 10 + 0.5)
 
 
 def ambiguous_multipliers(multiplier: np.ndarray) -> np.ndarray:
     """Channels whose multiplier sits so close to a rounding tie that HTP may round it either way."""
-    x = _shift_step(np.asarray(multiplier, np.float64)) * np.asarray(multiplier, np.float64) * 2.0 ** MULTIPLIER_BITS
+    x = exact_units(np.asarray(multiplier, np.float64))
     return np.abs(x - np.floor(x) - 0.5) < MULTIPLIER_TIE
 
 
@@ -245,12 +249,12 @@ class _Rewriter:
         scales = w_scales.to(torch.float64) * s_in
         multiplier = scales / s_out
         strided_depthwise = kind == "conv" and _strided_depthwise(layer)
-        if self.probes is not None and not strided_depthwise:
-            bias_q = torch.as_tensor(self.probes.conv_biases(s_in, z_in + 128, w_scales.numpy(), bias.numpy()),
-                                     dtype=torch.float64)
-        elif strided_depthwise:  # this kernel compiles round(bias / scale) computed in float32, ties to even
+        if strided_depthwise:  # this kernel compiles round(bias / scale) computed in float32, ties to even
             scales32 = w_scales.to(torch.float32) * torch.tensor(s_in, dtype=torch.float32)
             bias_q = torch.round(bias.to(torch.float32) / scales32).to(torch.float64)
+        elif self.probes is not None:
+            bias_q = torch.as_tensor(self.probes.conv_biases(s_in, z_in + 128, w_scales.numpy(), bias.numpy()),
+                                     dtype=torch.float64)
         else:
             bias_q = torch.round(bias.to(torch.float64) / scales)
         args = (x, s_in, w_dq.args[0], lambda r: r.buffer("bias", bias_q),

@@ -574,7 +574,7 @@ def htp_conv_biases(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias
 def _bias_probe(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias: np.ndarray, nominal: np.ndarray,
                 offsets: np.ndarray, s_out: float) -> np.ndarray:
     """One probe conv (see htp_conv_biases) at output scale `s_out`: which bias offsets fit each channel."""
-    from ..htp_semantics import ambiguous_multipliers, multiplier_units, requantize
+    from ..htp_semantics import ambiguous_multipliers, exact_units, multiplier_units, requantize
 
     k = len(w_scales)
     level = 0 if z_in > 127 else 255  # constant inputs as far from the zero point as the grid allows
@@ -599,7 +599,7 @@ def _bias_probe(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias: np
     # a multiplier within a hair of a tie may be rounded either way: either fits
     units = multiplier_units(multiplier)
     tie = ambiguous_multipliers(multiplier[:, 0])
-    lower = np.floor(2.0 ** np.floor(np.log2(1.0 / (8.0 * multiplier))) * multiplier * 2.0 ** 15)
+    lower = np.floor(exact_units(multiplier))
     return np.stack([np.any([(requantize(acc + (nominal + o)[:, None], multiplier, z_out, 0, 255, u) == got).all(axis=1)
                              & ((u == units)[:, 0] | tie) for u in (lower, lower + 1)], axis=0)
                      for o in offsets], axis=1)
