@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .console import echo
 from .errors import UserError
 
 EPILOG = """\
@@ -58,8 +59,8 @@ def cmd_make(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be at least 1, got {value}")
     cs = make_set(args.folder, args.name or args.out.stem, args.per_class, args.images, args.seed, args.description)
     write_text(args.out, dump_set(cs))
-    print(summary(cs))
-    print(f"wrote {args.out}")
+    echo(summary(cs))
+    echo(f"wrote {args.out}")
     return 0
 
 
@@ -70,12 +71,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     root = resolve_root(cs, args.root)
     problems, _ = check_set(cs, root)
     for line in problems:
-        print(line)
+        echo(line)
     if problems:
-        print(f"{cs.name}: {len(problems)} of {len(cs.images)} images missing or changed under {root}")
+        echo(f"{cs.name}: {len(problems)} of {len(cs.images)} images missing or changed under {root}")
         return 1
     hashes = "unchanged" if cs.hashed else "present (names only: no hashes to compare)"
-    print(f"ok: all {len(cs.images)} images {hashes} under {root}; {summary(cs)}")
+    echo(f"ok: all {len(cs.images)} images {hashes} under {root}; {summary(cs)}")
     return 0
 
 
@@ -83,5 +84,5 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .calibration import load_set, shipped_sets, summary
 
     for name in shipped_sets():
-        print(summary(load_set(name)))
+        echo(summary(load_set(name)))
     return 0

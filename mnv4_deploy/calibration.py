@@ -254,8 +254,7 @@ class CalibrationData:
 
 
 def load_calibration(calib: Optional[str | Path], root: Optional[str | Path], recipe: Any, pre: Any,
-                     precision: str = "int8", allow_changed: bool = False, workers: int = 0,
-                     progress: bool = False) -> CalibrationData:
+                     precision: str = "int8", allow_changed: bool = False, workers: int = 0) -> CalibrationData:
     """Calibration images and disjoint held-back verification images for a run.
 
     `calib`: a folder, a set name or set file, or None (the recipe's `quantization.calibration.set`, else the
@@ -263,13 +262,12 @@ def load_calibration(calib: Optional[str | Path], root: Optional[str | Path], re
     """
     c = recipe.quantization.calibration
     n_cal, n_ver, seed = c.images, recipe.verification.images, c.seed
-    desc = "reading images" if progress else ""
     if calib is None and c.set:
         calib = c.set
     if calib is None or str(calib) == DEFAULT_SET:
         return _skimage_data(pre, n_cal if precision == "int8" else 8, n_ver, seed)
     if not is_set_reference(calib):
-        return _folder_data(Path(calib), pre, n_cal, n_ver, seed, workers, desc)
+        return _folder_data(Path(calib), pre, n_cal, n_ver, seed, workers)
     cs = load_set(calib)
     if cs.root == SKIMAGE_ROOT:
         return _skimage_data(pre, n_cal if precision == "int8" else 8, n_ver, seed, cs)
@@ -284,18 +282,17 @@ def load_calibration(calib: Optional[str | Path], root: Optional[str | Path], re
     labelled = all(im.label is not None for im in used)
     cal_set = ImageSet([folder / im.path for im in used], [index[im.label] for im in used] if labelled else None,
                        labels if labelled else None, f"{cs.name} ({folder})")
-    cal = load_images(cal_set, pre, workers, desc)
+    cal = load_images(cal_set, pre, workers, "calibration images")
     digest = digest_of((im.path, actual[im.path]) for im in used)
     info = {"name": cs.name, "digest": digest, "images": len(used)}
-    held, held_src = _held_back(folder, {im.path for im in cs.images}, pre, n_ver, seed, workers, desc)
+    held, held_src = _held_back(folder, {im.path for im in cs.images}, pre, n_ver, seed, workers)
     if cal.unreadable:
         logger.warning(f"note: {cal.unreadable} images of calibration set '{cs.name}' could not be read")
     return CalibrationData(cal, f"calibration set '{cs.name}' {digest[:19]} ({len(cal)} images, {folder})",
                            held, held_src, info)
 
 
-def _held_back(root: Path, exclude: set[str], pre: Any, n: int, seed: int, workers: int,
-               desc: str) -> tuple[LoadedImages, str]:
+def _held_back(root: Path, exclude: set[str], pre: Any, n: int, seed: int, workers: int) -> tuple[LoadedImages, str]:
     """Verification images from the set's root that are not in the set; scikit-image crops if there are none."""
     try:
         found = scan_folder(root)
@@ -305,17 +302,17 @@ def _held_back(root: Path, exclude: set[str], pre: Any, n: int, seed: int, worke
         keep = [i for i, p in enumerate(found.paths) if p.relative_to(root).as_posix() not in exclude]
         if keep:
             rest = found.subset(keep).sample(n, seed)
-            return load_images(rest, pre, workers, desc), f"{root} (held back: not in the set, {min(n, len(keep))} images)"
+            return load_images(rest, pre, workers, "held-back images"), f"{root} (held back: not in the set, {min(n, len(keep))} images)"
     logger.info(f"note: '{root}' has no images outside the calibration set; verifying on scikit-image crops")
     ver, _ = default_calibration(pre, n, seed + 1)
     return ver, "scikit-image sample photos (random crops)"
 
 
-def _folder_data(folder: Path, pre: Any, n_cal: int, n_ver: int, seed: int, workers: int, desc: str) -> CalibrationData:
+def _folder_data(folder: Path, pre: Any, n_cal: int, n_ver: int, seed: int, workers: int) -> CalibrationData:
     found = scan_folder(folder)
     cal_set, ver_set = found.split(n_cal, n_ver, seed)
-    cal = load_images(cal_set, pre, workers, desc)
-    ver = load_images(ver_set, pre, workers, desc)
+    cal = load_images(cal_set, pre, workers, "calibration images")
+    ver = load_images(ver_set, pre, workers, "held-back images")
     unreadable = cal.unreadable + ver.unreadable
     if unreadable or found.skipped_files:
         logger.warning(f"note: skipped {unreadable} unreadable images and {found.skipped_files} non-image files in {folder}")

@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .cli_common import (add_logging_flags, add_model_command, add_model_options, add_target_option_flags,
+from .cli_common import (add_logging_flags, add_logging_flags_everywhere, add_model_command, require_weights, add_model_options, add_target_option_flags,
                          add_verify_gate_flag, configure_logging, preprocessing_overrides, target_option_values)
+from . import console
+from .console import echo
 from .errors import UserError, VerificationError
+from .stages import timing
+
+logger = logging.getLogger("mnv4_deploy")
 
 EPILOG_CONVERT = """\
 examples:
@@ -45,6 +52,10 @@ The recipe's qat: section sets epochs, optimizer, distillation loss, when BatchN
 and whether activation ranges are learned; see recipes/qat-int8-kd.yaml.
 """
 
+_TO_HELP = ("a target, a comma list, or 'all' (every installed one; default: onnx); targets: "
+            "`mnv4-deploy inspect --list`")
+
+
 def _add_run_options(g: argparse._ArgumentGroup) -> None:
     """Options `convert` and `qat` share: decoding workers, latency runs, output format, progress bars."""
     g.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding worker processes")
@@ -54,12 +65,17 @@ def _add_run_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def description() -> str:
+    """What the tool does, naming every registered target (also the package's description, tested)."""
+    from .targets import get_target, target_names
+
+    titles = [get_target(n).title for n in target_names()]
+    return (f"Quantize MobileNetV4 models and ship them to {', '.join(titles[:-1])} and {titles[-1]}, verified in "
+            "each target's real runtime.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mnv4-deploy",
-        description="Quantize MobileNetV4 models and ship them to ONNX, TFLite/LiteRT, OpenVINO and CoreML, "
-                    "verified in each target's real runtime.",
-    )
+    parser = argparse.ArgumentParser(prog="mnv4-deploy", description=description())
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"mnv4-deploy {__version__}")
@@ -71,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "convert", "export (and quantize) a model for one or more targets",
         "Load -> prepare -> quantize once -> export per target -> verify (gate) -> manifest.", EPILOG_CONVERT)
     g = conv.add_argument_group("what to build")
-    g.add_argument("--to", default="onnx", metavar="TARGETS", help="a target, a comma list, or 'all' (default: onnx)")
+    g.add_argument("--to", default="onnx", metavar="TARGETS", help=_TO_HELP)
     g.add_argument("--int8", action="store_true", help="int8 quantization (same as --precision int8)")
     g.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="artifact precision (default fp32)")
     g.add_argument("--recipe", metavar="NAME|FILE", help="a shipped recipe name (e.g. ptq-int8) or a YAML file")
@@ -111,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a checkpoint (OUT/qat/last.pt)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when present")
     g = qat.add_argument_group("what to build")
-    g.add_argument("--to", default="onnx", metavar="TARGETS", help="a target, a comma list, or 'all' (default: onnx)")
+    g.add_argument("--to", default="onnx", metavar="TARGETS", help=_TO_HELP)
     g.add_argument("--out", type=Path, default=Path("build/qat"), metavar="DIR",
                    help="output folder; checkpoints go to OUT/qat/ (default: build/qat)")
     add_target_option_flags(qat)
@@ -139,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .calib_cli import add_calib_command
 
     add_calib_command(sub)
+    add_logging_flags_everywhere(parser)
     return parser
 
 
@@ -159,13 +176,14 @@ def _print_tensorwise(results: list) -> None:
     if checked:
         from .tensorwise import summary_line
 
-        print("tensor by tensor vs the PyTorch simulation (tensorwise.json beside each manifest):")
+        echo("tensor by tensor vs the PyTorch simulation (tensorwise.json beside each manifest):")
         for target, summary in checked:
-            print("  " + summary_line(target, summary))
+            echo("  " + summary_line(target, summary))
 
 
 def _settings(args: argparse.Namespace, **kw: Any) -> Any:
     """ConvertSettings from the options `convert` and `qat` share."""
+    require_weights(args)
     from .pipeline import ConvertSettings
 
     return ConvertSettings(
@@ -175,17 +193,17 @@ def _settings(args: argparse.Namespace, **kw: Any) -> Any:
         target_options=target_option_values(args), verify_gate=args.verify_gate,
         calib_root=getattr(args, "calib_root", None), calib_allow_changed=getattr(args, "calib_allow_changed", False),
         val_labels=getattr(args, "val_labels", None),
-        progress=not args.no_progress and sys.stderr.isatty(), **kw)
+        progress=not args.no_progress and console.stderr().isatty(), **kw)
 
 
 def _print_results(results: list, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([r.manifest for r in results], indent=2))
+        echo(json.dumps([r.manifest for r in results], indent=2))
     else:
-        print(summary_table(results))
+        echo(summary_table(results))
         _print_tensorwise(results)
         for r in results:
-            print(f"wrote {r.path} and {r.manifest_path}")
+            echo(f"wrote {r.path} and {r.manifest_path}")
 
 
 def summary_table(results: Sequence[Any]) -> str:
@@ -251,20 +269,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                if isinstance(entry, dict) else entry)
                         for name, entry in (manifest.get("verification") or {}).items()}
         manifest = manifest | {"verification": verification}
-        print(json.dumps({k: manifest.get(k) for k in ("model", "target", "precision", "artifact", "verification")},
+        echo(json.dumps({k: manifest.get(k) for k in ("model", "target", "precision", "artifact", "verification")},
                          indent=2))
         return 0
     from .models import list_variants
     from .recipes import shipped_recipes
     from .targets import target_names
 
-    print("models:  " + ", ".join(list_variants()))
-    print("targets: " + ", ".join(target_names()))
-    print("recipes: " + ", ".join(shipped_recipes()))
+    echo("models:  " + ", ".join(list_variants()))
+    echo("targets: " + ", ".join(_target_entry(n) for n in target_names()))
+    echo("recipes: " + ", ".join(shipped_recipes()))
     from .calibration import shipped_sets
 
-    print("calibration sets: " + ", ".join(shipped_sets()))
+    echo("calibration sets: " + ", ".join(shipped_sets()))
     return 0
+
+
+def _target_entry(name: str) -> str:
+    """'onnx (ONNX)', or with what installs it when its toolchain is missing."""
+    from .targets import get_target
+
+    target = get_target(name)
+    try:
+        target.check_installed()
+        return f"{name} ({target.title})"
+    except UserError:
+        return f"{name} ({target.title}; not installed: pip install 'mnv4-deploy[{target.extra}]')"
 
 
 def _inspect_sensitivity(args: argparse.Namespace) -> int:
@@ -274,33 +304,34 @@ def _inspect_sensitivity(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise UserError("--sensitivity needs --model (and usually --weights and --calib)")
+    require_weights(args)
     settings = ConvertSettings(model=args.model, out=Path("."), precision="int8", weights=args.weights,
                                num_classes=args.num_classes, preprocessing=preprocessing_overrides(args),
-                               calib=args.calib, recipe=args.recipe, progress=sys.stderr.isatty())
+                               calib=args.calib, recipe=args.recipe, progress=console.stderr().isatty())
     result = recipe_sensitivity(settings, args.images, args.budget)
     full = result["all_quantized"]
-    print(f"all quantizers on: top-1 agreement {100 * full['top1_agreement']:.2f}%, SQNR {full['sqnr_db']:.1f} dB "
+    echo(f"all quantizers on: top-1 agreement {100 * full['top1_agreement']:.2f}%, SQNR {full['sqnr_db']:.1f} dB "
           f"({result['images']} images; most sensitive first)")
-    print(f"{'layer':44} {'op':10} {'kind':10} {'alone SQNR dB':>13} {'alone agree':>11} {'float-others agree':>18}")
+    echo(f"{'layer':44} {'op':10} {'kind':10} {'alone SQNR dB':>13} {'alone agree':>11} {'float-others agree':>18}")
     for r in result["sites"]:
-        print(f"{r['layer'][:44]:44} {r['op'][:10]:10} {r['kind']:10} {r['only_this_sqnr_db']:13.1f} "
+        echo(f"{r['layer'][:44]:44} {r['op'][:10]:10} {r['kind']:10} {r['only_this_sqnr_db']:13.1f} "
               f"{100 * r['only_this_agreement']:10.1f}% {100 * r['all_but_this_agreement']:17.1f}%")
     fallback = result.get("fallback")
     if fallback:
         history, n = fallback["agreement_history"], result["images"]
         verdict = "reached" if fallback["reached"] else "not reached with every activation out of int8"
         noise = 100 * (fallback["budget_agreement"] * (1 - fallback["budget_agreement"]) / n) ** 0.5
-        print(f"\nbudget {100 * fallback['budget_agreement']:.1f}% top-1 agreement: {verdict}; "
+        echo(f"\nbudget {100 * fallback['budget_agreement']:.1f}% top-1 agreement: {verdict}; "
               f"{len(fallback['float_sites'])} of {fallback['activation_sites']} activations out of int8 "
               f"(agreement {100 * history[0]:.1f}% -> {100 * history[-1]:.1f}% on {n} images, "
               f"+-{noise:.1f} points sampling noise; a recipe's fallback judges on fallback.images calibration images):")
         for layer in fallback["float_layers"]:
-            print(f"  {layer}")
-        print(f"in a recipe: quantization: fallback: {{target_agreement: {fallback['budget_agreement']}, "
+            echo(f"  {layer}")
+        echo(f"in a recipe: quantization: fallback: {{target_agreement: {fallback['budget_agreement']}, "
               f"max_layers: {max(1, len(fallback['float_sites']))}, precision: float}}  (or int16 for ONNX)")
     if args.json_out:
         write_json(args.json_out, result)
-        print(f"wrote {args.json_out}")
+        echo(f"wrote {args.json_out}")
     return 0
 
 
@@ -320,8 +351,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args)
+    verbose = getattr(args, "verbose", False)
     try:
-        return args.func(args)
+        # Other libraries' output (Python and native) goes to -v only: their lines read as errors to a user.
+        with contextlib.nullcontext() if verbose else console.foreign_output_captured():
+            bars = not getattr(args, "no_progress", False) and console.stderr().isatty()
+            with timing(bars) as clock:
+                try:
+                    return args.func(args)
+                finally:
+                    if clock.seconds:
+                        logger.debug("time per stage:\n%s", clock.table())
     except UserError as exc:
         print(f"mnv4-deploy: error: {exc}", file=sys.stderr)
         return 2

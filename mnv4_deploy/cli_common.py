@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 import typing
 from typing import Any
 
@@ -35,6 +34,14 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None
     g.add_argument("--std", metavar="R,G,B", help="normalisation std")
     g.add_argument("--crop-pct", type=float, metavar="F", help="centre-crop fraction (1.0 = no crop)")
     g.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest", "lanczos"))
+
+
+def require_weights(args: argparse.Namespace) -> None:
+    """Timm's pretrained weights out of reach (offline, not cached): one line now, not after a minute of retries."""
+    if getattr(args, "weights", None) == "pretrained" and str(getattr(args, "model", "")).startswith("mobilenetv4_"):
+        from .hub import require_pretrained
+
+        require_pretrained(args.model)
 
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,10 +99,38 @@ def add_verify_gate_flag(g: Any) -> None:
                         "says they failed); default: a failing artifact is not written and the command exits 1")
 
 
-def add_logging_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="more detail on stderr, including what converters printed")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+def add_logging_flags(p: argparse.ArgumentParser, subcommand: bool = False) -> None:
+    """-v/-q, accepted before the command and after it (`mnv4-deploy convert ... -v`); a subcommand's copy leaves
+    the value given before it alone unless it is given again."""
+    default: Any = argparse.SUPPRESS if subcommand else False
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="more detail on stderr: other libraries' output, time per stage")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and errors on stderr")
+
+
+def add_logging_flags_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v/-q on every subcommand, nested ones too (calib make, ...)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                if not any("--verbose" in a.option_strings for a in sub._actions):
+                    add_logging_flags(sub, subcommand=True)
+                add_logging_flags_everywhere(sub)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Writes to this program's stderr (`console.stderr()`), which other libraries' output does not reach, through
+    tqdm so that a line never lands inside a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        from . import console
+
+        try:
+            tqdm.write(self.format(record), file=console.stderr())
+        except (OSError, ValueError):  # a closed or broken stderr (a pipe whose reader left)
+            self.handleError(record)
 
 
 def configure_logging(args: argparse.Namespace) -> None:
@@ -106,7 +141,7 @@ def configure_logging(args: argparse.Namespace) -> None:
     for h in list(logger.handlers):
         if getattr(h, "_mnv4_cli", False):
             logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler()
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     handler._mnv4_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
 from .preprocessing import Preprocessing
+from .stages import stage
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +272,9 @@ def _worker_context() -> Optional[str]:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def load_images(images: ImageSet, pre: Preprocessing, workers: int = 0, progress: str = "") -> LoadedImages:
-    """Decode and preprocess every image (a torch DataLoader with worker processes); skip unreadable ones."""
+def load_images(images: ImageSet, pre: Preprocessing, workers: int = 0, what: str = "images") -> LoadedImages:
+    """Decode and preprocess every image (a torch DataLoader with worker processes); skip unreadable ones.
+    `what` names them in the progress bar ('calibration images')."""
     from torch.utils.data import DataLoader
 
     dataset = _ImageFiles(images.paths, images.labels, pre)
@@ -284,14 +286,16 @@ def load_images(images: ImageSet, pre: Preprocessing, workers: int = 0, progress
     chunks, labels, ok = [], [], []
     first_bad: Optional[tuple[Path, str]] = None
     start = 0
-    for arr, lab, good, why in _progress(loader, progress, total=len(loader)):
-        chunks.append(arr.numpy())
-        labels.append(lab.numpy())
-        ok.append(good.numpy())
-        if first_bad is None and not bool(good.all()):
-            j = int((~good).nonzero()[0, 0])
-            first_bad = (images.paths[start + j], why[j])
-        start += len(good)
+    with stage("decode", f"reading {len(dataset)} {what}", total=len(dataset), unit="image") as bar:
+        for arr, lab, good, why in loader:
+            chunks.append(arr.numpy())
+            labels.append(lab.numpy())
+            ok.append(good.numpy())
+            if first_bad is None and not bool(good.all()):
+                j = int((~good).nonzero()[0, 0])
+                first_bad = (images.paths[start + j], why[j])
+            start += len(good)
+            bar.advance(len(good))
     keep = np.concatenate(ok).astype(bool) if ok else np.zeros(0, bool)
     u8 = np.concatenate(chunks)[keep] if chunks else np.zeros((0, *pre.input_size, 3), np.uint8)
     labs = np.concatenate(labels)[keep] if images.labelled and labels else None
@@ -309,14 +313,6 @@ def load_images(images: ImageSet, pre: Preprocessing, workers: int = 0, progress
                     int((~keep).sum()), images.source, *first_bad)
     return LoadedImages(x.astype(np.float32), labs, int((~keep).sum()), u8, images,
                         str(first_bad[0]) if first_bad else None)
-
-
-def _progress(it, desc: str, total: int):
-    if not desc:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, total=total, leave=False, unit="batch")
 
 
 # ---------------------------------------------------------------- default calibration set

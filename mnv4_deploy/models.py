@@ -154,10 +154,17 @@ def _create_pretrained(timm: Any, name: str, kwargs: dict[str, Any]) -> nn.Modul
         hint = f" (pretrained tags: {', '.join(tagged)})" if tagged else ""
         raise UserError(f"timm has no pretrained weights for '{name}'{hint}; "
                         "use --weights PATH for a local checkpoint or --weights random")
+    from . import hub
+
+    offline = hub.unreachable()
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        # Unreachable: read the cache only. Asking the hub would retry with back-off for most of a minute.
+        with hub.offline(offline is not None):
+            return timm.create_model(name, pretrained=True, **kwargs)
     except _fetch_errors() as exc:
         logger.debug("fetching pretrained %s failed", name, exc_info=True)
+        if offline is not None:
+            raise UserError(hub.offline_message(name, offline)) from None
         first = str(exc).strip().splitlines()[0].split(". ")[0].rstrip(".")[:160] if str(exc).strip() else ""
         reason = first or type(exc).__name__
         raise UserError(

@@ -9,6 +9,8 @@ unlucky image cannot set the range.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torchao.quantization.pt2e.observer import MinMaxObserver
 
@@ -31,7 +33,7 @@ class _BatchAveragedObserver(MinMaxObserver):
         x = x_orig.detach().to(self.min_val.dtype if self.min_val.is_floating_point() else torch.float32)
         x = x.flatten()
         if x.numel() > _MAX_SAMPLES:
-            x = x[torch.randint(0, x.numel(), (_MAX_SAMPLES,), generator=_generator(x.device))]
+            x = x.index_select(0, _sample_indices(x.numel(), x.device))
         low, high = self.batch_range(x)
         n = int(self.batches)
         if n == 0:
@@ -44,10 +46,14 @@ class _BatchAveragedObserver(MinMaxObserver):
         return x_orig
 
 
-def _generator(device: torch.device) -> torch.Generator:
+@functools.lru_cache(maxsize=64)
+def _sample_indices(numel: int, device: torch.device) -> torch.Tensor:
+    """The random subset of a `numel`-element tensor that the statistics are computed on: the same draw for a
+    given size (seed 0), sorted, because memory read in order is 4-5x faster to gather at 224x224 and the
+    statistics do not depend on the order. Drawn once per size: the draw alone costs as much as the statistic."""
     g = torch.Generator(device=device)
     g.manual_seed(0)
-    return g
+    return torch.randint(0, numel, (_MAX_SAMPLES,), generator=g, device=device).sort().values
 
 
 class MeanMinMaxObserver(_BatchAveragedObserver):

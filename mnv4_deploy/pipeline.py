@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from .options import field_names
 from .prepare import prepare
 from .quantize import QuantizedModel, quantize
 from .semantics import Semantics
+from .stages import clock, run_clock, stage
 from . import tensorwise
 from .recipes import Recipe, load_recipe, options_for
 from .targets import ExportRequest, get_target, parse_targets, target_names
@@ -79,21 +79,13 @@ class EvalData:
     float_logits: np.ndarray
 
 
-def progress_bars(settings: ConvertSettings) -> Optional[Callable]:
-    if not settings.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return lambda it, **kw: tqdm(it, leave=False, file=sys.stderr, **kw)
-
-
 def load_data(settings: ConvertSettings, loaded: LoadedModel, recipe: Recipe) -> tuple[LoadedImages, str, LoadedImages, str]:
     """Calibration images and disjoint held-back images for verification (a folder, a calibration set, or the
     scikit-image photos: mnv4_deploy/calibration.py); the calibration images carry their set's name and digest."""
     from .calibration import load_calibration
 
     data = load_calibration(settings.calib, settings.calib_root, recipe, loaded.preprocessing, settings.precision,
-                            settings.calib_allow_changed, settings.workers, settings.progress)
+                            settings.calib_allow_changed, settings.workers)
     data.calibration.calibration_set = data.calibration_set
     return data.calibration, data.calibration_source, data.held_back, data.held_back_source
 
@@ -144,7 +136,6 @@ class Run:
     calibration: LoadedImages
     calibration_source: str
     evals: list[EvalData]
-    progress: Optional[Callable]
 
 
 def start_run(settings: ConvertSettings) -> Run:
@@ -154,20 +145,26 @@ def start_run(settings: ConvertSettings) -> Run:
     recipe = load_recipe(settings.recipe)
     targets = _select_targets(settings)
     ensure_writable_dir(settings.out)
-    loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
-    prepare(loaded.model)
+    with stage("load_model", f"loading {settings.model}"):
+        loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
+        prepare(loaded.model)
     logger.info(f"model: {loaded.name} ({loaded.weights}), input {loaded.preprocessing.input_size}, {loaded.num_classes} classes")
 
-    cal, cal_src, ver, ver_src = load_data(settings, loaded, recipe)
+    with stage("read_images", "reading images", shown=False):
+        cal, cal_src, ver, ver_src = load_data(settings, loaded, recipe)
+        val = None
+        if settings.val is not None:
+            val_set = scan_folder(settings.val, labels_file=settings.val_labels)
+            if settings.val_limit:
+                val_set = val_set.sample(settings.val_limit, seed=0)
+            val = load_images(val_set, loaded.preprocessing, settings.workers, "val images")
     batch = recipe.verification.batch_size
-    evals = [EvalData("held_back", ver_src, ver, torch_logits(loaded.model, ver.x, batch))]
-    if settings.val is not None:
-        val_set = scan_folder(settings.val, labels_file=settings.val_labels)
-        if settings.val_limit:
-            val_set = val_set.sample(settings.val_limit, seed=0)
-        val = load_images(val_set, loaded.preprocessing, settings.workers, "reading val" if settings.progress else "")
-        evals.append(EvalData("val", f"{settings.val} ({len(val)} images)", val, torch_logits(loaded.model, val.x, batch)))
-    return Run(settings, recipe, targets, loaded, cal, cal_src, evals, progress_bars(settings))
+    with stage("float_logits", "float model on the evaluation images"):
+        evals = [EvalData("held_back", ver_src, ver, torch_logits(loaded.model, ver.x, batch))]
+        if val is not None:
+            evals.append(EvalData("val", f"{settings.val} ({len(val)} images)", val,
+                                  torch_logits(loaded.model, val.x, batch)))
+    return Run(settings, recipe, targets, loaded, cal, cal_src, evals)
 
 
 def convert(settings: ConvertSettings,
@@ -177,6 +174,12 @@ def convert(settings: ConvertSettings,
     `on_target_error(target, exc)`, when given, receives a target's export/verification failure and the other
     targets go on with the same quantized model (the report grid uses this); by default the error propagates.
     """
+    with run_clock(settings.progress):
+        return _convert(settings, on_target_error)
+
+
+def _convert(settings: ConvertSettings,
+             on_target_error: Optional[Callable[[str, Exception], None]]) -> list[ArtifactResult]:
     run = start_run(settings)
     quantizations: dict[Any, QuantizedModel] = {}
 
@@ -187,8 +190,9 @@ def convert(settings: ConvertSettings,
         key = target.quantizer_key()
         if key not in quantizations:
             logger.info(f"quantizing with recipe '{run.recipe.name}' on {run.calibration_source}")
-            quantizations[key] = quantize(run.loaded.model, run.calibration, run.recipe, run.calibration_source,
-                                          run.progress, quantizer=target.build_quantizer(run.recipe.quantization))
+            with stage("quantize", "quantizing", shown=False):
+                quantizations[key] = quantize(run.loaded.model, run.calibration, run.recipe, run.calibration_source,
+                                              quantizer=target.build_quantizer(run.recipe.quantization))
             if quantizations[key].calibration.get("fallback"):
                 from .sensitivity import fallback_line
 
@@ -208,7 +212,6 @@ def deploy(run: Run, quantized_for: Callable[[Any], Optional[QuantizedModel]],
     simulations: dict[tuple[int, str, int], np.ndarray] = {}
     results = []
     for target in run.targets:
-        logger.info(f"[{target.name}] exporting {settings.precision}")
         try:
             options = apply_overrides(options_for(recipe, target.name), settings.target_options)
             quantized = quantized_for(target)
@@ -219,7 +222,8 @@ def deploy(run: Run, quantized_for: Callable[[Any], Optional[QuantizedModel]],
             if deployed is not None and target.deploys_simulated_model(request):
                 simulated = _simulation(deployed, target.simulation_semantics(request), simulations,
                                         recipe.verification.batch_size)
-            results.append(export_and_verify(target, request, recipe, run.evals, settings, simulated))
+            with stage(target.name, shown=False):
+                results.append(export_and_verify(target, request, recipe, run.evals, settings, simulated))
         except Exception as exc:
             if on_target_error is None or isinstance(exc, UserError):
                 raise
@@ -309,33 +313,42 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
     out_dir = Path(settings.out) / target.name
     final = out_dir / target.artifact_name
     enforced = recipe.verification.gate if settings.verify_gate is None else settings.verify_gate
+    name = target.name
     with atomic_path(final) as tmp:
         started = time.perf_counter()
-        export_info = target.export(request, tmp)
+        with stage("export", f"[{name}] exporting {request.precision}"):
+            export_info = target.export(request, tmp)
         export_info.setdefault("seconds", round(time.perf_counter() - started, 2))  # conversion time, per target
-        runner = target.load(tmp, request)
+        with stage("load", f"[{name}] loading the artifact in its runtime", shown=False):
+            runner = target.load(tmp, request)
         evals, simulated = _within_limit(runner, evals, simulated)
         if callable(simulated):
-            simulated = simulated(evals[0].images.x)
+            with stage("simulate", f"[{name}] PyTorch simulation of the int8 model"):
+                simulated = simulated(evals[0].images.x)
         batch = recipe.verification.batch_size
         verification: dict[str, Any] = {"numbers": runner.numbers}
         # a simulation runner is the simulation itself: comparing it with the simulation would prove nothing
-        measured, logits = _measure(runner, evals, batch, None if runner.numbers == "simulated" else simulated)
+        images = sum(len(ev.images) for ev in evals)
+        with stage("verify", f"[{name}] verifying in the runtime ({images} images)"):
+            measured, logits = _measure(runner, evals, batch, None if runner.numbers == "simulated" else simulated)
         verification |= measured
         if simulated is not None and runner.numbers != "simulated":
             verification["simulation"] = target.simulation_semantics(request).to_dict()
         judged = evals[0].name
         verification["gate"] = gate = _gate(request, recipe, judged, verification[judged], logits, enforced)
         one = evals[0].images.x[:1]
-        verification["latency"] = (
-            measure_latency(runner, one, runs=settings.latency_runs, threads=runner.threads).to_dict()
-            if runner.timed else {"batch": 1, "median_ms": None, "p90_ms": None, "runs": 0,
-                                  "threads": runner.threads, "input_shape": list(one.shape),
-                                  "not_measured": f"{runner.numbers}: {NUMBERS_KINDS[runner.numbers]}"})
+        with stage("latency", f"[{name}] timing {settings.latency_runs} runs", shown=False):
+            verification["latency"] = (
+                measure_latency(runner, one, runs=settings.latency_runs, threads=runner.threads).to_dict()
+                if runner.timed else {"batch": 1, "median_ms": None, "p90_ms": None, "runs": 0,
+                                      "threads": runner.threads, "input_shape": list(one.shape),
+                                      "not_measured": f"{runner.numbers}: {NUMBERS_KINDS[runner.numbers]}"})
         tensor_table = None
         if request.precision == "int8":
-            verification["tensorwise"], tensor_table = tensorwise.run(target, tmp, request, evals[0].images.x)
-        manifest = _manifest(target, request, recipe, export_info, tmp, verification)
+            with stage("tensorwise", f"[{name}] tensor by tensor against the simulation"):
+                verification["tensorwise"], tensor_table = tensorwise.run(target, tmp, request, evals[0].images.x)
+        with stage("describe", f"[{name}] describing the artifact", shown=False):
+            manifest = _manifest(target, request, recipe, export_info, tmp, verification)
         if not gate["passed"]:
             summary = f"[{target.name}] {request.precision}: " + "; ".join(gate["failures"])
             if enforced:
@@ -377,4 +390,14 @@ def _manifest(target: Any, request: ExportRequest, recipe: Recipe, export_info: 
         structure=target.describe(path, request),
         verification=verification,
         tool_versions=tool_versions(target.tool_versions()),
+        timings=_timings(target.name),
     )
+
+
+def _timings(target: str) -> dict[str, Any]:
+    """Seconds per stage for the manifest: the run's shared stages (load, read images, quantize ...) and this
+    target's own (export, verify, tensor by tensor ...), as far as they have run (the manifest is the last)."""
+    c = clock()
+    if c is None:
+        return {}
+    return {"run": c.rounded(exclude_prefixes=tuple(target_names())), "target": c.under(target)}

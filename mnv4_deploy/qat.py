@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from . import console
 from .data import ImageSet, LoadedImages
 from .errors import UserError
 from .fileio import atomic_path
@@ -614,7 +614,7 @@ def _bar(loader: Any, dist: Distributed, options: QatOptions, desc: str, total: 
         return loader
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc=desc, total=total, initial=done, unit="step", file=sys.stderr, leave=False)
+    return tqdm(loader, desc=desc, total=total, initial=done, unit="step", file=console.stderr(), leave=False)
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:

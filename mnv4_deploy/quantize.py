@@ -10,7 +10,7 @@ import copy
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from .data import LoadedImages
 from .recipes import ActivationQuant, Quantization, Recipe
 from .semantics import EXACT, Semantics
+from .stages import stage
 
 
 def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
@@ -315,7 +316,6 @@ def quantize(
     calibration: LoadedImages,
     recipe: Recipe,
     calibration_source: str = "",
-    progress: Optional[Callable] = None,
     quantizer: Any = None,
 ) -> QuantizedModel:
     """Post-training int8 quantization: export, insert observers, run the calibration images.
@@ -331,12 +331,14 @@ def quantize(
     # PTQ algorithms (mnv4_deploy/ptq/): an equalized float copy is what gets exported and quantized.
     float_model, algorithms = ptq.transform_float_model(model, calibration.x, q)
     quantizer = quantizer if quantizer is not None else build_quantizer(q)
-    prepared = prepare_pt2e(_tag_adds(export_program(float_model, example).module()), quantizer)
+    with stage("insert_observers", "inserting observers (torch.export + prepare_pt2e)"):
+        prepared = prepare_pt2e(_tag_adds(export_program(float_model, example).module()), quantizer)
     batches = list(calibration.batches(q.calibration.batch_size))
-    it = progress(batches, desc="calibrating", unit="batch") if progress else batches
-    with torch.no_grad():
-        for batch in it:
+    with stage("calibrate", f"calibrating on {len(calibration)} images", total=len(batches), unit="batch") as bar, \
+            torch.no_grad():
+        for batch in batches:
             prepared(torch.from_numpy(batch))
+            bar.advance()
     info = {
         "method": "pt2e",
         "source": calibration_source,
@@ -350,7 +352,8 @@ def quantize(
         info["algorithms"] = algorithms
         info["seconds"] = round(time.perf_counter() - start, 2)
     if q.fallback.max_layers > 0:
-        prepared, info["fallback"] = _apply_fallback(prepared, model, calibration, q)
+        with stage("fallback", "choosing fallback sites"):
+            prepared, info["fallback"] = _apply_fallback(prepared, model, calibration, q)
         info["seconds"] = round(time.perf_counter() - start, 2)
     return QuantizedModel(prepared, recipe, info, quantizer)
 

@@ -13,32 +13,34 @@ int16 QDQ. The choice is the same for both, made with the sites left float, sinc
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from .sites import SiteToggler
+from .stages import stage
 from .verify import compare
 
 
-def analyse(prepared: torch.fx.GraphModule, x: np.ndarray, float_logits: np.ndarray,
-            progress: Optional[Callable] = None) -> dict[str, Any]:
+def analyse(prepared: torch.fx.GraphModule, x: np.ndarray, float_logits: np.ndarray) -> dict[str, Any]:
     """Quantize one site at a time (all others float); also each site left float with all others int8."""
     tog = SiteToggler(prepared)
     tog.set_enabled(lambda n: True)
     full = compare(tog.logits(x), float_logits)
     rows = []
-    it = progress(tog.sites, desc="sensitivity", unit="site") if progress else tog.sites
-    for site in it:
-        tog.set_enabled(lambda n: n == site.name)
-        only = compare(tog.logits(x), float_logits)
-        tog.set_enabled(lambda n: n != site.name)
-        without = compare(tog.logits(x), float_logits)
-        rows.append(dataclasses.asdict(site) | {
-            "only_this_sqnr_db": only.sqnr_db, "only_this_agreement": only.top1_agreement,
-            "all_but_this_agreement": without.top1_agreement, "all_but_this_sqnr_db": without.sqnr_db,
-        })
+    with stage("sensitivity", f"sensitivity of {len(tog.sites)} quantizers", total=len(tog.sites),
+               unit="site") as bar:
+        for site in tog.sites:
+            tog.set_enabled(lambda n: n == site.name)
+            only = compare(tog.logits(x), float_logits)
+            tog.set_enabled(lambda n: n != site.name)
+            without = compare(tog.logits(x), float_logits)
+            rows.append(dataclasses.asdict(site) | {
+                "only_this_sqnr_db": only.sqnr_db, "only_this_agreement": only.top1_agreement,
+                "all_but_this_agreement": without.top1_agreement, "all_but_this_sqnr_db": without.sqnr_db,
+            })
+            bar.advance()
     rows.sort(key=lambda r: r["only_this_sqnr_db"])
     return {"images": len(x), "all_quantized": full.to_dict(), "sites": rows}
 

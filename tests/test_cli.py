@@ -63,3 +63,26 @@ def test_target_flag_for_another_target_is_refused(capsys):
     rc = main(["convert", "--model", "mobilenetv4_conv_small_035", "--weights", "random", "--to", "onnx",
                "--io-dtype", "int8"])
     assert rc == 2 and "--io-dtype does not apply to onnx; it is an option of: tflite" in capsys.readouterr().err
+
+
+def test_package_description_and_help_name_every_target():
+    import tomllib
+
+    from mnv4_deploy.cli import description
+    from mnv4_deploy.targets import get_target, target_names
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["description"] == description()
+    assert all(get_target(n).title in description() for n in target_names())
+    proc = run_cli("--help")
+    assert " ".join(proc.stdout.split()).count(description().split(",")[0]) == 1
+
+
+def test_verbosity_flags_after_the_command(tmp_path: Path):
+    """`mnv4-deploy convert ... -v` works as `mnv4-deploy -v convert ...` does."""
+    from mnv4_deploy.cli import build_parser
+
+    args = build_parser().parse_args(["convert", "--model", "m", "-v"])
+    assert args.verbose is True and args.quiet is False
+    args = build_parser().parse_args(["-q", "convert", "--model", "m"])
+    assert args.quiet is True and args.verbose is False

@@ -25,6 +25,7 @@ class TorchExportOptions:
 
 class TorchExportTarget(Target):
     name = "torchexport"
+    title = "torch.export (test plugin)"
     extra = "test"
     artifact_name = "model.pt2"
     precisions = ("fp32", "int8")

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from torch import fx, nn
 
+from ..stages import stage
+
 if TYPE_CHECKING:  # annotations only: recipes (lazily) imports targets -> quantize -> ptq; no cycle
     from ..recipes import Quantization
 
@@ -30,8 +32,9 @@ def transform_float_model(model: nn.Module, x: np.ndarray, q: Quantization) -> t
         return model, {}
     from .equalize import equalize
 
-    start = time.perf_counter()
-    out, info = equalize(model, q.equalization.method, x, q.equalization.alpha, q.equalization.iterations)
+    with stage("equalization", f"equalizing ({q.equalization.method})"):
+        start = time.perf_counter()
+        out, info = equalize(model, q.equalization.method, x, q.equalization.alpha, q.equalization.iterations)
     return out, {"equalization": info | {"seconds": round(time.perf_counter() - start, 2)}}
 
 
@@ -44,27 +47,28 @@ def refine(prepared: fx.GraphModule, float_model: nn.Module, x: np.ndarray, q: Q
     if q.adaround.enabled:
         from .adaround import adaround
 
-        info["adaround"] = _timed(lambda: adaround(prepared, x[:q.adaround.images], q.adaround.iterations,
+        info["adaround"] = _timed("adaround", lambda: adaround(prepared, x[:q.adaround.images], q.adaround.iterations,
                                                    q.adaround.batch_size, reference=reference))
     if q.range_learning.steps > 0:
         from ..verify import torch_logits
         from .range_learning import learn_ranges
 
-        info["range_learning"] = _timed(lambda: learn_ranges(
+        info["range_learning"] = _timed("range learning", lambda: learn_ranges(
             prepared, x, torch_logits(float_model, x), q.range_learning.steps, q.range_learning.lr,
             q.range_learning.batch_size))
     if q.bias_correction.enabled:
         from .bias_correction import bias_correct
 
         images = q.bias_correction.images_for(*x.shape[-2:])
-        info["bias_correction"] = _timed(lambda: bias_correct(prepared, x[:images], reference))
+        info["bias_correction"] = _timed("bias correction", lambda: bias_correct(prepared, x[:images], reference))
     return info
 
 
-def _timed(step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one algorithm; its report with the seconds it took (the manifest shows what each one costs)."""
+def _timed(name: str, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one algorithm as a stage; its report with the seconds it took (the manifest shows what each costs)."""
     start = time.perf_counter()
-    report = step()
+    with stage(name.replace(" ", "_"), name):
+        report = step()
     return report | {"seconds": round(time.perf_counter() - start, 2)}
 
 

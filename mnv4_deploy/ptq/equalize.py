@@ -179,7 +179,9 @@ def activation_ranges(model: nn.Module, pairs: list[Pair], x: np.ndarray, batch_
     handles = []
     for i, p in enumerate(pairs):
         def hook(_m, _inp, out, i=i):
-            r = out.detach().abs().transpose(0, 1).flatten(1).amax(1)
+            out = out.detach()
+            # max |x| per channel (dim 1) without a transposed copy of a 224x224 batch
+            r = out.abs().amax(dim=[d for d in range(out.dim()) if d != 1]) if out.dim() > 1 else out.abs()
             sums[i] = r if sums[i] is None else sums[i] + r
         handles.append(p.act.register_forward_hook(hook))
     n = 0

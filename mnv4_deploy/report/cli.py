@@ -5,10 +5,11 @@ Exit codes: 0 all good; 1 a cell regressed against the baseline or failed to bui
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from .. import console
+from ..console import echo
 from ..errors import UserError
 
 EPILOG = """\
@@ -105,7 +106,7 @@ def _write_outputs(out: Path, report: dict[str, Any], gate: Optional[Any], basel
     write_json(out / "report.json", report)
     write_text(out / "report.md", md)
     write_text(out / "report.html", page.render(report, gate, baseline_name))
-    print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.html'}", file=sys.stderr)
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.html'}", file=console.stderr())
     return md
 
 
@@ -114,7 +115,7 @@ def _exit_code(report: dict[str, Any], gate: Optional[Any]) -> int:
 
     failed = [cell_id(c) for c in report["cells"] if c["status"] == "failed"]
     if failed:
-        print(f"mnv4-deploy: {len(failed)} artifact(s) failed to build: {', '.join(failed)}", file=sys.stderr)
+        print(f"mnv4-deploy: {len(failed)} artifact(s) failed to build: {', '.join(failed)}", file=console.stderr())
     return 1 if failed or (gate is not None and not gate.passed) else 0
 
 
@@ -142,20 +143,22 @@ def cmd_report(args: argparse.Namespace) -> int:
             from .markdown import render
 
             md = render(new, gate, str(args.baseline))
-        print(md)
+        echo(md)
         return 0 if gate.passed else 1
     if args.merge:
         from .runner import merge_reports
 
         report = merge_reports([load_report(p) for p in args.merge], [str(p) for p in args.merge])
         gate = compare_reports(report, baseline, thresholds) if baseline is not None else None
-        print(_write_outputs(args.out or Path("reports/run"), report, gate, str(args.baseline)))
+        echo(_write_outputs(args.out or Path("reports/run"), report, gate, str(args.baseline)))
         return _exit_code(report, gate)
 
     if not args.model and not args.models:
         raise UserError("report needs --model NAME or --models LIST|YAML to build artifacts, "
                         "--compare NEW.json --baseline OLD.json, or --merge SHARD.json ...")
-    from ..cli_common import preprocessing_overrides
+    from ..cli_common import preprocessing_overrides, require_weights
+
+    require_weights(args)
     from ..pipeline import ConvertSettings
     from .runner import ReportSettings, build_report, parse_precisions, parse_shard
     from .zoo import read_zoo, zoo_settings
@@ -166,7 +169,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         model=args.model or "", out=out, targets=args.targets, weights=args.weights, num_classes=args.num_classes,
         preprocessing=preprocessing_overrides(args), calib=args.calib, val=args.val, val_limit=args.val_limit,
         recipe=args.recipe, workers=args.workers, latency_runs=args.latency_runs, verify_gate=args.verify_gate,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress and console.stderr().isatty(),
     )
     rs = ReportSettings(base, parse_precisions(args.precisions), reuse=not args.no_reuse, roofline=not args.no_roofline,
                         sensitivity=not args.no_sensitivity)
@@ -175,7 +178,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     gate = compare_reports(report, baseline, thresholds) if baseline is not None and shard is None else None
     if baseline is not None and shard is not None:
         print("note: a shard is not gated on its own: gate the merged report (report --merge ... --baseline)",
-              file=sys.stderr)
+              file=console.stderr())
     md = _write_outputs(out, report, gate, str(args.baseline))
-    print(md)
+    echo(md)
     return _exit_code(report, gate)

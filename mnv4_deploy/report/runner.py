@@ -19,12 +19,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from .. import console
 from ..errors import MissingDependencyError, UserError, VerificationError
 from ..fileio import sha256_of, write_json
 from ..pipeline import PRECISIONS, ArtifactResult, ConvertSettings, convert
@@ -201,7 +201,7 @@ def _bar(total: int, enabled: bool) -> Callable[[Optional[str]], None]:
         return lambda msg: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="report", unit="cell", file=sys.stderr, position=0)
+    bar = tqdm(total=total, desc="report", unit="cell", file=console.stderr(), position=0)
 
     def tick(msg: Optional[str]) -> None:
         if msg is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..models import load_model
-from ..pipeline import ConvertSettings, load_data, progress_bars
+from ..pipeline import ConvertSettings, load_data
 from ..prepare import prepare
 from ..quantize import quantize
 from ..recipes import load_recipe
@@ -30,10 +30,10 @@ def recipe_sensitivity(settings: ConvertSettings, images: int = 128, budget: Opt
     loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
     prepare(loaded.model)
     cal, cal_src, ver, ver_src = load_data(settings, loaded, recipe)
-    quantized = quantize(loaded.model, cal, recipe, cal_src, progress_bars(settings))
+    quantized = quantize(loaded.model, cal, recipe, cal_src)
     x = ver.x[:images]
     float_logits = torch_logits(loaded.model, x)
-    result = analyse(quantized.prepared, x, float_logits, progress_bars(settings))
+    result = analyse(quantized.prepared, x, float_logits)
     if budget is not None:
         sites = sum(1 for r in result["sites"] if r["kind"] == "activation")
         chosen = choose_fallback(quantized.prepared, x, float_logits, budget, max_sites=sites)

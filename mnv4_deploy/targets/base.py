@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ class Runner(ABC):
 
 class Target(ABC):
     name: ClassVar[str]
+    title: ClassVar[str]  # what users call the format or runtime ('TFLite/LiteRT'): --help, docs
     extra: ClassVar[str]  # the pip extra that installs this target's toolchain
     artifact_name: ClassVar[str]  # file (or directory) name inside <out>/<target>/
     precisions: ClassVar[tuple[str, ...]]
@@ -88,11 +90,15 @@ class Target(ABC):
     int16_activations: ClassVar[bool] = False
 
     def check_installed(self) -> None:
+        """Whether the toolchain is there, without importing it (coremltools alone takes seconds to import, and
+        a run must say what is wrong with its other inputs at once)."""
         for module in self.requires:
             try:
-                importlib.import_module(module)
-            except ImportError:
-                raise MissingDependencyError(module, self.extra) from None
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):  # a parent package missing, or a broken module entry
+                found = False
+            if not found:
+                raise MissingDependencyError(module, self.extra)
 
     @abstractmethod
     def export(self, request: ExportRequest, path: Path) -> dict[str, Any]:

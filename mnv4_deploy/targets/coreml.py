@@ -57,6 +57,7 @@ class CoremlOptions:
 
 class CoremlTarget(Target):
     name = "coreml"
+    title = "CoreML"
     extra = "coreml"
     artifact_name = "model.mlpackage"
     precisions = ("fp32", "fp16", "int8")

@@ -39,6 +39,7 @@ class OnnxOptions:
 
 class OnnxTarget(Target):
     name = "onnx"
+    title = "ONNX"
     extra = "onnx"
     artifact_name = "model.onnx"
     precisions = ("fp32", "int8")

@@ -88,6 +88,7 @@ class OpenVinoOptions:
 
 class OpenVinoTarget(Target):
     name = "openvino"
+    title = "OpenVINO"
     extra = "openvino"
     artifact_name = "model"  # a directory: model.xml + model.bin
     precisions = ("fp32", "fp16", "int8")

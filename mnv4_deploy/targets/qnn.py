@@ -64,6 +64,7 @@ class QnnOptions:
 
 class QnnTarget(Target):
     name = "qnn"
+    title = "Qualcomm QNN (Hexagon NPU)"
     extra = "qnn"
     artifact_name = "model"  # a folder: QDQ model, context model + binary, QNN's op trace
     precisions = ("int8",)

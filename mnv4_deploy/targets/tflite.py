@@ -51,6 +51,7 @@ class TfliteOptions:
 
 class TfliteTarget(Target):
     name = "tflite"
+    title = "TFLite/LiteRT"
     extra = "tflite"
     artifact_name = "model.tflite"
     precisions = ("fp32", "fp16", "int8")
