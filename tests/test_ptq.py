@@ -259,3 +259,30 @@ def test_range_learning_scales_reach_the_converted_graph(small, calibrated):
     set_observer_qparams(obs, 0.0123, -7)
     scale, zp = obs.calculate_qparams()
     assert abs(float(scale) - 0.0123) < 1e-7 and int(zp) == -7
+
+
+def test_fused_simulation_is_bit_exact(calibrated, held_out):
+    """QuantizedModel.simulate runs the quantize/dequantize pairs fused (one kernel each); its logits must equal
+    the decomposed graph's bit for bit (the pooled (N, C, 1, 1) tensor before the head included, whose memory
+    layout once made the head conv round differently)."""
+    from mnv4_deploy.fake_quant_fusion import fake_quantize
+
+    fast = calibrated.simulate(held_out, batch_size=16)
+    gm = calibrated.simulation_module()
+    with torch.no_grad():
+        exact = np.concatenate([gm(torch.from_numpy(held_out[i:i + 16])).numpy() for i in range(0, len(held_out), 16)])
+    assert np.array_equal(fast, exact)
+    fused = [n for n in calibrated._fused["exact"].graph.nodes if n.target is fake_quantize]
+    assert len(fused) >= 50
+
+
+def test_fusion_leaves_scales_whose_reciprocal_rounds_twice():
+    from mnv4_deploy.fake_quant_fusion import same_reciprocal
+
+    assert same_reciprocal(float(np.float32(0.02)))
+    assert not same_reciprocal(0.013)  # not a float32 scale: the decomposed op would see another number
+    # scales where float32(1/s in double) and 1/s in float32 differ exist; they are rare
+    rng = np.random.default_rng(0)
+    scales = rng.uniform(1e-4, 1.0, 200_000).astype(np.float32)
+    differ = sum(not same_reciprocal(float(s)) for s in scales)
+    assert differ < 200
