@@ -204,6 +204,18 @@ class LoadedImages:
             yield self.x[i:i + batch_size]
 
 
+def model_input(x: np.ndarray) -> "torch.Tensor":
+    """Normalised NCHW images as the tensor every PyTorch model here runs on: channels-last in memory.
+
+    oneDNN's convolutions run about 35% faster on channels-last input at 224x224, and they round differently
+    from the NCHW kernels: the float and simulated logits must not depend on how an array happened to be laid
+    out (a copy, a slice, a fancy index), so every run of a model here goes through this."""
+    import torch
+
+    t = torch.from_numpy(np.asarray(x, np.float32))
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
 # What PIL raises for a file that is not a decodable image (truncated, corrupt, wrong suffix).
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
 

@@ -89,7 +89,8 @@ class Preprocessing:
         return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
     def normalize(self, hwc_uint8: np.ndarray) -> np.ndarray:
-        """HWC uint8 -> CHW float32, scaled to [0,1] then mean/std normalised."""
+        """HWC uint8 -> CHW float32, scaled to [0,1] then mean/std normalised. The result is a CHW view of HWC
+        memory (channels last), the layout PyTorch's CPU convolutions run fastest on (`data.model_input`)."""
         x = hwc_uint8.astype(np.float32).transpose(2, 0, 1) / 255.0
         mean = np.asarray(self.mean, np.float32)[:, None, None]
         std = np.asarray(self.std, np.float32)[:, None, None]

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from . import console
-from .data import ImageSet, LoadedImages
+from .data import ImageSet, LoadedImages, model_input
 from .errors import UserError
 from .fileio import atomic_path
 from .models import TORCH_LOAD_ERRORS
@@ -197,7 +197,7 @@ def calibrate(student: torch.fx.GraphModule, calibration: LoadedImages, batch_si
     set_batchnorm_training(student, False)
     with torch.no_grad():
         for batch in calibration.batches(batch_size):
-            student(torch.from_numpy(batch).to(device))
+            student(model_input(batch).to(device))
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -239,7 +239,7 @@ def agreement(student: torch.fx.GraphModule, x: np.ndarray, reference: np.ndarra
     was_training = getattr(student, "_exported_training", False)  # torchao's flag for exported models
     set_batchnorm_training(student, False)
     with torch.no_grad(), _ObserversPaused(student):
-        logits = np.concatenate([student(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu().numpy()
+        logits = np.concatenate([student(model_input(x[i:i + batch_size]).to(device)).float().cpu().numpy()
                                  for i in range(0, len(x), batch_size)])
     if was_training:
         set_batchnorm_training(student, True)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import LoadedImages
+from .data import LoadedImages, model_input
 from .recipes import ActivationQuant, Quantization, Recipe
 from .semantics import EXACT, Semantics
 from .stages import stage
@@ -285,7 +285,7 @@ class QuantizedModel:
         quantize/dequantize pairs fused (`fake_quant_fusion`): the same numbers, bit for bit, three times faster."""
         gm = self._fused_simulation(semantics or EXACT)
         with torch.no_grad():
-            return np.concatenate([gm(torch.from_numpy(x[i:i + batch_size])).numpy()
+            return np.concatenate([gm(model_input(x[i:i + batch_size])).numpy()
                                    for i in range(0, len(x), batch_size)])
 
     def _fused_simulation(self, semantics: Semantics) -> torch.fx.GraphModule:
@@ -346,7 +346,7 @@ def quantize(
     with stage("calibrate", f"calibrating on {len(calibration)} images", total=len(batches), unit="batch") as bar, \
             torch.no_grad():
         for batch in batches:
-            prepared(torch.from_numpy(batch))
+            prepared(model_input(batch))
             bar.advance()
     info = {
         "method": "pt2e",

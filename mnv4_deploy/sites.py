@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import model_input
+
 
 @dataclass
 class Site:
@@ -125,7 +127,7 @@ class SiteToggler:
         """The graph's logits with the current switches, in batches (images may not fit in one)."""
         device = next(self.model.parameters()).device
         with torch.no_grad():
-            return np.concatenate([self.model(torch.from_numpy(x[i:i + batch_size]).to(device)).cpu().numpy()
+            return np.concatenate([self.model(model_input(x[i:i + batch_size]).to(device)).cpu().numpy()
                                    for i in range(0, len(x), batch_size)])
 
 

@@ -33,6 +33,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .data import model_input
+
 logger = logging.getLogger(__name__)
 
 FRACTION_THRESHOLD = 0.01  # flag a layer when more than 1% of its elements are > 1 LSB from PyTorch's
@@ -121,7 +123,7 @@ def torch_quantized(gm: Any, x: np.ndarray, forced: Optional[dict[str, np.ndarra
             return out
 
     with torch.no_grad():
-        Capture(gm).run(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        Capture(gm).run(model_input(x))
     return found
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import model_input
+
 
 @dataclass
 class Fidelity:
@@ -44,7 +46,7 @@ def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_siz
 
 def torch_logits(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     with torch.no_grad():
-        return run_batched(lambda b: model(torch.from_numpy(b)).numpy(), x, batch_size)
+        return run_batched(lambda b: model(model_input(b)).numpy(), x, batch_size)
 
 
 def compare(candidate: np.ndarray, reference: np.ndarray, labels: Optional[np.ndarray] = None) -> Fidelity:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from ..data import model_input
 from ..sites import SiteToggler
 from .graph import Layer, LockstepContext, get_attr, lockstep, set_attr
 
@@ -99,7 +100,7 @@ def adaround(prepared: fx.GraphModule, x: np.ndarray, iterations: int = 150, bat
             set_attr(prepared, layer.weight_attr, new_w)
             return ctx.run_layer(layer, args_q)
 
-    lockstep(toggler, torch.from_numpy(x), hook, SiteToggler(reference) if reference is not None else None)
+    lockstep(toggler, model_input(x), hook, SiteToggler(reference) if reference is not None else None)
     return stats
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from ..data import model_input
 from ..sites import SiteToggler
 from .graph import Layer, LockstepContext, get_attr, lockstep, set_attr
 
@@ -54,6 +55,6 @@ def bias_correct(prepared: fx.GraphModule, x: np.ndarray, reference: Optional[fx
         view = (1, -1) + (1,) * (out_q.dim() - 2)
         return out_q - shift.view(view)
 
-    lockstep(toggler, torch.from_numpy(x), hook, SiteToggler(reference) if reference is not None else None)
+    lockstep(toggler, model_input(x), hook, SiteToggler(reference) if reference is not None else None)
     return {"layers": len(corrected), "images": len(x),
             "mean_abs_shift": round(float(np.mean(list(corrected.values()))), 6) if corrected else 0.0}

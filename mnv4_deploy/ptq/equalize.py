@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import model_input
+
 _HOMOGENEOUS = (nn.ReLU, nn.Identity)  # not ReLU6/hardswish: relu6(x / s) != relu6(x) / s
 
 
@@ -188,7 +190,7 @@ def activation_ranges(model: nn.Module, pairs: list[Pair], x: np.ndarray, batch_
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                model(torch.from_numpy(x[i:i + batch_size]))
+                model(model_input(x[i:i + batch_size]))
                 n += 1
     finally:
         for h in handles:
