@@ -31,9 +31,7 @@ class _BatchAveragedObserver(MinMaxObserver):
         if x_orig.numel() == 0:
             return x_orig
         x = x_orig.detach().to(self.min_val.dtype if self.min_val.is_floating_point() else torch.float32)
-        x = x.flatten()
-        if x.numel() > _MAX_SAMPLES:
-            x = x.index_select(0, _sample_indices(x.numel(), x.device))
+        x = _sample(x) if x.numel() > _MAX_SAMPLES else x.flatten()
         low, high = self.batch_range(x)
         n = int(self.batches)
         if n == 0:
@@ -46,14 +44,31 @@ class _BatchAveragedObserver(MinMaxObserver):
         return x_orig
 
 
+def _sample(x: torch.Tensor) -> torch.Tensor:
+    """The random subset of `x`'s elements the statistics are computed on: `_MAX_SAMPLES` positions of its
+    row-major (NCHW) order drawn with seed 0, read straight from memory whatever the layout (channels-last
+    activations would otherwise be copied whole to flatten them). The statistics depend on which elements,
+    not on their order."""
+    in_memory = x.permute(*sorted(range(x.dim()), key=lambda d: -x.stride(d)))  # outermost dimension first
+    if not in_memory.is_contiguous():  # overlapping or gapped strides: lay it out first
+        x = in_memory = x.contiguous()
+    flat = in_memory.reshape(-1)  # a view: the elements as they lie in memory
+    return flat.index_select(0, _sample_offsets(tuple(x.shape), tuple(x.stride()), x.device))
+
+
 @functools.lru_cache(maxsize=64)
-def _sample_indices(numel: int, device: torch.device) -> torch.Tensor:
-    """The random subset of a `numel`-element tensor that the statistics are computed on: the same draw for a
-    given size (seed 0), sorted, because memory read in order is 4-5x faster to gather at 224x224 and the
-    statistics do not depend on the order. Drawn once per size: the draw alone costs as much as the statistic."""
+def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Memory offsets of the sampled elements, sorted (a gather in memory order is 4-5x faster at 224x224);
+    drawn once per shape and layout (the draw costs as much as the statistic)."""
     g = torch.Generator(device=device)
     g.manual_seed(0)
-    return torch.randint(0, numel, (_MAX_SAMPLES,), generator=g, device=device).sort().values
+    numel = int(torch.tensor(shape).prod())
+    logical = torch.randint(0, numel, (_MAX_SAMPLES,), generator=g, device=device)
+    offsets = torch.zeros_like(logical)
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        offsets += (logical % size) * stride
+        logical = logical // size
+    return offsets.sort().values
 
 
 class MeanMinMaxObserver(_BatchAveragedObserver):

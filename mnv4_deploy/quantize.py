@@ -6,11 +6,12 @@ simulation each target's runtime output is compared against.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -320,6 +321,29 @@ def _tag_adds(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+@contextlib.contextmanager
+def _weight_observers_paused(prepared: torch.fx.GraphModule, paused: bool) -> Iterator[None]:
+    """Weights do not change while calibrating: their observers see them on the first batch only (on the
+    others they would find the same min and max again, after copying every weight tensor)."""
+    if not paused:
+        yield
+        return
+    from .sites import find_sites
+
+    observers = [getattr(prepared, s.name) for s in find_sites(prepared) if s.kind == "weight"]
+    for obs in observers:
+        obs.forward = _unchanged  # an instance attribute: nn.Module.__call__ finds it before the class's
+    try:
+        yield
+    finally:
+        for obs in observers:
+            del obs.forward
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def quantize(
     model: nn.Module,
     calibration: LoadedImages,
@@ -345,8 +369,9 @@ def quantize(
     batches = list(calibration.batches(q.calibration.batch_size))
     with stage("calibrate", f"calibrating on {len(calibration)} images", total=len(batches), unit="batch") as bar, \
             torch.no_grad():
-        for batch in batches:
-            prepared(model_input(batch))
+        for i, batch in enumerate(batches):
+            with _weight_observers_paused(prepared, paused=i > 0):
+                prepared(model_input(batch))
             bar.advance()
     info = {
         "method": "pt2e",

@@ -182,8 +182,9 @@ def activation_ranges(model: nn.Module, pairs: list[Pair], x: np.ndarray, batch_
     for i, p in enumerate(pairs):
         def hook(_m, _inp, out, i=i):
             out = out.detach()
-            # max |x| per channel (dim 1) without a transposed copy of a 224x224 batch
-            r = out.abs().amax(dim=[d for d in range(out.dim()) if d != 1]) if out.dim() > 1 else out.abs()
+            # max |x| per channel (dim 1), as two reductions: no |x| or transposed copy of a 224x224 batch
+            dims = [d for d in range(out.dim()) if d != 1]
+            r = torch.maximum(out.amax(dim=dims), -out.amin(dim=dims))
             sums[i] = r if sums[i] is None else sums[i] + r
         handles.append(p.act.register_forward_hook(hook))
     n = 0
