@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from .cli_common import (add_logging_flags, add_model_command, add_model_options, add_target_option_flags,
                          add_verify_gate_flag, configure_logging, preprocessing_overrides, target_option_values)
-from .errors import UserError, VerificationError
+from .errors import UserError, VerificationError, one_line
 
 EPILOG_CONVERT = """\
 examples:
@@ -214,13 +214,24 @@ def summary_table(results: Sequence[Any]) -> str:
 
 def cmd_qat(args: argparse.Namespace) -> int:
     from . import qat
-    from .data import scan_folder
-    from .pipeline import deploy, start_run
+    from .pipeline import start_run
 
     dist = qat.init_distributed(args.device)
     settings = _settings(args, precision="int8", calib=args.train)
-    run = start_run(settings)
-    recipe = run.recipe
+    run = start_run(settings, lock=dist.main)  # only the main process of a torchrun job writes artifacts
+    try:
+        return _train_and_deploy(args, run, dist)
+    finally:
+        run.release()
+
+
+def _train_and_deploy(args: argparse.Namespace, run: Any, dist: Any) -> int:
+    """QAT on the run's model, then export and verify like convert (the output folders stay locked)."""
+    from . import qat
+    from .data import scan_folder
+    from .pipeline import deploy
+
+    settings, recipe = run.settings, run.recipe
     train_images = qat.without(scan_folder(args.train), run.evals[0].images.files)
     scored = run.evals[-1]  # val when given, else the held-back train images
     n = min(len(scored.images), recipe.qat.eval_images)
@@ -242,10 +253,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.sensitivity:
         return _inspect_sensitivity(args)
     if args.manifest is not None:
-        from .fileio import read_json
+        from .manifest import read_manifest
+        from .transaction import check_artifact
 
         path = args.manifest / "manifest.json" if args.manifest.is_dir() else args.manifest
-        manifest = read_json(path, "manifest", "give a manifest.json written by `mnv4-deploy convert`")
+        manifest = read_manifest(path)
+        gate = manifest["verification"].get("gate") or {}
+        if not (gate.get("enforced") and gate.get("passed") is False):  # a refused artifact was never kept
+            manifest = check_artifact(path.parent, path.name, read_manifest)
         # Per-image predictions stay in the file: kilobytes of encoded classes help nobody on a terminal.
         verification = {name: ({k: v for k, v in entry.items() if k != "predictions"}
                                if isinstance(entry, dict) else entry)
@@ -316,21 +331,25 @@ def _agreement(text: str) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .signals import SIGINT_EXIT, SIGTERM_EXIT, Terminated, sigterm_as_interrupt
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args)
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():  # a CI cancel or `kill` cleans up as Ctrl-C does
+            return args.func(args)
     except UserError as exc:
-        print(f"mnv4-deploy: error: {exc}", file=sys.stderr)
+        print(f"mnv4-deploy: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except VerificationError as exc:  # an artifact was built but fails what was asked: not written
-        print(f"mnv4-deploy: verification failed: {exc}", file=sys.stderr)
+        print(f"mnv4-deploy: verification failed: {one_line(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("mnv4-deploy: interrupted (no partial artifacts were left)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"mnv4-deploy: {what}; no partial artifacts were left", file=sys.stderr)
+        return SIGTERM_EXIT if isinstance(exc, Terminated) else SIGINT_EXIT
 
 
 if __name__ == "__main__":

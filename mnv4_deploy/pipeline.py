@@ -14,7 +14,7 @@ import numpy as np
 
 from .data import LoadedImages, load_images, scan_folder
 from .errors import UserError, VerificationError
-from .fileio import atomic_path, ensure_writable_dir, write_json
+from .fileio import ensure_writable_dir
 from .manifest import NUMBERS_KINDS, artifact_facts, build_manifest, tool_versions
 from .models import LoadedModel, load_model
 from .options import field_names
@@ -24,6 +24,7 @@ from .semantics import Semantics
 from . import tensorwise
 from .recipes import Recipe, load_recipe, options_for
 from .targets import ExportRequest, get_target, parse_targets, target_names
+from .transaction import TargetLocks, lock_targets, staged
 from .verify import (Fidelity, compare, evaluation_record, gate_checks, measure_latency, run_batched,
                      torch_logits)
 
@@ -145,15 +146,34 @@ class Run:
     calibration_source: str
     evals: list[EvalData]
     progress: Optional[Callable]
+    locks: Optional[TargetLocks] = None  # OUT/<target>/ of every target, held from the start (transaction.py)
+
+    def release(self) -> None:
+        """Let other runs write the output folders again."""
+        if self.locks is not None:
+            self.locks.release()
 
 
-def start_run(settings: ConvertSettings) -> Run:
-    """Check the request, load and prepare the model, read calibration/held-back/val images."""
+def start_run(settings: ConvertSettings, lock: bool = True) -> Run:
+    """Check the request, load and prepare the model, read calibration/held-back/val images.
+
+    `lock`: take the output folders' locks (every process but a torchrun job's writer passes False)."""
     if settings.precision not in PRECISIONS:
         raise UserError(f"unknown precision '{settings.precision}': use one of {', '.join(PRECISIONS)}")
     recipe = load_recipe(settings.recipe)
     targets = _select_targets(settings)
     ensure_writable_dir(settings.out)
+    names = [t.name for t in targets] if lock else []
+    locks = lock_targets(settings.out, names)  # before the slow work: a second run into OUT is refused now
+    try:
+        return _load_run(settings, recipe, targets, locks)
+    except BaseException:
+        locks.release()
+        raise
+
+
+def _load_run(settings: ConvertSettings, recipe: Recipe, targets: list[Any], locks: TargetLocks) -> Run:
+    """start_run's slow part (model, images, float logits), done while the output folders are locked."""
     loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
     prepare(loaded.model)
     logger.info(f"model: {loaded.name} ({loaded.weights}), input {loaded.preprocessing.input_size}, {loaded.num_classes} classes")
@@ -167,7 +187,7 @@ def start_run(settings: ConvertSettings) -> Run:
             val_set = val_set.sample(settings.val_limit, seed=0)
         val = load_images(val_set, loaded.preprocessing, settings.workers, "reading val" if settings.progress else "")
         evals.append(EvalData("val", f"{settings.val} ({len(val)} images)", val, torch_logits(loaded.model, val.x, batch)))
-    return Run(settings, recipe, targets, loaded, cal, cal_src, evals, progress_bars(settings))
+    return Run(settings, recipe, targets, loaded, cal, cal_src, evals, progress_bars(settings), locks)
 
 
 def convert(settings: ConvertSettings,
@@ -195,7 +215,10 @@ def convert(settings: ConvertSettings,
                 logger.info(fallback_line(quantizations[key].calibration["fallback"]))
         return quantizations[key]
 
-    return deploy(run, quantized_for, on_target_error)
+    try:
+        return deploy(run, quantized_for, on_target_error)
+    finally:
+        run.release()
 
 
 def deploy(run: Run, quantized_for: Callable[[Any], Optional[QuantizedModel]],
@@ -300,16 +323,18 @@ def _gate(request: ExportRequest, recipe: Recipe, judged: str, entry: dict[str, 
 def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals: Sequence[EvalData],
                       settings: ConvertSettings,
                       simulated: Union[np.ndarray, Callable[[np.ndarray], np.ndarray], None] = None) -> ArtifactResult:
-    """Export into a temporary path, verify there, and rename into place only when the gate passes.
+    """Export into a staging folder, verify there, and swap it in as OUT/<target>/ only when the gate passes.
 
-    A refused artifact leaves a `manifest.failed.json` (what was measured and why it failed) and raises
-    VerificationError; with the gate off it is written and its manifest says it failed. `simulated`: the PyTorch
-    simulation's logits on the held-back images, or a function giving them for the images verified.
+    The artifact, its manifest and tensorwise.json replace the folder together (transaction.py). A refused
+    artifact leaves the previous folder as it was, with a `manifest.failed.json` (what was measured and why it
+    failed) beside it, and raises VerificationError; with the gate off it is written and its manifest says it
+    failed. `simulated`: the PyTorch simulation's logits on the held-back images, or a function giving them for
+    the images verified.
     """
     out_dir = Path(settings.out) / target.name
-    final = out_dir / target.artifact_name
     enforced = recipe.verification.gate if settings.verify_gate is None else settings.verify_gate
-    with atomic_path(final) as tmp:
+    with staged(out_dir, target.artifact_name) as stage:
+        tmp = stage.artifact
         started = time.perf_counter()
         export_info = target.export(request, tmp)
         export_info.setdefault("seconds", round(time.perf_counter() - started, 2))  # conversion time, per target
@@ -339,16 +364,15 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
         if not gate["passed"]:
             summary = f"[{target.name}] {request.precision}: " + "; ".join(gate["failures"])
             if enforced:
-                write_json(out_dir / FAILED_MANIFEST, manifest)
-                raise VerificationError(f"{summary} (not written; numbers in {out_dir / FAILED_MANIFEST}; "
+                failed = stage.refuse(FAILED_MANIFEST, manifest)
+                raise VerificationError(f"{summary} (not written; numbers in {failed}; "
                                         "--no-verify-gate keeps it anyway)")
             logger.warning(f"warning: {summary}; written anyway (--no-verify-gate), its manifest says it failed")
-    (out_dir / FAILED_MANIFEST).unlink(missing_ok=True)
-    manifest_path = out_dir / "manifest.json"
-    write_json(manifest_path, manifest)
-    if tensor_table is not None:
-        write_json(out_dir / "tensorwise.json", tensor_table)
-    return ArtifactResult(target.name, request.precision, final, manifest_path, manifest)
+        manifest_path = stage.write_json("manifest.json", manifest)
+        if tensor_table is not None:
+            stage.write_json("tensorwise.json", tensor_table)
+        stage.commit()
+    return ArtifactResult(target.name, request.precision, out_dir / target.artifact_name, manifest_path, manifest)
 
 
 def _quantization_facts(request: ExportRequest) -> Optional[dict[str, Any]]:
