@@ -28,6 +28,39 @@ def one_line(capsys: pytest.CaptureFixture[str]) -> str:
     return ours[0]
 
 
+# ---------------------------------------------------------------- images: bombs, huge pictures, links
+def _big(path: Path, w: int, h: int, fmt: str = "PNG") -> Path:
+    from PIL import Image
+
+    Image.new("1" if fmt == "PNG" else "L", (w, h)).save(path, fmt)
+    return path
+
+
+def test_decompression_bombs_and_huge_images_are_skipped_and_counted(image_folder: Path):
+    from mnv4_deploy.data import load_images, scan_folder
+    from mnv4_deploy.preprocessing import Preprocessing
+
+    _big(image_folder / "a" / "bomb.png", 20000, 20000)  # PIL's DecompressionBombError (400 Mpx)
+    _big(image_folder / "b" / "scan.png", 11000, 11000)  # 121 Mpx: once decoded whole (1.4 GB peak)
+    _big(image_folder / "b" / "photo.jpg", 8000, 7000, "JPEG")  # 56 Mpx JPEG: decoded at a reduced scale
+    loaded = load_images(scan_folder(image_folder), Preprocessing(input_size=(32, 32), crop_pct=1.0))
+    assert len(loaded) == 19 and loaded.unreadable == 2
+    assert Path(loaded.unreadable_example).name in ("bomb.png", "scan.png")
+
+
+def test_folder_links_out_of_an_image_folder_are_not_followed(image_folder: Path, tmp_path: Path):
+    from mnv4_deploy.data import scan_folder
+
+    os.symlink("/proc/1", image_folder / "proc1")  # PermissionError while scanning
+    os.symlink("/", image_folder / "everything")  # walked the whole filesystem
+    os.symlink("/", image_folder / "a" / "deeper")
+    os.symlink(tmp_path / "nowhere", image_folder / "a" / "gone.jpg")
+    os.symlink(image_folder / "a" / "0_0.jpg", image_folder / "b" / "same.jpg")  # a file link: read as a file
+    found = scan_folder(image_folder)
+    assert found.classes == ["a", "b"] and len(found) == 19 and found.links_out == 4
+    assert all(Path(os.path.realpath(p)).is_relative_to(image_folder.resolve()) for p in found.paths)
+
+
 # ---------------------------------------------------------------- manifests
 def _valid_manifest(folder: Path) -> dict[str, Any]:
     from tests.test_report import fake_manifest
