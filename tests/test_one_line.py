@@ -61,6 +61,61 @@ def test_folder_links_out_of_an_image_folder_are_not_followed(image_folder: Path
     assert all(Path(os.path.realpath(p)).is_relative_to(image_folder.resolve()) for p in found.paths)
 
 
+# ---------------------------------------------------------------- recipes: every number in its range
+RECIPE_CASES = {
+    "quantization:\n  calibration:\n    batch_size: 0\n": "r.yaml:3: 'quantization.calibration.batch_size' must be between 1 and 4096, got 0",
+    "quantization:\n  activations:\n    percentile: -50\n": "r.yaml:3: 'quantization.activations.percentile' must be > 50 and <= 100, got -50",
+    "quantization:\n  activations:\n    percentile: .nan\n": "r.yaml:3: 'quantization.activations.percentile' must be a finite number, got nan",
+    "quantization:\n  equalization:\n    alpha: .inf\n": "r.yaml:3: 'quantization.equalization.alpha' must be a finite number, got inf",
+    "quantization:\n  equalization:\n    alpha: -3\n": "r.yaml:3: 'quantization.equalization.alpha' must be between 0 and 1, got -3",
+    "quantization:\n  fallback:\n    target_agreement: 5.0\n": "r.yaml:3: 'quantization.fallback.target_agreement' must be between 0 and 1, got 5.0",
+    "quantization:\n  calibration:\n    images: 0\n": "r.yaml:3: 'quantization.calibration.images' must be between 1 and 1000000, got 0",
+    "quantization:\n  range_learning:\n    steps: 1000000000\n": "r.yaml:3: 'quantization.range_learning.steps' must be between 0 and 100000, got 1000000000",
+    "verification:\n  int8:\n    min_cosine: 1.0e+999\n": "r.yaml:3: 'verification.int8.min_cosine' must be a finite number, got inf",
+    "targets:\n  openvino:\n    method: nncf\n    smooth_quant_alpha: -0.5\n": "r.yaml:3: openvino smooth_quant_alpha must be in [0, 1] or -1",
+    "quantization:\n  calibration:\n    images: 64\n   batch_size: [1, 2\n": "r.yaml:4: not valid YAML: expected <block end>, but found '<block mapping start>' (while parsing a block mapping at line 2)",
+    "quantization:\n  calibration:\n    images: 64\n    images: 128\n": "r.yaml:4: key 'images' is given twice (first at line 3): keep one",
+}
+
+
+@pytest.mark.parametrize("text", RECIPE_CASES, ids=range(len(RECIPE_CASES)))
+def test_recipe_numbers_syntax_and_duplicates_name_file_and_line(text: str):
+    from mnv4_deploy.recipes import parse_recipe
+
+    with pytest.raises(UserError) as err:
+        parse_recipe(text, "r.yaml")
+    assert str(err.value).startswith(RECIPE_CASES[text]), str(err.value)
+
+
+def _numeric_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            yield from _numeric_fields(typ, f"{prefix}{f.name}.")
+        elif typ in (int, float) and not f.metadata.get("choices"):
+            yield prefix + f.name, f
+
+
+def test_every_numeric_recipe_and_target_field_declares_its_range():
+    from mnv4_deploy.options import numeric_range
+    from mnv4_deploy.recipes import Recipe
+    from mnv4_deploy.targets import get_target, target_names
+
+    classes = [("", Recipe)] + [(f"targets.{n}.", get_target(n).Options) for n in target_names()]
+    missing = [prefix + name for prefix, cls in classes for name, f in _numeric_fields(cls, "")
+               if numeric_range(f) is None]
+    assert missing == []
+
+
+def test_a_bad_recipe_is_one_line_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("quantization:\n  calibration:\n    batch_size: 0\n")
+    assert main([*TINY, "--recipe", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert f"{bad}:3:" in one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- manifests
 def _valid_manifest(folder: Path) -> dict[str, Any]:
     from tests.test_report import fake_manifest
