@@ -218,6 +218,9 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
     dist = qat.init_distributed(args.device)
     settings = _settings(args, precision="int8", calib=args.train)
+    for flag, value, low in (("--epochs", args.epochs, 0), ("--max-steps", args.max_steps, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
     run = start_run(settings, lock=dist.main)  # only the main process of a torchrun job writes artifacts
     try:
         return _train_and_deploy(args, run, dist)

@@ -60,6 +60,16 @@ class ConvertSettings:
     calib_allow_changed: bool = False  # calibrate on a set whose files changed (the digest says what was used)
     val_labels: Optional[Path] = None  # ground truth for a flat --val folder (ImageNet's val split)
 
+    def __post_init__(self) -> None:
+        """Counts checked before any work: a 0 here used to fail only after the whole export."""
+        for flag, value, low in (("--latency-runs", self.latency_runs, 1), ("--workers", self.workers, 0),
+                                 ("--val-limit", self.val_limit, 1), ("--num-classes", self.num_classes, 1)):
+            if value is not None and value < low:
+                raise UserError(f"{flag} must be at least {low}, got {value}")
+        from .preprocessing import Preprocessing
+
+        Preprocessing().with_overrides(**self.preprocessing)  # --input-size, --mean, ... in range, before loading
+
 
 @dataclass
 class ArtifactResult:

@@ -116,6 +116,21 @@ def test_a_bad_recipe_is_one_line_before_anything_is_written(tmp_path: Path, cap
     assert not (tmp_path / "out").exists()
 
 
+# ---------------------------------------------------------------- command-line numbers, checked up front
+@pytest.mark.parametrize("flags, says", [
+    (["--input-size", "100000"], "larger than the largest supported, 1024"),
+    (["--input-size", "4000"], "larger than the largest supported, 1024"),
+    (["--latency-runs", "0"], "--latency-runs must be at least 1, got 0"),
+    (["--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["--val-limit", "0"], "--val-limit must be at least 1, got 0"),
+])
+def test_out_of_range_flags_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                 says: str):
+    assert main([*TINY, *flags, "--out", str(tmp_path / "out")]) == 2
+    assert says in one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- manifests
 def _valid_manifest(folder: Path) -> dict[str, Any]:
     from tests.test_report import fake_manifest
