@@ -131,6 +131,45 @@ def test_out_of_range_flags_fail_before_any_work(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "out").exists()
 
 
+# ---------------------------------------------------------------- calibration sets
+def _set_file(tmp_path: Path, **fields: Any) -> Path:
+    import yaml
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "images": [{"path": "a/x.jpg"}]} | fields))
+    return path
+
+
+@pytest.mark.parametrize("selection", ["random", 3, ["a", "b"]])
+def test_a_set_whose_selection_is_not_a_mapping_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            selection: Any):
+    assert main(["calib", "check", str(_set_file(tmp_path, selection=selection)), "--root", str(tmp_path)]) == 2
+    assert "'selection' must be a mapping" in one_line(capsys)
+
+
+def test_a_set_cannot_reach_files_outside_its_root_through_a_link(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink("/", root / "sys")
+    hostname = Path("/etc/hostname")
+    path = _set_file(tmp_path, images=[{"path": "sys/etc/hostname", "sha256": "0" * 64}])
+    assert main(["calib", "check", str(path), "--root", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    if hostname.is_file():
+        assert hashlib.sha256(hostname.read_bytes()).hexdigest()[:12] not in captured.out + captured.err
+    err = [line for line in captured.err.splitlines() if line.startswith("mnv4-deploy:")]
+    assert len(err) == 1 and "leads out of the root" in err[0], captured.err
+
+
+def test_set_yaml_mistakes_name_their_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    s = tmp_path / "s.yaml"
+    s.write_text("name: s\nimages:\n  - path: a.jpg\nname: t\n")
+    assert main(["calib", "check", str(s), "--root", str(tmp_path)]) == 2
+    assert f"{s}:4: key 'name' is given twice (first at line 1)" in one_line(capsys)
+
+
 # ---------------------------------------------------------------- manifests
 def _valid_manifest(folder: Path) -> dict[str, Any]:
     from tests.test_report import fake_manifest
