@@ -163,11 +163,16 @@ def test_a_set_cannot_reach_files_outside_its_root_through_a_link(tmp_path: Path
     assert len(err) == 1 and "leads out of the root" in err[0], captured.err
 
 
-def test_set_yaml_mistakes_name_their_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_set_and_zoo_yaml_mistakes_name_their_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     s = tmp_path / "s.yaml"
     s.write_text("name: s\nimages:\n  - path: a.jpg\nname: t\n")
     assert main(["calib", "check", str(s), "--root", str(tmp_path)]) == 2
     assert f"{s}:4: key 'name' is given twice (first at line 1)" in one_line(capsys)
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("models:\n  - model: a\n    input_size: [32\n")
+    assert main(["report", "--models", str(zoo), "--out", str(tmp_path / "out")]) == 2
+    assert f"{zoo}:4: not valid YAML: expected ',' or ']'" in one_line(capsys)
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- manifests
@@ -200,3 +205,88 @@ def test_inspect_refuses_a_wrong_manifest_in_one_line(tmp_path: Path, capsys: py
     (folder / "manifest.json").write_text(json.dumps(m))
     assert main(["inspect", str(folder)]) == 2
     assert says in one_line(capsys)
+
+
+# ---------------------------------------------------------------- report.json
+PLAN = ["mobilenetv4_conv_small/onnx/fp32", "mobilenetv4_conv_small/onnx/fp16", "mobilenetv4_conv_small/onnx/int8"]
+
+
+def _shards(tmp_path: Path, mutate: Callable[[dict], None] = lambda r: None) -> list[str]:
+    from tests.test_report import fake_report
+
+    r = fake_report()
+    paths = []
+    for i, (cells, models) in enumerate([(r["cells"][:2], r["models"]), (r["cells"][2:], [])], 1):
+        shard = r | {"cells": cells, "models": models, "shard": {"index": i, "count": 2, "plan": PLAN}}
+        if i == 2:
+            shard = json.loads(json.dumps(shard))
+            mutate(shard)
+        paths.append(tmp_path / f"shard{i}.json")
+        paths[-1].write_text(json.dumps(shard))
+    return [str(p) for p in paths]
+
+
+def _other_input_size(r: dict) -> None:
+    for c in r["cells"]:
+        if c.get("input_shape"):
+            c["input_shape"] = [1, 3, 48, 48]
+
+
+def _edited_top1(r: dict) -> None:
+    r["cells"][0]["metrics"]["val.top1"]["value"] += 0.05  # the summary, not the per-image predictions
+
+
+MERGE_CASES = {
+    "shard {}": (lambda r: r.update(shard={}), "'shard.index' is missing"),
+    "shard '2/2'": (lambda r: r.update(shard="2/2"), "'shard' must be an object, got a string '2/2'"),
+    "model without key": (lambda r: r.update(models=[{"model": {}, "settings": {}}]), "'models[0].key' is missing"),
+    "metrics []": (lambda r: r["cells"][0].update(metrics=[]), "'cells[0].metrics' must be an object, got a list"),
+    "value string": (lambda r: r["cells"][0]["metrics"]["val.top1"].update(value="x"),
+                     "'cells[0].metrics.val.top1.value' must be a number, got a string 'x'"),
+    "value null": (lambda r: r["cells"][0]["metrics"]["size"].update(value=None),
+                   "'cells[0].metrics.size.value' must be a number, got null"),
+    "another run": (_other_input_size, "the shards come from different runs: model 'mobilenetv4_conv_small' has "
+                                       "input dimensions [1, 3, 64, 64]"),
+    "edited summary": (_edited_top1, "'val.top1' says 0.26 on 2000 images, but its per-image predictions give 0.21"),
+}
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_merge_refuses_a_tampered_or_foreign_shard_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               case: str):
+    mutate, says = MERGE_CASES[case]
+    out = tmp_path / "merged"
+    assert main(["report", "--merge", *_shards(tmp_path), "--out", str(out)]) == 0  # untouched shards merge
+    capsys.readouterr()
+    assert main(["report", "--merge", *_shards(tmp_path, mutate), "--out", str(tmp_path / "out")]) == 2
+    assert says in one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_record_their_settings_and_other_settings_are_refused():
+    from mnv4_deploy.report.runner import merge_reports
+    from tests.test_report import fake_report
+
+    r = fake_report()
+    settings = {"mobilenetv4_conv_small": {"model": "mobilenetv4_conv_small", "preprocessing": {"input_size": [32]}}}
+    other = {"mobilenetv4_conv_small": {"model": "mobilenetv4_conv_small", "preprocessing": {"input_size": [48]}}}
+    a = r | {"cells": r["cells"][:2], "shard": {"index": 1, "count": 2, "plan": PLAN, "settings": settings}}
+    b = r | {"cells": r["cells"][2:], "models": [], "shard": {"index": 2, "count": 2, "plan": PLAN, "settings": other}}
+    with pytest.raises(UserError, match=r"differ in mobilenetv4_conv_small.preprocessing.input_size: \[32\] vs \[48\]"):
+        merge_reports([a, b], ["a.json", "b.json"])
+
+
+@pytest.mark.parametrize("which", ["baseline", "new"])
+def test_compare_refuses_a_report_that_contradicts_itself(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          which: str):
+    from tests.test_report import fake_report
+
+    good, edited = fake_report(), fake_report()
+    edited["cells"][2]["metrics"]["val.top1"]["value"] += 0.05  # +5 points on the summary only
+    paths = {}
+    for name, r in (("good", good), ("edited", edited)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(r))
+    new, base = (paths["good"], paths["edited"]) if which == "baseline" else (paths["edited"], paths["good"])
+    assert main(["report", "--compare", str(new), "--baseline", str(base)]) == 2
+    assert "the file contradicts itself" in one_line(capsys)
