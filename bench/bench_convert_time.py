@@ -5,7 +5,7 @@ and calibration set) and the same model `--to onnx,tflite,openvino,coreml --int8
 the `all` extra; `qnn`, outside `all`, emulates an NPU for minutes), each as its own process, once per source tree
 given (`--tree before=/path/to/checkout`), so a change can be measured against the code before it on the same
 machine. Weights are random (timm's pretrained weights need the hub; the time does not depend on them) unless
-`--weights` says otherwise. The stage table comes from the manifests' `timings` (mnv4_deploy/stages.py): the
+`--weights` says otherwise. The stage table comes from the manifests' `timings` (mnv4_deploy/infra/stages.py): the
 run's shared stages, then each target's own.
 
   .venv/bin/python bench/bench_convert_time.py                      # this checkout

@@ -27,14 +27,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mnv4_deploy.fileio import write_json  # noqa: E402
+from mnv4_deploy.infra.fileio import write_json  # noqa: E402
 
 logger = logging.getLogger("bench_coreml_executor")
 KINDS = (("fp32", "fp32", False), ("fp16", "fp16", False), ("w8", "int8", True), ("w8a8", "int8", False))
 
 
 def _images(folder: Path, n: int, pre: Any, seed: int) -> Any:
-    from mnv4_deploy.data import load_images, scan_folder
+    from mnv4_deploy.load.images import load_images, scan_folder
 
     return load_images(scan_folder(folder).sample(n, seed=seed), pre)
 
@@ -42,12 +42,13 @@ def _images(folder: Path, n: int, pre: Any, seed: int) -> Any:
 def _program_rows(shared: Path, images: int, tmp: Path) -> list[dict[str, Any]]:
     import torch
 
-    from mnv4_deploy import load_model, prepare, tensorwise
-    from mnv4_deploy.quantize import quantize
-    from mnv4_deploy.recipes import load_recipe
+    from mnv4_deploy import load_model, prepare
+    from mnv4_deploy.config.recipes import load_recipe
+    from mnv4_deploy.quantization.pt2e import quantize
     from mnv4_deploy.targets import ExportRequest, get_target
     from mnv4_deploy.targets.coreml import CoremlOptions, ExecutedRunner
-    from mnv4_deploy.verify import compare
+    from mnv4_deploy.verify import tensorwise
+    from mnv4_deploy.verify.fidelity import compare
 
     data = shared / "data" / "tiny-imagenet-202"
     configs = [("mobilenetv4_conv_small", shared / "models" / "mnv4_conv_small_tin202.pth", 64),
@@ -102,11 +103,11 @@ def _program_rows(shared: Path, images: int, tmp: Path) -> list[dict[str, Any]]:
 
 def _agreement(shared: Path, images: int, tmp: Path) -> dict[str, Any]:
     """Both int8 artifacts of one pipeline run against the same simulation on the same val images."""
-    from mnv4_deploy.data import load_images, scan_folder
+    from mnv4_deploy.load.images import load_images, scan_folder
     from mnv4_deploy.pipeline import ConvertSettings, deploy, start_run
-    from mnv4_deploy.quantize import quantize
+    from mnv4_deploy.quantization.pt2e import quantize
     from mnv4_deploy.targets import ExportRequest, get_target
-    from mnv4_deploy.verify import compare
+    from mnv4_deploy.verify.fidelity import compare
 
     data = shared / "data" / "tiny-imagenet-202"
     settings = ConvertSettings(model="mobilenetv4_conv_small", weights=str(shared / "models" / "mnv4_conv_small_tin202.pth"),
@@ -146,8 +147,8 @@ def _agreement(shared: Path, images: int, tmp: Path) -> dict[str, Any]:
 
 
 def _options(run: Any, target: Any) -> Any:
+    from mnv4_deploy.config.recipes import options_for
     from mnv4_deploy.pipeline import apply_overrides
-    from mnv4_deploy.recipes import options_for
 
     return apply_overrides(options_for(run.recipe, target.name), run.settings.target_options)
 

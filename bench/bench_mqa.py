@@ -31,8 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mnv4_deploy.fileio import write_json  # noqa: E402
-from mnv4_deploy.mqa import MobileMQA  # noqa: E402
+from mnv4_deploy.infra.fileio import write_json  # noqa: E402
+from mnv4_deploy.preparation.mqa import MobileMQA  # noqa: E402
 
 # (name, dim, heads, key_dim, kv_stride, spatial) as in timm's hybrid configs at 224 input.
 BLOCKS = [
@@ -100,7 +100,7 @@ def _ov_ms(module: torch.nn.Module, x: torch.Tensor, runs: int, threads: int) ->
 def _coreml_ops(module: torch.nn.Module, x: torch.Tensor, conversion: str) -> dict[str, Any]:
     import coremltools as ct
 
-    from mnv4_deploy.capture import captured
+    from mnv4_deploy.infra.converter_output import captured
 
     try:
         with torch.no_grad():

@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mnv4_deploy.fileio import write_json  # noqa: E402
+from mnv4_deploy.infra.fileio import write_json  # noqa: E402
 from mnv4_deploy.pipeline import ConvertSettings, convert  # noqa: E402
 
 ORT_PER_CHANNEL = """name: ort-per-channel

@@ -22,7 +22,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mnv4_deploy.fileio import write_json  # noqa: E402
+from mnv4_deploy.infra.fileio import write_json  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 CHECKPOINT = SHARED / "models" / "mnv4_conv_small_tin202.pth"
@@ -48,7 +48,7 @@ CONFIGS: dict[str, str] = {
 
 
 def _recipe(text: str) -> Any:
-    from mnv4_deploy.recipes import load_recipe, parse_recipe
+    from mnv4_deploy.config.recipes import load_recipe, parse_recipe
 
     return load_recipe(text[len("recipe:"):]) if text.startswith("recipe:") else parse_recipe(text, "<bench>")
 
@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch  # noqa: F401
 
-    from mnv4_deploy.data import load_images, scan_folder
-    from mnv4_deploy.models import load_model
-    from mnv4_deploy.prepare import prepare
-    from mnv4_deploy.quantize import quantize
-    from mnv4_deploy.verify import compare, torch_logits
+    from mnv4_deploy.load.images import load_images, scan_folder
+    from mnv4_deploy.load.models import load_model
+    from mnv4_deploy.preparation.prepare import prepare
+    from mnv4_deploy.quantization.pt2e import quantize
+    from mnv4_deploy.verify.fidelity import compare, torch_logits
 
     loaded = load_model("mobilenetv4_conv_small", str(CHECKPOINT), 202, {"input_size": [64, 64], "crop_pct": 1.0})
     prepare(loaded.model)

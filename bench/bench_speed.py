@@ -64,8 +64,8 @@ def build(model: str, targets: list[str], out: Path, recipe: Path) -> dict[str, 
 
 def _runner(result: Any, threads: int) -> tuple[Any, np.ndarray]:
     """The artifact loaded in its runtime with `threads` intra-op threads, and one input image."""
-    from mnv4_deploy.models import load_model
-    from mnv4_deploy.recipes import load_recipe, options_for
+    from mnv4_deploy.config.recipes import load_recipe, options_for
+    from mnv4_deploy.load.models import load_model
     from mnv4_deploy.targets import ExportRequest, get_target
 
     m = result.manifest

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reference checkpoint or data not found ({args.weights}, {args.calib}, {args.val})", file=sys.stderr)
         return 2
 
-    from mnv4_deploy.fileio import write_json
+    from mnv4_deploy.infra.fileio import write_json
 
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()

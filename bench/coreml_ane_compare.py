@@ -34,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mnv4_deploy.fileio import write_json  # noqa: E402
+from mnv4_deploy.infra.fileio import write_json  # noqa: E402
 from mnv4_deploy.mlprogram.ane import check_program  # noqa: E402
 
 logger = logging.getLogger("coreml_ane_compare")
@@ -266,8 +266,8 @@ def _images(folder: Optional[Path], n: int, spec: Any) -> Optional[np.ndarray]:
     reference checkpoints are evaluated)."""
     if folder is None:
         return None
-    from mnv4_deploy.data import load_images, scan_folder
-    from mnv4_deploy.preprocessing import Preprocessing
+    from mnv4_deploy.load.images import load_images, scan_folder
+    from mnv4_deploy.load.preprocessing import Preprocessing
 
     h, w = spec.description.input[0].type.multiArrayType.shape[2:]
     return load_images(scan_folder(folder).sample(n, 0), Preprocessing(input_size=(h, w), crop_pct=1.0)).x

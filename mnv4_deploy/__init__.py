@@ -7,10 +7,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .config.recipes import load_recipe  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .models import list_variants, load_model  # noqa: E402
-from .prepare import prepare  # noqa: E402
-from .recipes import load_recipe  # noqa: E402
+from .load.models import list_variants, load_model  # noqa: E402
+from .preparation.prepare import prepare  # noqa: E402
 
 __all__ = ["UserError", "list_variants", "load_model", "prepare", "load_recipe", "quantize", "convert",
            "ConvertSettings", "__version__"]
@@ -19,7 +19,7 @@ __all__ = ["UserError", "list_variants", "load_model", "prepare", "load_recipe",
 def __getattr__(name: str):
     # quantize/pipeline import the quantization toolchain; load them only when used.
     if name == "quantize":
-        from .quantize import quantize
+        from .quantization.pt2e import quantize
 
         return quantize
     if name in ("convert", "ConvertSettings"):

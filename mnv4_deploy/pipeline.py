@@ -11,22 +11,24 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .data import LoadedImages, load_images, scan_folder
+from .config.options import field_names
+from .config.recipes import Recipe, load_recipe, options_for
 from .errors import UserError, VerificationError
-from .fileio import ensure_writable_dir
-from .manifest import NUMBERS_KINDS, artifact_facts, build_manifest, tool_versions
-from .models import LoadedModel, load_model
-from .options import field_names
-from .prepare import prepare
-from .quantize import QuantizedModel, quantize
-from .semantics import Semantics
-from .stages import clock, run_clock, stage
-from . import tensorwise
-from .recipes import Recipe, load_recipe, options_for
+from .infra.fileio import ensure_writable_dir
+from .infra.stages import clock, run_clock, stage
+from .infra.transaction import TargetLocks, lock_targets, staged
+from .load.images import LoadedImages, load_images, scan_folder
+from .load.models import LoadedModel, load_model
+from .preparation.prepare import prepare
+from .quantization.pt2e import QuantizedModel, quantize
+from .quantization.simulation_semantics import Semantics
 from .targets import ExportRequest, get_target, parse_targets, target_names
-from .transaction import TargetLocks, lock_targets, staged
-from .verify import (Fidelity, compare, evaluation_record, gate_checks, measure_latency, run_batched,
-                     torch_logits)
+from .verify import tensorwise
+from .verify.artifact_gate import gate_record
+from .verify.fidelity import compare, run_batched, torch_logits
+from .verify.latency import measure_latency
+from .verify.manifest import NUMBERS_KINDS, artifact_facts, build_manifest, tool_versions
+from .verify.predictions import evaluation_record
 
 PRECISIONS = ("fp32", "fp16", "int8")
 FAILED_MANIFEST = "manifest.failed.json"  # beside the artifact path when the verification gate refused it
@@ -66,7 +68,7 @@ class ConvertSettings:
                                  ("--val-limit", self.val_limit, 1), ("--num-classes", self.num_classes, 1)):
             if value is not None and value < low:
                 raise UserError(f"{flag} must be at least {low}, got {value}")
-        from .preprocessing import Preprocessing
+        from .load.preprocessing import Preprocessing
 
         Preprocessing().with_overrides(**self.preprocessing)  # --input-size, --mean, ... in range, before loading
 
@@ -92,8 +94,8 @@ class EvalData:
 
 def load_data(settings: ConvertSettings, loaded: LoadedModel, recipe: Recipe) -> tuple[LoadedImages, str, LoadedImages, str]:
     """Calibration images and disjoint held-back images for verification (a folder, a calibration set, or the
-    scikit-image photos: mnv4_deploy/calibration.py); the calibration images carry their set's name and digest."""
-    from .calibration import load_calibration
+    scikit-image photos: mnv4_deploy/load/calibration_sets.py); the calibration images carry their set's name and digest."""
+    from .load.calibration_sets import load_calibration
 
     data = load_calibration(settings.calib, settings.calib_root, recipe, loaded.preprocessing, settings.precision,
                             settings.calib_allow_changed, settings.workers)
@@ -137,7 +139,7 @@ def apply_overrides(options: Any, overrides: dict[str, Any]) -> Any:
 
 
 @dataclass
-class Run:
+class LoadedRun:
     """A convert/qat run after loading: checked targets, the prepared model, its data and float logits."""
 
     settings: ConvertSettings
@@ -147,7 +149,7 @@ class Run:
     calibration: LoadedImages
     calibration_source: str
     evals: list[EvalData]
-    locks: Optional[TargetLocks] = None  # OUT/<target>/ of every target, held from the start (transaction.py)
+    locks: Optional[TargetLocks] = None  # OUT/<target>/ of every target, held from the start (infra/transaction.py)
 
     def release(self) -> None:
         """Let other runs write the output folders again."""
@@ -155,7 +157,7 @@ class Run:
             self.locks.release()
 
 
-def start_run(settings: ConvertSettings, lock: bool = True) -> Run:
+def start_run(settings: ConvertSettings, lock: bool = True) -> LoadedRun:
     """Check the request, load and prepare the model, read calibration/held-back/val images.
 
     `lock`: take the output folders' locks (every process but a torchrun job's writer passes False)."""
@@ -165,7 +167,7 @@ def start_run(settings: ConvertSettings, lock: bool = True) -> Run:
     targets = _select_targets(settings)
     ensure_writable_dir(settings.out)
     if settings.weights == "pretrained":  # out of reach (offline, not cached): say so now, not after a minute
-        from .hub import require_pretrained
+        from .load.hub import require_pretrained
 
         require_pretrained(settings.model)
     names = [t.name for t in targets] if lock else []
@@ -177,7 +179,7 @@ def start_run(settings: ConvertSettings, lock: bool = True) -> Run:
         raise
 
 
-def _load_run(settings: ConvertSettings, recipe: Recipe, targets: list[Any], locks: TargetLocks) -> Run:
+def _load_run(settings: ConvertSettings, recipe: Recipe, targets: list[Any], locks: TargetLocks) -> LoadedRun:
     """start_run's slow part (model, images, float logits), done while the output folders are locked."""
     with stage("load_model", f"loading {settings.model}"):
         loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
@@ -198,7 +200,7 @@ def _load_run(settings: ConvertSettings, recipe: Recipe, targets: list[Any], loc
         if val is not None:
             evals.append(EvalData("val", f"{settings.val} ({len(val)} images)", val,
                                   torch_logits(loaded.model, val.x, batch)))
-    return Run(settings, recipe, targets, loaded, cal, cal_src, evals, locks)
+    return LoadedRun(settings, recipe, targets, loaded, cal, cal_src, evals, locks)
 
 
 def convert(settings: ConvertSettings,
@@ -228,7 +230,7 @@ def _convert(settings: ConvertSettings,
                 quantizations[key] = quantize(run.loaded.model, run.calibration, run.recipe, run.calibration_source,
                                               quantizer=target.build_quantizer(run.recipe.quantization))
             if quantizations[key].calibration.get("fallback"):
-                from .sensitivity import fallback_line
+                from .quantization.sensitivity import fallback_line
 
                 logger.info(fallback_line(quantizations[key].calibration["fallback"]))
         return quantizations[key]
@@ -239,7 +241,7 @@ def _convert(settings: ConvertSettings,
         run.release()
 
 
-def deploy(run: Run, quantized_for: Callable[[Any], Optional[QuantizedModel]],
+def deploy(run: LoadedRun, quantized_for: Callable[[Any], Optional[QuantizedModel]],
            on_target_error: Optional[Callable[[str, Exception], None]] = None) -> list[ArtifactResult]:
     """Export the (PTQ- or QAT-) quantized model, or the float model, to every target and verify each.
 
@@ -325,25 +327,12 @@ def _within_limit(runner: Any, evals: Sequence[EvalData],
     return out, simulated
 
 
-def _gate(request: ExportRequest, recipe: Recipe, judged: str, entry: dict[str, Any], logits: np.ndarray,
-          enforced: bool) -> dict[str, Any]:
-    """Judge one evaluation set's numbers (`judged`: the held-back images) against the recipe's thresholds;
-    the manifest's `verification.gate`."""
-    v = recipe.verification
-    sim = entry.get("vs_pytorch_simulation")
-    checks = gate_checks(logits, Fidelity(**entry["vs_float"]), getattr(v, request.precision),
-                         Fidelity(**sim) if sim is not None else None, v.simulation)
-    failed = [c for c in checks if not c.passed]
-    return {"passed": not failed, "enforced": enforced, "on": judged,
-            "failures": [c.line() for c in failed], "checks": [c.to_dict() for c in checks]}
-
-
 def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals: Sequence[EvalData],
                       settings: ConvertSettings,
                       simulated: Union[np.ndarray, Callable[[np.ndarray], np.ndarray], None] = None) -> ArtifactResult:
     """Export into a staging folder, verify there, and swap it in as OUT/<target>/ only when the gate passes.
 
-    The artifact, its manifest and tensorwise.json replace the folder together (transaction.py). A refused
+    The artifact, its manifest and tensorwise.json replace the folder together (infra/transaction.py). A refused
     artifact leaves the previous folder as it was, with a `manifest.failed.json` (what was measured and why it
     failed) beside it, and raises VerificationError; with the gate off it is written and its manifest says it
     failed. `simulated`: the PyTorch simulation's logits on the held-back images, or a function giving them for
@@ -374,7 +363,8 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
         if simulated is not None and runner.numbers != "simulated":
             verification["simulation"] = target.simulation_semantics(request).to_dict()
         judged = evals[0].name
-        verification["gate"] = gate = _gate(request, recipe, judged, verification[judged], logits, enforced)
+        verification["gate"] = gate = gate_record(request.precision, recipe.verification, judged, verification[judged],
+                                                  logits, enforced)
         one = evals[0].images.x[:1]
         with stage("latency", f"[{name}] timing {settings.latency_runs} runs", shown=False):
             verification["latency"] = (

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import TextIO
 
-from mnv4_deploy import console
+from mnv4_deploy.infra import console
 
 recorded: list[str] = []
 

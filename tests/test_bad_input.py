@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mnv4_deploy import UserError
-from mnv4_deploy.fileio import atomic_path, ensure_writable_dir, write_json
+from mnv4_deploy.infra.fileio import atomic_path, ensure_writable_dir, write_json
 
 
 def test_out_under_a_regular_file_is_one_line(tmp_path: Path):

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from mnv4_deploy import UserError
-from mnv4_deploy.calibration import (CalibrationSet, check_set, digest_of, dump_set, load_calibration, load_set,
-                                     make_set, parse_set, shipped_sets)
+from mnv4_deploy.load.calibration_sets import (CalibrationSet, check_set, digest_of, dump_set, load_calibration,
+                                               load_set, make_set, parse_set, shipped_sets)
 from mnv4_deploy.cli import main
-from mnv4_deploy.fileio import sha256_of
-from mnv4_deploy.preprocessing import Preprocessing
-from mnv4_deploy.recipes import parse_recipe
+from mnv4_deploy.config.recipes import parse_recipe
+from mnv4_deploy.infra.fileio import sha256_of
+from mnv4_deploy.load.preprocessing import Preprocessing
 
 from .conftest import reference_model
 
@@ -151,7 +151,7 @@ def test_reference_set_gives_identical_quantization(reference_checkpoint: Path, 
     """Two runs calibrated on reference-tin202 (every image) have the same scale and zero point everywhere.
     (min-max observers keep it fast: the default percentile observer costs 25 s a run here.)"""
     from mnv4_deploy.pipeline import ConvertSettings, load_data
-    from mnv4_deploy.quantize import quantize
+    from mnv4_deploy.quantization.pt2e import quantize
 
     loaded = reference_model(reference_checkpoint)
     recipe = parse_recipe("quantization:\n  activations: {observer: minmax}\n  calibration: {set: reference-tin202}\n"

@@ -132,7 +132,7 @@ def test_unreachable_hub_is_one_line_at_once(tmp_path: Path, endpoint: str):
 def test_cached_weights_are_found_without_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from huggingface_hub import constants
 
-    from mnv4_deploy import hub
+    from mnv4_deploy.load import hub
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     assert not hub.cached("mobilenetv4_conv_small")

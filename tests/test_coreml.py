@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("coremltools", reason="pip install 'mnv4-deploy[coreml]'")
 
-from mnv4_deploy.data import LoadedImages  # noqa: E402
+from mnv4_deploy.config.recipes import load_recipe  # noqa: E402
 from mnv4_deploy.errors import UserError  # noqa: E402
+from mnv4_deploy.load.images import LoadedImages  # noqa: E402
 from mnv4_deploy.pipeline import ConvertSettings, convert  # noqa: E402
-from mnv4_deploy.quantize import quantize  # noqa: E402
-from mnv4_deploy.recipes import load_recipe  # noqa: E402
+from mnv4_deploy.quantization.pt2e import quantize  # noqa: E402
 from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
 from mnv4_deploy.targets.coreml import CoremlOptions  # noqa: E402
 
@@ -174,7 +174,7 @@ def test_pipeline_w8a8_manifest_is_executed(tmp_path: Path, image_folder: Path) 
 def reference(tmp_path_factory: pytest.TempPathFactory, reference_checkpoint: Path, tiny_imagenet: Path) -> dict[str, Any]:
     """The reference checkpoint (conv_small, 202 classes, 64x64), int8 calibrated on 32 Tiny ImageNet train images;
     its fp32 and W8A8 programs written once, plus 8 val images."""
-    from mnv4_deploy.data import load_images, scan_folder
+    from mnv4_deploy.load.images import load_images, scan_folder
 
     from .conftest import reference_model
 
@@ -213,7 +213,7 @@ def test_fp32_program_executes_like_pytorch(reference: dict[str, Any]) -> None:
 
 
 def test_w8a8_program_matches_simulation_tensor_by_tensor(reference: dict[str, Any]) -> None:
-    from mnv4_deploy import tensorwise
+    from mnv4_deploy.verify import tensorwise
 
     request, path = reference["int8"]
     result = tensorwise.check(reference["target"], path, request, reference["x"])
@@ -248,7 +248,7 @@ def _corrupt_quantize_scale(src: Path, dst: Path, index: int, factor: float = 1.
 
 
 def test_corrupted_scale_is_flagged_at_that_layer(reference: dict[str, Any], tmp_path: Path) -> None:
-    from mnv4_deploy import tensorwise
+    from mnv4_deploy.verify import tensorwise
 
     request, path = reference["int8"]
     name = _corrupt_quantize_scale(path, tmp_path / "bad.mlpackage", index=5)
@@ -294,7 +294,7 @@ def test_ios18_weights_only_program_executes(tmp_path: Path) -> None:
 @pytest.mark.skipif(not IS_MAC, reason="Core ML predict runs only on macOS")
 def test_predict_matches_executor(reference: dict[str, Any]) -> None:
     """macOS: Core ML's own predict and the reference executor agree on the same programs and images."""
-    from mnv4_deploy.verify import compare
+    from mnv4_deploy.verify.fidelity import compare
 
     x = reference["x"]
     for kind, min_cosine, min_agreement in (("fp32", 0.999, 1.0), ("int8", 0.99, 0.75)):

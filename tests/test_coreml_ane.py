@@ -14,8 +14,7 @@ ct = pytest.importorskip("coremltools", reason="pip install 'mnv4-deploy[coreml]
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from mnv4_deploy.mlprogram.ane import (INT8_OPS, RULES, calibration_warning, check_path,  # noqa: E402
-                                       check_program, manifest_entry)
+from mnv4_deploy.mlprogram.ane import INT8_OPS, RULES, calibration_warning, check_path, check_program, manifest_entry
 
 SHAPE = (1, 4, 8, 8)
 
@@ -205,9 +204,9 @@ def test_calibration_warning() -> None:
 
 @pytest.mark.slow  # a W8A8 CoreML conversion of a random conv_small_035 through the project's target, ~25 s
 def test_project_w8a8_program(tmp_path: Path) -> None:
-    from mnv4_deploy.data import LoadedImages
-    from mnv4_deploy.quantize import quantize
-    from mnv4_deploy.recipes import load_recipe
+    from mnv4_deploy.config.recipes import load_recipe
+    from mnv4_deploy.load.images import LoadedImages
+    from mnv4_deploy.quantization.pt2e import quantize
     from mnv4_deploy.targets import ExportRequest, get_target
     from mnv4_deploy.targets.coreml import CoremlOptions
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from mnv4_deploy import UserError
-from mnv4_deploy.data import default_calibration, load_images, scan_folder
-from mnv4_deploy.preprocessing import Preprocessing
+from mnv4_deploy.load.images import default_calibration, load_images, scan_folder
+from mnv4_deploy.load.preprocessing import Preprocessing
 
 PRE = Preprocessing(input_size=(64, 64), crop_pct=1.0)
 
@@ -160,7 +160,7 @@ def fake_imagenet_val(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_imagenet_flat_val_is_labelled_in_timm_order(tmp_path: Path):
-    from mnv4_deploy.data import imagenet_classes
+    from mnv4_deploy.load.images import imagenet_classes
 
     classes = imagenet_classes()
     assert len(classes) == 1000 and classes == sorted(classes)

@@ -76,7 +76,7 @@ def dump_yaml(doc: Any) -> str:
 
 # ---------------------------------------------------------------- recipes
 def _valid_recipe() -> dict[str, Any]:
-    from mnv4_deploy.recipes import Recipe
+    from mnv4_deploy.config.recipes import Recipe
 
     d = Recipe().to_dict()
     d["targets"] = {"onnx": {"opset": 18, "threads": 2}, "openvino": {"method": "nncf", "smooth_quant_alpha": 0.5},
@@ -90,7 +90,7 @@ VALID_RECIPE = _valid_recipe()
 
 def _in_range(recipe: Any) -> None:
     """Everything a recipe accepted is finite and inside its field's declared range."""
-    from mnv4_deploy.options import numeric_range
+    from mnv4_deploy.config.options import numeric_range
 
     for f in dataclasses.fields(recipe):
         value = getattr(recipe, f.name)
@@ -106,7 +106,7 @@ def _in_range(recipe: Any) -> None:
 
 
 def check_recipe(text: str) -> None:
-    from mnv4_deploy.recipes import parse_recipe
+    from mnv4_deploy.config.recipes import parse_recipe
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "fuzz.yaml"
@@ -160,7 +160,7 @@ def set_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _valid_set(root: Path) -> dict[str, Any]:
-    from mnv4_deploy.fileio import sha256_of
+    from mnv4_deploy.infra.fileio import sha256_of
 
     images = [{"path": p, "sha256": sha256_of(root / p), "label": p.split("/")[0]} for p in ("a/1.png", "a/2.png",
                                                                                                "b/3.png")]
@@ -200,7 +200,7 @@ def set_files(draw: st.DrawFn, root: Path) -> str:
                                                "a/../../x", "sys/proc/self/environ", "a/1.png\x00.png", "sys"]))
     doc = draw(mutated(doc))
     if isinstance(doc, dict) and draw(st.booleans()):
-        from mnv4_deploy.calibration import parse_set
+        from mnv4_deploy.load.calibration_sets import parse_set
 
         with contextlib.suppress(Exception):  # a digest that matches the mutated list reaches deeper checks
             doc["digest"] = parse_set(yaml.safe_dump({k: v for k, v in doc.items() if k != "digest"})).digest

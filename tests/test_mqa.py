@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from mnv4_deploy.mqa import MobileMQA, swap_attention
-from mnv4_deploy.prepare import prepare
+from mnv4_deploy.preparation.mqa import MobileMQA, swap_attention
+from mnv4_deploy.preparation.prepare import prepare
 
 from .conftest import HYBRID_REFERENCE, TIN
 

@@ -37,8 +37,8 @@ def _big(path: Path, w: int, h: int, fmt: str = "PNG") -> Path:
 
 
 def test_decompression_bombs_and_huge_images_are_skipped_and_counted(image_folder: Path):
-    from mnv4_deploy.data import load_images, scan_folder
-    from mnv4_deploy.preprocessing import Preprocessing
+    from mnv4_deploy.load.images import load_images, scan_folder
+    from mnv4_deploy.load.preprocessing import Preprocessing
 
     _big(image_folder / "a" / "bomb.png", 20000, 20000)  # PIL's DecompressionBombError (400 Mpx)
     _big(image_folder / "b" / "scan.png", 11000, 11000)  # 121 Mpx: once decoded whole (1.4 GB peak)
@@ -49,7 +49,7 @@ def test_decompression_bombs_and_huge_images_are_skipped_and_counted(image_folde
 
 
 def test_folder_links_out_of_an_image_folder_are_not_followed(image_folder: Path, tmp_path: Path):
-    from mnv4_deploy.data import scan_folder
+    from mnv4_deploy.load.images import scan_folder
 
     os.symlink("/proc/1", image_folder / "proc1")  # PermissionError while scanning
     os.symlink("/", image_folder / "everything")  # walked the whole filesystem
@@ -80,7 +80,7 @@ RECIPE_CASES = {
 
 @pytest.mark.parametrize("text", RECIPE_CASES, ids=range(len(RECIPE_CASES)))
 def test_recipe_numbers_syntax_and_duplicates_name_file_and_line(text: str):
-    from mnv4_deploy.recipes import parse_recipe
+    from mnv4_deploy.config.recipes import parse_recipe
 
     with pytest.raises(UserError) as err:
         parse_recipe(text, "r.yaml")
@@ -98,8 +98,8 @@ def _numeric_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, d
 
 
 def test_every_numeric_recipe_and_target_field_declares_its_range():
-    from mnv4_deploy.options import numeric_range
-    from mnv4_deploy.recipes import Recipe
+    from mnv4_deploy.config.options import numeric_range
+    from mnv4_deploy.config.recipes import Recipe
     from mnv4_deploy.targets import get_target, target_names
 
     classes = [("", Recipe)] + [(f"targets.{n}.", get_target(n).Options) for n in target_names()]
@@ -264,7 +264,7 @@ def test_merge_refuses_a_tampered_or_foreign_shard_in_one_line(tmp_path: Path, c
 
 
 def test_shards_record_their_settings_and_other_settings_are_refused():
-    from mnv4_deploy.report.runner import merge_reports
+    from mnv4_deploy.report.grid import merge_reports
     from tests.test_report import fake_report
 
     r = fake_report()

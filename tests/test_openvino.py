@@ -14,12 +14,12 @@ import pytest
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
+from mnv4_deploy.config.recipes import load_recipe, parse_recipe  # noqa: E402
 from mnv4_deploy.errors import UserError  # noqa: E402
-from mnv4_deploy.fileio import atomic_path  # noqa: E402
-from mnv4_deploy.recipes import load_recipe, parse_recipe  # noqa: E402
+from mnv4_deploy.infra.fileio import atomic_path  # noqa: E402
 from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
 from mnv4_deploy.targets.openvino import OpenVinoOptions, OpenVinoRunner  # noqa: E402
-from mnv4_deploy.verify import compare, torch_logits  # noqa: E402
+from mnv4_deploy.verify.fidelity import compare, torch_logits  # noqa: E402
 
 from .conftest import prepared_model  # noqa: E402
 
@@ -46,8 +46,8 @@ def small():
 @pytest.fixture(scope="module")
 def reference(reference_checkpoint: Path, tiny_imagenet: Path):
     """The trained conv_small, 64 calibration images, 200 labelled val images, and its shared PT2E model."""
-    from mnv4_deploy.data import load_images, scan_folder
-    from mnv4_deploy.quantize import quantize
+    from mnv4_deploy.load.images import load_images, scan_folder
+    from mnv4_deploy.quantization.pt2e import quantize
 
     loaded = _load("mobilenetv4_conv_small", str(reference_checkpoint))
     pre = loaded.preprocessing
@@ -89,7 +89,7 @@ def test_fp32_and_fp16_ir_structure(small, tmp_path: Path):
 
 
 def test_bad_ignored_scope_lists_near_matches(small, tmp_path: Path):
-    from mnv4_deploy.data import LoadedImages
+    from mnv4_deploy.load.images import LoadedImages
 
     calib = LoadedImages(np.zeros((2, 3, 64, 64), np.float32), None)
     opts = OpenVinoOptions(method="nncf", ignored_scopes=("blocks.1.0.conv", "blocks.2.0.pw_exp.cnv"))
@@ -143,8 +143,8 @@ def test_hybrid_medium_fp32_converts_and_runs(tmp_path: Path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method,smooth_quant_alpha", [("pt2e", -1.0), ("nncf", -1.0), ("nncf", 0.5)])
 def test_hybrid_medium_int8_converts_and_runs(method: str, smooth_quant_alpha: float, tmp_path: Path):
-    from mnv4_deploy.data import default_calibration
-    from mnv4_deploy.quantize import quantize
+    from mnv4_deploy.load.images import default_calibration
+    from mnv4_deploy.quantization.pt2e import quantize
 
     loaded = _load("mobilenetv4_hybrid_medium", num_classes=10)
     cal, _ = default_calibration(loaded.preprocessing, 16)

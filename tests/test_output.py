@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mnv4_deploy import console
 from mnv4_deploy.errors import UserError
+from mnv4_deploy.infra import console
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "mobilenetv4_conv_small_035", "--weights", "random", "--input-size", "32"]

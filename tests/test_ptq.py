@@ -1,4 +1,4 @@
-"""PTQ algorithms (mnv4_deploy/ptq/, observers.KLObserver): each one does what it claims, on a small MNv4."""
+"""PTQ algorithms (mnv4_deploy/quantization/ptq/, observers.KLObserver): each one does what it claims, on a small MNv4."""
 from __future__ import annotations
 
 import copy
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mnv4_deploy import load_model, prepare
+from mnv4_deploy.config.recipes import parse_recipe
 from mnv4_deploy.errors import UserError
-from mnv4_deploy.quantize import quantize
-from mnv4_deploy.recipes import parse_recipe
-from mnv4_deploy.sites import SiteToggler
+from mnv4_deploy.quantization.pt2e import quantize
+from mnv4_deploy.quantization.quantizer_sites import SiteToggler
 
 SMALL = "quantization:\n  calibration: {images: 32, batch_size: 16}\n"
 
@@ -19,7 +19,7 @@ SMALL = "quantization:\n  calibration: {images: 32, batch_size: 16}\n"
 @pytest.fixture(scope="module")
 def train_split(tiny_imagenet):
     """32 train images to calibrate and fit on, and 32 others to judge on (held out from every algorithm)."""
-    from mnv4_deploy.data import scan_folder
+    from mnv4_deploy.load.images import scan_folder
 
     return scan_folder(tiny_imagenet / "train").split(32, 32, seed=0)
 
@@ -27,7 +27,7 @@ def train_split(tiny_imagenet):
 @pytest.fixture(scope="module")
 def small(reference_checkpoint, train_split):
     """The reference checkpoint (trained: random MNv4 weights give degenerate activations) and 32 train images."""
-    from mnv4_deploy.data import load_images
+    from mnv4_deploy.load.images import load_images
 
     loaded = load_model("mobilenetv4_conv_small", str(reference_checkpoint), 202,
                         {"input_size": [64, 64], "crop_pct": 1.0})
@@ -37,7 +37,7 @@ def small(reference_checkpoint, train_split):
 
 @pytest.fixture(scope="module")
 def held_out(small, train_split) -> np.ndarray:
-    from mnv4_deploy.data import load_images
+    from mnv4_deploy.load.images import load_images
 
     return load_images(train_split[1], small[0].preprocessing).x
 
@@ -82,7 +82,7 @@ def _observer(cls, **kw):
 
 
 def test_kl_observer_clips_a_heavy_tail_but_not_a_compact_tensor():
-    from mnv4_deploy.observers import KLObserver
+    from mnv4_deploy.quantization.observers import KLObserver
 
     g = torch.Generator().manual_seed(0)
     heavy = torch.relu(torch.randn(64, 64, 8, 8, generator=g))
@@ -102,7 +102,7 @@ def test_kl_observer_clips_a_heavy_tail_but_not_a_compact_tensor():
 # --- equalization ----------------------------------------------------------------------------------------
 
 def test_cle_keeps_float_outputs_and_equalizes_weight_ranges(small):
-    from mnv4_deploy.ptq.equalize import _first_range, _second_range, equalize, find_pairs, fold_batchnorm
+    from mnv4_deploy.quantization.ptq.equalize import _first_range, _second_range, equalize, find_pairs, fold_batchnorm
 
     loaded, images = small
     x = images.x[:8]
@@ -118,7 +118,7 @@ def test_cle_keeps_float_outputs_and_equalizes_weight_ranges(small):
 
 
 def test_activation_equalization_keeps_float_outputs_and_flattens_channel_ranges(small):
-    from mnv4_deploy.ptq.equalize import activation_ranges, equalize, find_pairs, fold_batchnorm
+    from mnv4_deploy.quantization.ptq.equalize import activation_ranges, equalize, find_pairs, fold_batchnorm
 
     loaded, images = small
     x = images.x[:8]
@@ -148,7 +148,7 @@ def test_recipe_equalization_is_what_gets_quantized(small):
 def _layer_errors(prepared, float_graph, x: np.ndarray) -> dict[str, tuple[float, float]]:
     """Per conv/linear of the fake-quantized graph, against the float graph on the same images:
     (output MSE relative to the float output's power, mean |per-channel mean error|)."""
-    from mnv4_deploy.ptq.graph import lockstep
+    from mnv4_deploy.quantization.ptq.lockstep import lockstep
 
     errors = {}
 
@@ -165,7 +165,7 @@ def _layer_errors(prepared, float_graph, x: np.ndarray) -> dict[str, tuple[float
 
 def test_bias_correction_lowers_per_channel_mean_error_on_held_out_images(small, calibrated, held_out):
     """Corrected on 32 images, judged on 32 others: the convs' mean output shift per channel drops."""
-    from mnv4_deploy.ptq.bias_correction import bias_correct
+    from mnv4_deploy.quantization.ptq.bias_correction import bias_correct
 
     _, images = small
     prepared = copy.deepcopy(calibrated.prepared)
@@ -185,7 +185,7 @@ def test_bias_correction_lowers_per_channel_mean_error_on_held_out_images(small,
 @pytest.fixture(scope="module")
 def adarounded(small, calibrated):
     """The calibrated graph after AdaRound on the 32 calibration images (30 iterations a layer), and its report."""
-    from mnv4_deploy.ptq.adaround import adaround
+    from mnv4_deploy.quantization.ptq.adaround import adaround
 
     _, images = small
     prepared = copy.deepcopy(calibrated.prepared)
@@ -210,7 +210,7 @@ def test_adaround_lowers_layer_reconstruction_error_on_held_out_images(calibrate
 
 def _exported_int8_weights(q) -> list[torch.Tensor]:
     """The int8 weight constants of the converted graph, in conv/linear order."""
-    from mnv4_deploy.ptq.graph import LAYER_OPS, get_attr
+    from mnv4_deploy.quantization.ptq.lockstep import LAYER_OPS, get_attr
 
     gm = q.converted(fold_weights=True)
     out = []
@@ -226,8 +226,8 @@ def _exported_int8_weights(q) -> list[torch.Tensor]:
 
 
 def test_adaround_exported_int8_weights_are_the_optimised_ones(calibrated, adarounded):
-    from mnv4_deploy.ptq.adaround import int8_weights
-    from mnv4_deploy.quantize import QuantizedModel
+    from mnv4_deploy.quantization.pt2e import QuantizedModel
+    from mnv4_deploy.quantization.ptq.adaround import int8_weights
 
     prepared, stats = adarounded
     nearest = list(int8_weights(calibrated.prepared).values())
@@ -242,9 +242,9 @@ def test_adaround_exported_int8_weights_are_the_optimised_ones(calibrated, adaro
 # --- range learning --------------------------------------------------------------------------------------
 
 def test_range_learning_scales_reach_the_converted_graph(small, calibrated):
-    from mnv4_deploy.ptq.range_learning import learn_ranges, set_observer_qparams
-    from mnv4_deploy.sites import find_sites
-    from mnv4_deploy.verify import torch_logits
+    from mnv4_deploy.quantization.ptq.range_learning import learn_ranges, set_observer_qparams
+    from mnv4_deploy.quantization.quantizer_sites import find_sites
+    from mnv4_deploy.verify.fidelity import torch_logits
 
     loaded, images = small
     prepared = copy.deepcopy(calibrated.prepared)
@@ -265,7 +265,7 @@ def test_fused_simulation_is_bit_exact(calibrated, held_out):
     """QuantizedModel.simulate runs the quantize/dequantize pairs fused (one kernel each); its logits must equal
     the decomposed graph's bit for bit (the pooled (N, C, 1, 1) tensor before the head included, whose memory
     layout once made the head conv round differently)."""
-    from mnv4_deploy.fake_quant_fusion import fake_quantize
+    from mnv4_deploy.quantization.fake_quant_fusion import fake_quantize
 
     fast = calibrated.simulate(held_out, batch_size=16)
     gm = calibrated.simulation_module()
@@ -277,7 +277,7 @@ def test_fused_simulation_is_bit_exact(calibrated, held_out):
 
 
 def test_fusion_leaves_scales_whose_reciprocal_rounds_twice():
-    from mnv4_deploy.fake_quant_fusion import same_reciprocal
+    from mnv4_deploy.quantization.fake_quant_fusion import same_reciprocal
 
     assert same_reciprocal(float(np.float32(0.02)))
     assert not same_reciprocal(0.013)  # not a float32 scale: the decomposed op would see another number

@@ -31,7 +31,7 @@ def _recipe(tmp_path: Path, **qat) -> Path:
     """qat-int8-kd with a tiny budget: small batches, few calibration images, checkpoint every step."""
     import yaml
 
-    from mnv4_deploy.recipes import RECIPES_DIR
+    from mnv4_deploy.config.recipes import RECIPES_DIR
 
     data = yaml.safe_load((RECIPES_DIR / "qat-int8-kd.yaml").read_text())
     data["qat"].update({"batch_size": 8, "checkpoint_every": 1, "eval_images": 16, "workers": 0, **qat})
@@ -74,8 +74,8 @@ def test_qat_cli_trains_checkpoints_and_exports(tmp_path: Path, reference_checkp
 
 def test_cosine_schedule_is_a_function_of_the_step():
     """Weights and ranges decay together from their recipe values to 0; a resumed run gets the same values."""
-    from mnv4_deploy.qat import _set_learning_rates
-    from mnv4_deploy.recipes import Qat
+    from mnv4_deploy.config.recipes import Qat
+    from mnv4_deploy.quantization.qat import _set_learning_rates
 
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": [params[0]]}, {"params": [params[1]]}], lr=1.0)
@@ -131,11 +131,11 @@ def test_qat_learns_and_a_resumed_run_equals_an_uninterrupted_one(tiny_imagenet:
     """
     import copy
 
-    from mnv4_deploy import qat
-    from mnv4_deploy.data import load_images, scan_folder
-    from mnv4_deploy.models import load_model
-    from mnv4_deploy.prepare import prepare
-    from mnv4_deploy.recipes import load_recipe
+    from mnv4_deploy.config.recipes import load_recipe
+    from mnv4_deploy.load.images import load_images, scan_folder
+    from mnv4_deploy.load.models import load_model
+    from mnv4_deploy.preparation.prepare import prepare
+    from mnv4_deploy.quantization import qat
 
     loaded = load_model("mobilenetv4_conv_small", str(reference_checkpoint), 202, {"input_size": [64], "crop_pct": 1.0})
     prepare(loaded.model)
@@ -180,10 +180,10 @@ def test_qat_learns_and_a_resumed_run_equals_an_uninterrupted_one(tiny_imagenet:
 def test_loader_workers_are_not_forked_and_load_the_same_batches(tiny_imagenet: Path, tmp_path: Path):
     """Worker processes start by forkserver/spawn (a fork after JAX/TF import can deadlock); they unpickle the
     dataset and give the same batches, flips included, as loading in this process."""
-    from mnv4_deploy import qat
-    from mnv4_deploy.data import scan_folder
-    from mnv4_deploy.preprocessing import Preprocessing
-    from mnv4_deploy.recipes import Qat
+    from mnv4_deploy.config.recipes import Qat
+    from mnv4_deploy.load.images import scan_folder
+    from mnv4_deploy.load.preprocessing import Preprocessing
+    from mnv4_deploy.quantization import qat
 
     dataset = qat.TrainImages(scan_folder(_small_train_folder(tmp_path, tiny_imagenet, classes=2, per_class=8)),
                               Preprocessing(input_size=(32, 32), crop_pct=1.0))
@@ -199,7 +199,7 @@ def test_loader_workers_are_not_forked_and_load_the_same_batches(tiny_imagenet: 
 
 
 def test_resume_refuses_foreign_files(tmp_path: Path):
-    from mnv4_deploy import qat
+    from mnv4_deploy.quantization import qat
 
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a QAT checkpoint"):
@@ -212,10 +212,10 @@ def test_resume_refuses_foreign_files(tmp_path: Path):
 
 
 def test_qat_alpha_needs_labels(tmp_path: Path, reference_checkpoint: Path, tiny_imagenet: Path):
-    from mnv4_deploy import qat
-    from mnv4_deploy.data import ImageSet
-    from mnv4_deploy.models import load_model
-    from mnv4_deploy.recipes import load_recipe
+    from mnv4_deploy.config.recipes import load_recipe
+    from mnv4_deploy.load.images import ImageSet
+    from mnv4_deploy.load.models import load_model
+    from mnv4_deploy.quantization import qat
 
     loaded = load_model("mobilenetv4_conv_small", str(reference_checkpoint), 202, {"input_size": [64], "crop_pct": 1.0})
     flat = ImageSet(sorted((tiny_imagenet / "val").rglob("*.JPEG"))[:8], None, None, "flat/")
@@ -228,7 +228,7 @@ def test_qat_alpha_needs_labels(tmp_path: Path, reference_checkpoint: Path, tiny
 
 
 def test_qat_recipe_keys_validate(tmp_path: Path):
-    from mnv4_deploy.recipes import load_recipe
+    from mnv4_deploy.config.recipes import load_recipe
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("qat:\n  epochs: 1\n  freeze_bn_aftr: 10\n")
@@ -258,11 +258,11 @@ def test_qat_data_parallel_under_torchrun(tmp_path: Path, reference_checkpoint: 
 def test_qat_graph_converts_to_coreml(tmp_path: Path):
     """A trained (train-mode exported) QAT graph is stateless after training: CoreML converts it pre-iOS18."""
     pytest.importorskip("coremltools", reason="pip install 'mnv4-deploy[coreml]'")
-    from mnv4_deploy import qat
-    from mnv4_deploy.models import load_model
-    from mnv4_deploy.prepare import prepare
-    from mnv4_deploy.quantize import QuantizedModel
-    from mnv4_deploy.recipes import load_recipe, options_for
+    from mnv4_deploy.config.recipes import load_recipe, options_for
+    from mnv4_deploy.load.models import load_model
+    from mnv4_deploy.preparation.prepare import prepare
+    from mnv4_deploy.quantization import qat
+    from mnv4_deploy.quantization.pt2e import QuantizedModel
     from mnv4_deploy.targets import ExportRequest, get_target
 
     loaded = load_model("mobilenetv4_conv_small_035", "random", None, {"input_size": [32], "crop_pct": 1.0})

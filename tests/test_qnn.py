@@ -190,7 +190,7 @@ def test_mixed_recipe_runs_uint16_at_its_sites(tmp_path: Path, reference_checkpo
 def test_slow_runner_verifies_on_evenly_spaced_images() -> None:
     """`Runner.max_images` (the HTP emulator's limit): each evaluation set shrinks to that many images, evenly
     spaced, with the float logits, labels and simulation alongside, and its source says so."""
-    from mnv4_deploy.data import LoadedImages
+    from mnv4_deploy.load.images import LoadedImages
     from mnv4_deploy.pipeline import EvalData, _within_limit
     from mnv4_deploy.targets import Runner
 

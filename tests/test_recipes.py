@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from mnv4_deploy import UserError
-from mnv4_deploy.recipes import load_recipe, parse_recipe, shipped_recipes
+from mnv4_deploy.config.recipes import load_recipe, parse_recipe, shipped_recipes
 
 
 def test_shipped_recipes_parse():

@@ -18,7 +18,7 @@ import pytest
 from mnv4_deploy import UserError
 from mnv4_deploy.cli import main
 from mnv4_deploy.report import markdown, page, roofline, svg
-from mnv4_deploy.report.gate import Thresholds, compare_reports, parse_percent
+from mnv4_deploy.report.regression_gate import RegressionThresholds, compare_reports, parse_percent
 from mnv4_deploy.report.schema import (EVAL_SETS, cell_from_manifest, empty_cell, load_report, model_section,
                                        new_report, validate)
 from mnv4_deploy.report.svg import pareto_front
@@ -49,7 +49,7 @@ def fake_record(labels: np.ndarray, ref: np.ndarray, pred: np.ndarray) -> dict[s
     """A manifest's per-evaluation-set record (digest, predictions, intervals), as the pipeline writes it."""
     from types import SimpleNamespace
 
-    from mnv4_deploy.verify import evaluation_record
+    from mnv4_deploy.verify.predictions import evaluation_record
 
     images = SimpleNamespace(x=np.zeros((len(labels), 1), np.float32), labels=labels, uint8=None, files=None)
     return evaluation_record(one_hot(pred), one_hot(ref), images)
@@ -102,7 +102,7 @@ def fake_report(**kw: Any) -> dict[str, Any]:
 
 
 def test_schema_round_trip(tmp_path: Path):
-    from mnv4_deploy.fileio import write_json
+    from mnv4_deploy.infra.fileio import write_json
 
     report = fake_report()
     write_json(tmp_path / "report.json", report)
@@ -160,14 +160,14 @@ def check_cell_matches_manifest(cell: dict[str, Any], m: dict[str, Any]) -> None
 
 
 def test_gate_passes_without_regression():
-    gate = compare_reports(fake_report(), fake_report(), Thresholds(0.5, None, 0.10))
+    gate = compare_reports(fake_report(), fake_report(), RegressionThresholds(0.5, None, 0.10))
     assert gate.passed and gate.checks
     assert "PASSED" in "\n".join(markdown.gate_lines(gate))
 
 
 def test_gate_catches_one_point_top1_regression():
     base, new = fake_report(top1=0.210), fake_report(top1=0.200)  # 1.0 point lower
-    gate = compare_reports(new, base, Thresholds(0.5, None, 0.10))
+    gate = compare_reports(new, base, RegressionThresholds(0.5, None, 0.10))
     assert not gate.passed
     [reg] = gate.regressions
     assert (reg.target, reg.precision, reg.check) == ("onnx", "int8", "top-1") and reg.change == pytest.approx(1.0)
@@ -182,11 +182,11 @@ def test_gate_catches_agreement_latency_and_missing_cells():
     base = fake_report()
     new = fake_report(agree=0.74, median_ms=0.55 * 1.2)  # agreement -1 point, latency +20%
     new["cells"] = [c for c in new["cells"] if c["precision"] != "fp32"]  # fp32 cell disappeared
-    gate = compare_reports(new, base, Thresholds(0.5, None, 0.10))
+    gate = compare_reports(new, base, RegressionThresholds(0.5, None, 0.10))
     failed = {(c.precision, c.check) for c in gate.regressions}
     assert failed == {("int8", "agreement"), ("int8", "latency"), ("fp32", "present")}
     # latency within the limit and a looser agreement limit pass
-    assert compare_reports(new, base, Thresholds(0.5, 2.0, 0.25)).regressions[0].check == "present"
+    assert compare_reports(new, base, RegressionThresholds(0.5, 2.0, 0.25)).regressions[0].check == "present"
 
 
 def test_parse_percent():
@@ -197,7 +197,7 @@ def test_parse_percent():
 
 
 def test_compare_mode_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    from mnv4_deploy.fileio import write_json
+    from mnv4_deploy.infra.fileio import write_json
 
     write_json(tmp_path / "base.json", fake_report(top1=0.210))
     write_json(tmp_path / "same.json", fake_report(top1=0.210))
@@ -246,7 +246,7 @@ def check_html(text: str, pareto: bool = True) -> _Collector:
 
 def test_html_parses_and_holds_the_plots():
     report = fake_report()
-    text = page.render(report, compare_reports(report, report, Thresholds()))
+    text = page.render(report, compare_reports(report, report, RegressionThresholds()))
     check_html(text)
     assert "Pareto" in text and "ESTIMATED" in text
 
@@ -277,7 +277,7 @@ def test_roofline_counts_real_layer_shapes():
 
 def _fake_convert(calls: list[str], fail: set[str]):
     """A stand-in for pipeline.convert: writes a tiny artifact + manifest per target, fails those in `fail`."""
-    from mnv4_deploy.fileio import sha256_of, write_json
+    from mnv4_deploy.infra.fileio import sha256_of, write_json
     from mnv4_deploy.pipeline import ArtifactResult
 
     def convert(s: Any, on_target_error: Any = None) -> list[Any]:
@@ -300,20 +300,20 @@ def _fake_convert(calls: list[str], fail: set[str]):
 
 def test_runner_isolates_failures_and_reuses_by_manifest_hash(tmp_path: Path):
     from mnv4_deploy.pipeline import ConvertSettings
-    from mnv4_deploy.report.runner import ReportSettings, Runner
+    from mnv4_deploy.report.grid import ReportSettings, GridBuilder
 
     base = ConvertSettings(model="mobilenetv4_conv_small_035", out=tmp_path, targets="onnx", weights="random",
                            progress=False)
     rs = ReportSettings(base, ["fp32", "fp16", "int8"])
     calls: list[str] = []
-    cells = Runner(rs, _fake_convert(calls, fail=set())).run()
+    cells = GridBuilder(rs, _fake_convert(calls, fail=set())).run()
     assert [c["status"] for c in cells] == ["built", "skipped", "built"] and calls == ["fp32:onnx", "int8:onnx"]
-    again = Runner(rs, _fake_convert(calls, fail=set())).run()
+    again = GridBuilder(rs, _fake_convert(calls, fail=set())).run()
     assert [c["status"] for c in again] == ["reused", "skipped", "reused"] and len(calls) == 2
     # a changed recipe changes the hash: rebuilt; a failing target becomes a 'failed' cell, not a crash
     (tmp_path / "r.yaml").write_text(TINY_RECIPE)
     rs2 = ReportSettings(ConvertSettings(**{**base.__dict__, "recipe": str(tmp_path / "r.yaml")}), ["int8"])
-    [failed] = Runner(rs2, _fake_convert(calls, fail={"onnx"})).run()
+    [failed] = GridBuilder(rs2, _fake_convert(calls, fail={"onnx"})).run()
     assert failed["status"] == "failed" and failed["note"] == "RuntimeError: converter crashed"
     assert failed["model"] == "mobilenetv4_conv_small_035"
 
@@ -340,7 +340,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from mnv4_deploy.models import load_model
+    from mnv4_deploy.load.models import load_model
 
     root = tmp_path_factory.mktemp("report")
     torch.manual_seed(0)

@@ -20,11 +20,11 @@ import pytest
 from mnv4_deploy import UserError
 from mnv4_deploy.cli import main
 from mnv4_deploy.report import markdown, page, svg
-from mnv4_deploy.report.gate import Thresholds, compare_reports
-from mnv4_deploy.report.runner import merge_reports, parse_shard, shard_of
+from mnv4_deploy.report.grid import merge_reports, parse_shard, shard_of
+from mnv4_deploy.report.regression_gate import RegressionThresholds, compare_reports
 from mnv4_deploy.report.schema import cell_from_manifest, model_section, new_report
-from mnv4_deploy.verify import (holm_significant, mcnemar_drop_pvalue, paired_difference_interval,
-                                smallest_detectable_drop, wilson_interval)
+from mnv4_deploy.verify.significance import (holm_significant, mcnemar_drop_pvalue, paired_difference_interval,
+                                             smallest_detectable_drop, wilson_interval)
 from tests.test_report import fake_manifest, fake_report
 
 N = 2000
@@ -62,7 +62,7 @@ def hand_pvalue(lost: int, gained: int) -> float:
 def test_paired_gate_on_140_discordant_images(lost: int, gained: int, flagged: bool):
     """2,000 images, 140 discordant: a net drop of 40 images (2 points) is flagged, one of 6 (0.3 point) is noise."""
     base, new = discordant(lost, gained)
-    gate = compare_reports(paired_report(new), paired_report(base), Thresholds(max_drop=0.0, alpha=0.05))
+    gate = compare_reports(paired_report(new), paired_report(base), RegressionThresholds(max_drop=0.0, alpha=0.05))
     top1 = next(c for c in gate.checks if c.check == "top-1")
     assert (top1.lost, top1.gained, top1.images) == (lost, gained, N)
     assert top1.change == pytest.approx(100 * (lost - gained) / N)
@@ -100,7 +100,7 @@ def test_identical_rerun_never_regresses():
     rng = np.random.default_rng(0)
     for _ in range(5):
         report = paired_report(rng.random(N) < rng.uniform(0.1, 0.9))
-        gate = compare_reports(copy.deepcopy(report), report, Thresholds(max_drop=0.0))
+        gate = compare_reports(copy.deepcopy(report), report, RegressionThresholds(max_drop=0.0))
         assert gate.passed and all(c.p_value == 1.0 for c in gate.checks if c.unit == "pp")
 
 
@@ -108,14 +108,14 @@ def test_holm_correction_counts_every_cell():
     """A drop significant on its own (p ~ 0.02) is not significant once it is one of many tests."""
     base, new = discordant(45, 25)
     assert 0.01 < hand_pvalue(45, 25) < 0.025
-    one = compare_reports(paired_report(new), paired_report(base), Thresholds(max_drop=0.5))
+    one = compare_reports(paired_report(new), paired_report(base), RegressionThresholds(max_drop=0.5))
     assert not one.passed
     many_new, many_base = paired_report(new), paired_report(base)
     for i in range(9):  # nine more cells that did not change
         extra = paired_report(base, precision="fp32")["cells"][0] | {"model": f"other{i}"}
         many_new["cells"].append(extra)
         many_base["cells"].append(copy.deepcopy(extra))
-    many = compare_reports(many_new, many_base, Thresholds(max_drop=0.5))
+    many = compare_reports(many_new, many_base, RegressionThresholds(max_drop=0.5))
     assert many.tests == 20 and many.passed
     reg = next(c for c in many.checks if c.check == "top-1" and c.model == "m")
     assert reg.significant is False and reg.detectable > reg.change  # the report says what it could see
@@ -125,13 +125,13 @@ def test_different_image_or_calibration_sets_are_refused():
     base, new = paired_report(discordant(0, 0)[0]), paired_report(discordant(0, 0)[0])
     new["cells"][0]["evaluation"]["val"]["image_set"]["digest"] = "sha256:" + "0" * 64
     with pytest.raises(UserError, match=r"val images differ from the baseline's") as err:
-        compare_reports(new, base, Thresholds())
+        compare_reports(new, base, RegressionThresholds())
     assert "\n" not in str(err.value)
     new = paired_report(discordant(0, 0)[0])
     new["cells"][0]["calibration_set"] = {"name": "a", "digest": "sha256:1", "images": 64}
     base["cells"][0]["calibration_set"] = {"name": "b", "digest": "sha256:2", "images": 64}
     with pytest.raises(UserError, match="calibrated on other images"):
-        compare_reports(new, base, Thresholds())
+        compare_reports(new, base, RegressionThresholds())
 
 
 def test_int8_compute_rendered_when_the_manifest_has_it():
@@ -200,7 +200,7 @@ def test_merge_refuses_mixed_duplicate_or_missing_shards():
 
 def test_zoo_yaml_entries(tmp_path: Path):
     from mnv4_deploy.pipeline import ConvertSettings
-    from mnv4_deploy.report.runner import ReportSettings, parse_precisions
+    from mnv4_deploy.report.grid import ReportSettings, parse_precisions
     from mnv4_deploy.report.zoo import read_zoo, zoo_settings
 
     (tmp_path / "zoo.yaml").write_text("models:\n  - model: mobilenetv4_conv_small\n    input_size: 64\n"

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from mnv4_deploy import load_model, prepare
-from mnv4_deploy.data import default_calibration
-from mnv4_deploy.quantize import quantize
-from mnv4_deploy.recipes import parse_recipe
-from mnv4_deploy.sensitivity import analyse, choose_fallback
-from mnv4_deploy.sites import SiteToggler, find_sites, remove_sites
-from mnv4_deploy.verify import compare, torch_logits
+from mnv4_deploy.config.recipes import parse_recipe
+from mnv4_deploy.load.images import default_calibration
+from mnv4_deploy.quantization.pt2e import quantize
+from mnv4_deploy.quantization.quantizer_sites import SiteToggler, find_sites, remove_sites
+from mnv4_deploy.quantization.sensitivity import analyse, choose_fallback
+from mnv4_deploy.verify.fidelity import compare, torch_logits
 
 
 @pytest.fixture(scope="module")

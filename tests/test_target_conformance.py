@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from mnv4_deploy.cli import build_parser
-from mnv4_deploy.cli_common import target_option_values
+from mnv4_deploy.cli.common import target_option_values
+from mnv4_deploy.config.options import flag_fields
+from mnv4_deploy.config.recipes import parse_recipe
 from mnv4_deploy.errors import UserError, VerificationError
-from mnv4_deploy.fileio import sha256_of
-from mnv4_deploy.options import flag_fields
+from mnv4_deploy.infra.fileio import sha256_of
 from mnv4_deploy.pipeline import FAILED_MANIFEST, ArtifactResult, ConvertSettings, apply_overrides, convert
-from mnv4_deploy.recipes import parse_recipe
 from mnv4_deploy.targets import Runner, get_target, register_target, target_names, unregister_target
 
 PLUGIN = ("torchexport", "tests.torchexport_target:TorchExportTarget")

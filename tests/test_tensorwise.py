@@ -1,4 +1,4 @@
-"""Tensor-by-tensor check (mnv4_deploy/tensorwise.py): a faithful export matches the PyTorch simulation layer by
+"""Tensor-by-tensor check (mnv4_deploy/verify/tensorwise.py): a faithful export matches the PyTorch simulation layer by
 layer, and a defect injected into one layer of the artifact is flagged at that layer.
 
 Small random-weight model at 32x32, quantized and exported once per module (about 40 s on 2 cores); the
@@ -14,11 +14,11 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from mnv4_deploy import tensorwise  # noqa: E402
-from mnv4_deploy.data import default_calibration  # noqa: E402
-from mnv4_deploy.quantize import quantize  # noqa: E402
-from mnv4_deploy.recipes import load_recipe, options_for  # noqa: E402
+from mnv4_deploy.config.recipes import load_recipe, options_for  # noqa: E402
+from mnv4_deploy.load.images import default_calibration  # noqa: E402
+from mnv4_deploy.quantization.pt2e import quantize  # noqa: E402
 from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
+from mnv4_deploy.verify import tensorwise  # noqa: E402
 
 from .conftest import REFERENCE_ARGS, prepared_model  # noqa: E402
 

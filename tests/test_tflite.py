@@ -20,12 +20,12 @@ from torch import nn
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
-from mnv4_deploy.data import default_calibration  # noqa: E402
+from mnv4_deploy.config.recipes import load_recipe, parse_recipe  # noqa: E402
 from mnv4_deploy.errors import UserError, VerificationError  # noqa: E402
-from mnv4_deploy.recipes import load_recipe, parse_recipe  # noqa: E402
+from mnv4_deploy.load.images import default_calibration  # noqa: E402
 from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
 from mnv4_deploy.targets.tflite import TfliteOptions, artifact_input  # noqa: E402
-from mnv4_deploy.verify import compare, torch_logits  # noqa: E402
+from mnv4_deploy.verify.fidelity import compare, torch_logits  # noqa: E402
 
 from .conftest import prepared_model  # noqa: E402
 
@@ -98,7 +98,7 @@ def test_nhwc_baked_normalization_float(small, tmp_path):
 
 def test_int8_nhwc_baked_uint8_is_full_integer(small, tmp_path):
     """EdgeTPU-style: uint8 raw pixels in NHWC, uint8 logits out, no float op anywhere."""
-    from mnv4_deploy.quantize import quantize
+    from mnv4_deploy.quantization.pt2e import quantize
 
     loaded, images, reference = small
     calibration, _ = default_calibration(loaded.preprocessing, 32, seed=0)
@@ -147,7 +147,7 @@ def test_int8_reference_checkpoint_full_integer(reference_checkpoint, tiny_image
 
     recipe = tmp_path / "recipe.yaml"
     # Per-batch percentile ranges: the observer that keeps the reference checkpoint within a point of float
-    # (histogram ranges lose about 2 points and a third of the top-1 agreement; see mnv4_deploy/observers.py).
+    # (histogram ranges lose about 2 points and a third of the top-1 agreement; see mnv4_deploy/quantization/observers.py).
     recipe.write_text("name: test\nquantization:\n  activations:\n    observer: percentile\n"
                       "  calibration:\n    images: 256\nverification:\n  images: 128\n")
     settings = ConvertSettings(
@@ -217,8 +217,8 @@ class _AttentionModel(nn.Module):
 def test_hybrid_attention_full_integer(hybrid, tmp_path):
     """Mobile MQA blocks convert to a full-integer model (int8 I/O, no float op) that matches PyTorch's
     simulation of the same int8 graph; about 15-40 s here (15 s measured on 2 busy cores)."""
-    from mnv4_deploy.mqa import MobileMQA
-    from mnv4_deploy.quantize import quantize
+    from mnv4_deploy.preparation.mqa import MobileMQA
+    from mnv4_deploy.quantization.pt2e import quantize
 
     loaded, images = hybrid
     model = _AttentionModel(loaded.model).eval()
@@ -241,7 +241,7 @@ def test_hybrid_attention_full_integer(hybrid, tmp_path):
     assert fid.cosine > 0.95, fid
     # Every attention quantizer has its runtime tensor, including the ones TFLite keeps transposed (softmax over
     # its last axis) or as 2-D FULLY_CONNECTED operands without a batch axis.
-    from mnv4_deploy import tensorwise
+    from mnv4_deploy.verify import tensorwise
 
     summary = tensorwise.check(target, path, request, images.x[:4])["summary"]
     assert summary["unmatched_pytorch"] == [] and summary["flagged"] == 0, summary
@@ -250,7 +250,7 @@ def test_hybrid_attention_full_integer(hybrid, tmp_path):
 @pytest.mark.slow
 def test_hybrid_int8_small(hybrid, tmp_path):
     """About 3-6 minutes here: litert's int8 lowering of the attention blocks is slow."""
-    from mnv4_deploy.quantize import quantize
+    from mnv4_deploy.quantization.pt2e import quantize
     from mnv4_deploy.targets.tflite import set_io_dtype
 
     loaded, images = hybrid
@@ -277,7 +277,7 @@ def test_hybrid_int8_full_size(tmp_path):
     """hybrid_medium at 224 (about 3+ minutes of conversion): a full-integer model that runs in the interpreter
     and reproduces the PyTorch simulation (the 1-epoch checkpoint when present, which runs at any input size;
     random weights give ~1e-22 logits, so then only the plumbing and the int8 graph are judged)."""
-    from mnv4_deploy.quantize import quantize
+    from mnv4_deploy.quantization.pt2e import quantize
 
     trained = HYBRID_REFERENCE.is_file()
     loaded = _small("mobilenetv4_hybrid_medium", 224, str(HYBRID_REFERENCE) if trained else "random")

@@ -1,4 +1,4 @@
-"""An artifact folder `OUT/<target>/` is one transaction (mnv4_deploy/transaction.py): a reader never sees a model
+"""An artifact folder `OUT/<target>/` is one transaction (mnv4_deploy/infra/transaction.py): a reader never sees a model
 beside a manifest that is not its own, nothing stale survives, a second writer is refused in one line, and an
 interrupt (Ctrl-C or SIGTERM) leaves the previous folder as it was.
 
@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import pytest
 
 from mnv4_deploy.cli import main
-from mnv4_deploy.fileio import atomic_path, sha256_of
+from mnv4_deploy.infra.fileio import atomic_path, sha256_of
 from mnv4_deploy.targets import register_target, unregister_target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -226,7 +226,7 @@ def test_racing_folder_writers_never_fail(tmp_path: Path) -> None:
 
 def test_the_portable_swap_finishes_before_an_interrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without renameat2 the old folder is moved aside first; Ctrl-C between the two renames waits for both."""
-    from mnv4_deploy import fileio
+    from mnv4_deploy.infra import fileio
 
     final = tmp_path / "model"
     _write_folder(final, "old")
@@ -247,7 +247,7 @@ def test_the_portable_swap_finishes_before_an_interrupt(tmp_path: Path, monkeypa
 
 def test_a_folder_moved_aside_by_a_killed_run_comes_back(tmp_path: Path) -> None:
     """The portable swap's worst case (killed between its renames): the next run restores the old folder."""
-    from mnv4_deploy.transaction import lock_target
+    from mnv4_deploy.infra.transaction import lock_target
 
     out = tmp_path / "out"
     _write_folder(out / ".folder.old-1234abcd", "old")

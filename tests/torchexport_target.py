@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnv4_deploy.options import option
-from mnv4_deploy.quantize import export_program
+from mnv4_deploy.config.options import option
+from mnv4_deploy.quantization.pt2e import export_program
 from mnv4_deploy.targets.base import ExportRequest, Runner, Target
 
 
@@ -61,7 +61,7 @@ class OwnQuantizerTarget(TorchExportTarget):
     quantizers_built = 0
 
     def build_quantizer(self, quantization: Any) -> Any:
-        from mnv4_deploy.quantize import build_quantizer
+        from mnv4_deploy.quantization.pt2e import build_quantizer
 
         type(self).quantizers_built += 1
         return build_quantizer(quantization)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..tensorwise import SCALE_RTOL, QTensor, signed_values, signed_zero_point
+from ..verify.tensorwise import SCALE_RTOL, QTensor, signed_values, signed_zero_point
 from .executor import Executor
 from .reader import Op
 

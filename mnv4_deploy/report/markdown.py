@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..manifest import NUMBERS_KINDS
-from .gate import GateResult
+from ..verify.manifest import NUMBERS_KINDS
+from .regression_gate import GateResult
 from .roofline import DEVICES
 from .schema import interval, section, value
 

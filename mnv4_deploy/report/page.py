@@ -6,8 +6,8 @@ from html import escape
 from typing import Any, Optional
 
 from . import svg
-from .gate import GateResult
 from .markdown import GATE_HEADER, cells_rows, gate_lines, gate_row, model_keys
+from .regression_gate import GateResult
 from .roofline import DEVICES, OP_TYPES
 from .schema import interval, section, value
 

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
-from ..fileio import read_json
-from ..jsoncheck import (ANY, COUNT, NUMBER, STR, Invalid, ListOf, MapOf, Nullable, Num, Obj, OneOf, Type, check,
-                         describe)
-from ..manifest import NUMBERS_KINDS
+from ..infra.fileio import read_json
+from ..infra.json_check import (ANY, COUNT, NUMBER, STR, Invalid, ListOf, MapOf, Nullable, Num, Obj, OneOf, Type,
+                                check, describe)
+from ..verify.manifest import NUMBERS_KINDS
 from .roofline import DEVICES
 
 SCHEMA = "mnv4-deploy/report"
@@ -108,7 +108,7 @@ def cell_from_manifest(manifest: dict[str, Any], status: str, artifact: str, man
                 None if drop_ci is None else [100.0 * drop_ci[0], 100.0 * drop_ci[1]])
         sim = v[name].get("vs_pytorch_simulation")
         if sim:
-            from ..verify import wilson_interval
+            from ..verify.significance import wilson_interval
 
             metrics[f"{name}.sim_agreement"] = metric(
                 sim["top1_agreement"], "fraction", runtime, "argmax equals the PyTorch int8 simulation's", n,
@@ -290,7 +290,7 @@ REPORT_SCHEMA = Obj({"models": ListOf(MODEL_SECTION), "cells": ListOf(CELL)},
 def _agrees_with_predictions(cell: dict[str, Any], source: str) -> None:
     """A summary number that its own per-image predictions contradict means the file was edited: refuse it
     (the gate judges the predictions, so an edited summary would otherwise pass unnoticed)."""
-    from ..verify import decode_classes
+    from ..verify.predictions import decode_classes
 
     for name, ev in (cell.get("evaluation") or {}).items():
         n = ev["image_set"]["images"]

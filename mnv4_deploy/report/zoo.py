@@ -37,7 +37,7 @@ def read_zoo(spec: str) -> list[dict[str, Any]]:
         if not names:
             raise UserError("--models takes a comma list of models or a zoo .yaml file, got nothing")
         return [{"model": n} for n in names]
-    from ..yamlio import safe_load
+    from ..config.yaml_io import safe_load
 
     path = Path(spec)
     if not path.is_file():

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from ..errors import MissingDependencyError
-from ..semantics import EXACT, Semantics
+from ..quantization.simulation_semantics import EXACT, Semantics
 
 if TYPE_CHECKING:
-    from ..data import LoadedImages
-    from ..models import LoadedModel
-    from ..quantize import QuantizedModel
-    from ..recipes import Quantization
-    from ..tensorwise import QTensor
+    from ..config.recipes import Quantization
+    from ..load.images import LoadedImages
+    from ..load.models import LoadedModel
+    from ..quantization.pt2e import QuantizedModel
+    from ..verify.tensorwise import QTensor
 
 # What `Target.quantized_tensors` returns: the runtime's quantized tensors and facts about how they were read,
 # or a sentence saying why they are not available for this artifact.
@@ -110,7 +110,7 @@ class Target(ABC):
 
     def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
         """The artifact's input as an app must feed it. Override for NHWC, integer or baked-in inputs."""
-        from ..manifest import input_spec
+        from ..verify.manifest import input_spec
 
         pre = request.loaded.preprocessing
         return input_spec([1, 3, *pre.input_size], pre)
@@ -121,7 +121,7 @@ class Target(ABC):
 
     def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> RuntimeTensors:
         """The int8 artifact's quantized activations on `x` (normalised NCHW float32), from its runtime with
-        intermediates exposed, for the tensor-by-tensor check (mnv4_deploy/tensorwise.py)."""
+        intermediates exposed, for the tensor-by-tensor check (mnv4_deploy/verify/tensorwise.py)."""
         return f"not available: {self.name} does not expose intermediate tensors"
 
     def build_quantizer(self, quantization: "Quantization") -> Any:

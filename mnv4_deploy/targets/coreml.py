@@ -24,11 +24,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..capture import captured
+from ..config.options import choice, option
 from ..errors import UserError
+from ..infra.converter_output import captured
 from ..input_adapter import DeployInput
 from ..mlprogram import ane
-from ..options import choice, option
 from .base import ExportRequest, Runner, RuntimeTensors, Target
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class CoremlTarget(Target):
         return tensors, info
 
     def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
-        from ..manifest import input_spec
+        from ..verify.manifest import input_spec
 
         pre = request.loaded.preprocessing
         if request.options.image_input:
@@ -389,7 +389,7 @@ class CoremlRunner(Runner):
         images): how far Core ML's arithmetic is from the executor's model of it."""
         if self._sample is None:
             return {"images": 0}
-        from ..verify import compare
+        from ..verify.fidelity import compare
 
         x, predicted = self._sample
         fid = compare(predicted, self.executed(x)).to_dict()

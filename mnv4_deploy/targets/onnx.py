@@ -10,10 +10,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..capture import captured
-from ..options import choice, option
-from ..quantize import export_program
-from ..tensorwise import QTensor, close_qparams, signed_values, signed_zero_point
+from ..config.options import choice, option
+from ..infra.converter_output import captured
+from ..quantization.pt2e import export_program
+from ..verify.tensorwise import QTensor, close_qparams, signed_values, signed_zero_point
 from .base import ExportRequest, Runner, RuntimeTensors, Target
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"

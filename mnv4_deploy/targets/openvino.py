@@ -22,11 +22,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..capture import captured
+from ..config.options import choice, option
 from ..errors import UserError, did_you_mean
-from ..options import choice, option
-from ..quantize import export_program
-from ..tensorwise import QTensor
+from ..infra.converter_output import captured
+from ..quantization.pt2e import export_program
+from ..verify.tensorwise import QTensor
 from .base import ExportRequest, Runner, RuntimeTensors, Target
 
 XML, BIN = "model.xml", "model.bin"

@@ -21,10 +21,10 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..config.options import choice, option
 from ..errors import VerificationError
-from ..options import choice, option
-from ..semantics import EXACT, Semantics
-from ..tensorwise import QTensor
+from ..quantization.simulation_semantics import EXACT, Semantics
+from ..verify.tensorwise import QTensor
 from .base import ExportRequest, Runner, RuntimeTensors, Target
 from .onnx import INPUT_NAME, INT16_OPSET, OnnxTarget, _export, activations_to_uint8, activations_to_unsigned
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import captured
+from ..config.options import choice, option
 from ..errors import UserError, VerificationError
+from ..infra.converter_output import captured
 from ..input_adapter import DeployInput
-from ..options import choice, option
-from ..tensorwise import QTensor, signed_values, signed_zero_point
+from ..verify.tensorwise import QTensor, signed_values, signed_zero_point
 from .base import ExportRequest, Runner, RuntimeTensors, Target
 
 _FLOAT_DTYPES = (np.float32, np.float16, np.float64)
@@ -127,7 +127,7 @@ class TfliteTarget(Target):
         }
 
     def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
-        from ..manifest import input_spec
+        from ..verify.manifest import input_spec
 
         opts: TfliteOptions = request.options
         detail = _interpreter(path, delegates=False).get_input_details()[0]
@@ -171,7 +171,7 @@ def _check_fallback_fits(quantized: Any, opts: TfliteOptions) -> None:
 def _requantize_wrapped(request: ExportRequest, model: nn.Module) -> Any:
     """The shared PT2E graph takes normalised NCHW; a graph with another input needs its own observers at that
     input, so the same recipe is re-run on the wrapped model with the same calibration images."""
-    from ..quantize import quantize
+    from ..quantization.pt2e import quantize
 
     if request.quantized.calibration.get("method") == "qat":
         raise UserError("--layout nhwc / --bake-normalization re-calibrate a wrapped copy of the float "
@@ -219,7 +219,7 @@ def to_artifact_input(x: np.ndarray, pre: Any, opts: TfliteOptions) -> np.ndarra
 
 def wrapper_calibration(request: ExportRequest, opts: TfliteOptions) -> Any:
     """The calibration images in the wrapped model's input convention."""
-    from ..data import LoadedImages
+    from ..load.images import LoadedImages
 
     calib = request.calibration
     if calib is None:
@@ -251,7 +251,7 @@ def _convert_int8(quantized: Any, example: Any) -> bytes:
 def float_graph(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """What the float conversions convert: hybrids exported with their softmax marked as the fused SOFTMAX
     builtin (as in the int8 model, so int8/float comparisons are like for like); other models as they are."""
-    from ..mqa import MobileMQA
+    from ..preparation.mqa import MobileMQA
 
     if not any(isinstance(m, MobileMQA) for m in model.modules()):
         return model

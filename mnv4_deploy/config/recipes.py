@@ -1,0 +1,363 @@
+"""Recipes: YAML files validated into typed, frozen dataclasses.
+
+A mistake names the file, the line, the key and the nearest valid key. YAML is read with the safe loader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..errors import UserError, did_you_mean
+from .named_files import find_named, named_files, shipped_dir, user_dir
+from .options import choice, numeric_range, option, range_text
+from .yaml_io import CONSTRUCT_ERRORS, cannot_read, compose
+
+# The shipped recipes (package data; the repository's recipes/ folder). Read them by name with load_recipe.
+RECIPES_DIR = shipped_dir("recipes") or Path("recipes")
+
+# Ranges of the recipe's numbers (every numeric field declares one; tests/test_recipes.py checks): far beyond
+# any useful value, and small enough that a typo cannot ask for a run of days or memory the machine lacks.
+MAX_IMAGES = 1_000_000
+MAX_BATCH = 4096
+MAX_STEPS = 1_000_000  # optimisation steps (adaround per layer, range learning, QAT)
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    bits: int = choice(8, 8)
+    granularity: str = choice("per_channel", "per_channel", "per_tensor")
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    bits: int = choice(8, 8)
+    # How activation ranges are chosen from calibration data (see mnv4_deploy/quantization/observers.py):
+    # per-batch statistics averaged over batches (mean_minmax, percentile, mse) resist MNv4's outliers;
+    # minmax and histogram (torchao's HistogramObserver) are the naive baselines; kl is TensorRT's entropy method.
+    observer: str = choice("percentile", "percentile", "mse", "kl", "mean_minmax", "histogram", "minmax",
+                           "moving_average")
+    percentile: float = option(99.99, above=50, high=100)  # for observer: percentile (the high tail kept)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    # A calibration set (name or .yaml file, see calibration/) to use when the command gives no --calib;
+    # its root comes from --calib-root or $MNV4_CALIB_ROOT. Empty: --calib, else the scikit-image photos.
+    set: str = ""
+    images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images drawn from --calib (a set larger than this: a seeded subset)
+    batch_size: int = option(32, low=1, high=MAX_BATCH)
+    seed: int = option(0, low=0, high=MAX_SEED)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Keep the most sensitive activations in higher precision, under an accuracy budget (mnv4_deploy/quantization/sensitivity.py).
+
+    Sites are added greedily, most helpful first, until top-1 agreement with float on the calibration images
+    reaches `target_agreement` or `max_layers` sites are chosen.
+    """
+
+    max_layers: int = option(0, low=0, high=10_000)  # 0 = off
+    target_agreement: float = option(0.97, unit_interval=True)  # the budget: stop once top-1 agreement with float (calibration images) reaches this
+    # float: those tensors stay float on every target. int16: int16 activations with int8 weights (w8a16, as
+    # Qualcomm's w8a16_mixed_int16) on targets whose runtime runs them (ONNX QDQ, opset 21); the others keep
+    # those tensors float (TFLite's converter rejects mixed int8/int16 operands, OpenVINO 2026.4 computes
+    # 65536-level FakeQuantize wrongly, CoreML has no int16 activations). Each manifest says which it got.
+    precision: str = choice("float", "float", "int16")
+    images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images the choice is judged on (at most the calibration set)
+
+
+@dataclass(frozen=True)
+class Equalization:
+    """Rescale channels between consecutive convs of the float model before quantization (mnv4_deploy/quantization/ptq/equalize.py)."""
+
+    # cle: balance the weight ranges of each conv pair (Nagel et al. 2019); activation: balance the per-channel
+    # ranges of the activation between them (SmoothQuant-style), which is what per-tensor int8 activations need.
+    method: str = choice("none", "none", "cle", "activation")
+    alpha: float = option(0.5, unit_interval=True)  # activation: share of the activation range moved into a dense next conv (depthwise: all)
+    iterations: int = option(2, low=1, high=100)  # cle: passes over the chain
+
+
+@dataclass(frozen=True)
+class AdaRound:
+    """Learn each weight's rounding (up or down) against the float layer output (mnv4_deploy/quantization/ptq/adaround.py)."""
+
+    enabled: bool = False
+    iterations: int = option(50, low=1, high=100_000)  # optimisation steps per layer
+    images: int = option(128, low=1, high=MAX_IMAGES)  # calibration images used
+    batch_size: int = option(32, low=1, high=MAX_BATCH)
+
+
+@dataclass(frozen=True)
+class RangeLearning:
+    """Tune activation scales on calibration images against the float logits (mnv4_deploy/quantization/ptq/range_learning.py)."""
+
+    steps: int = option(0, low=0, high=100_000)  # 0 = off
+    lr: float = option(0.01, above=0, high=1)  # Adam, on the log of each scale
+    batch_size: int = option(32, low=1, high=MAX_BATCH)
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """Remove each conv's per-channel mean output error from its bias (mnv4_deploy/quantization/ptq/bias_correction.py)."""
+
+    enabled: bool = False
+    images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images used at most (a trimmed mean over them)
+    # ...and no more than this many pixels of them (512 images at 64x64), at least 128 images: a mean shift
+    # per channel over 128 images of 256x256 has more samples than 512 of 64x64, and bias correction runs
+    # the float and fake-quantized model over every image, the largest share of a native-resolution convert.
+    pixels: int = option(512 * 64 * 64, low=1, high=2 ** 40)
+
+    def images_for(self, height: int, width: int) -> int:
+        """How many calibration images bias correction uses at this input size."""
+        return min(self.images, max(128, self.pixels // (height * width)))
+
+
+@dataclass(frozen=True)
+class Quantization:
+    weights: WeightQuant = field(default_factory=WeightQuant)
+    activations: ActivationQuant = field(default_factory=ActivationQuant)
+    calibration: Calibration = field(default_factory=Calibration)
+    fallback: Fallback = field(default_factory=Fallback)
+    # PTQ algorithms (mnv4_deploy/quantization/ptq/), applied in this order: equalization (float model), calibration,
+    # adaround (weights), range_learning (activation scales), bias_correction.
+    equalization: Equalization = field(default_factory=Equalization)
+    adaround: AdaRound = field(default_factory=AdaRound)
+    range_learning: RangeLearning = field(default_factory=RangeLearning)
+    bias_correction: BiasCorrection = field(default_factory=BiasCorrection)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What an artifact of one precision must reach against the float model to be written."""
+
+    min_agreement: float = option(0.5, unit_interval=True)  # top-1 agreement with the reference, held-back images
+    min_cosine: float = option(0.9, unit_interval=True)  # mean per-image cosine similarity of logits
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How artifacts are checked in their runtime, and the gate they must pass to be written.
+
+    Every artifact must give finite outputs. Float artifacts must reproduce the float model; int8 ones must
+    stay close to it, and an artifact built from the shared PT2E model must also reproduce that model's
+    PyTorch simulation (a converter that drops or rescales a quantizer fails there first). The int8 bounds
+    against float are loose on purpose: they catch broken artifacts (onnxruntime's default quantize_static
+    keeps 1% agreement on the reference checkpoint), not recipes that lose a little accuracy.
+    """
+
+    images: int = option(256, low=1, high=MAX_IMAGES)  # held-back images (disjoint from calibration) used to compare with float
+    batch_size: int = option(64, low=1, high=MAX_BATCH)
+    # false: an artifact that fails the thresholds is still written, and its manifest says it failed.
+    gate: bool = True
+    fp32: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.99, min_cosine=0.9999))
+    fp16: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.95, min_cosine=0.999))
+    int8: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.5, min_cosine=0.9))
+    # Artifacts built from the shared PT2E model against its PyTorch simulation (same quantization). Integer
+    # kernels round differently from the float simulation by up to 1 LSB per layer, and a fragile model amplifies
+    # that: the reference conv_small at 224 (trained at 64) stays at cosine 0.94-0.97 in all three runtimes with
+    # every tensor within 1 LSB locally. So this bound catches gross divergence; the tensor-by-tensor check names
+    # the layer where a converter went wrong.
+    simulation: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.85, min_cosine=0.9))
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """The float model teaches the fake-quantized one (knowledge distillation)."""
+
+    # mse: match the teacher's logits (pushes every logit, so the int8 model keeps the float top-1);
+    # kl: match softened probabilities at `temperature` (Hinton et al.).
+    loss: str = choice("mse", "mse", "kl")
+    temperature: float = option(1.0, above=0, high=100)  # for loss: kl
+    alpha: float = option(1.0, unit_interval=True)  # weight of distillation vs cross-entropy on the labels (1.0 = distillation only)
+
+
+@dataclass(frozen=True)
+class Qat:
+    """Quantization-aware fine-tuning (`mnv4-deploy qat`). Steps count optimizer updates over all processes."""
+
+    epochs: int = option(2, low=0, high=10_000)
+    batch_size: int = option(64, low=1, high=MAX_BATCH)  # per process
+    optimizer: str = choice("adamw", "adamw", "sgd")
+    lr: float = option(1e-5, above=0, high=1)
+    # constant, or cosine: every learning rate (weights and ranges) decays from its value to 0 over the run's
+    # steps, so the exported weights are a settled point rather than one step of a noisy walk.
+    lr_schedule: str = choice("constant", "constant", "cosine")
+    weight_decay: float = option(0.0, low=0, high=1)
+    # Learn the activation scales and zero points by gradient (LSQ, Esser et al. 2020) once observers freeze;
+    # off: the ranges stay where the observers left them.
+    range_learning: bool = True
+    range_lr: float = option(1e-4, above=0, high=1)
+    # BatchNorm uses batch statistics (and updates its running stats) for this many steps, then freezes.
+    # 0 = frozen from the start (best when the train images are few or batches small).
+    freeze_bn_after: int = option(0, low=0, high=MAX_STEPS)
+    # Observers keep refining the ranges for this many steps (from the PTQ calibration start), then freeze.
+    freeze_observers_after: int = option(0, low=0, high=MAX_STEPS)
+    distillation: Distillation = field(default_factory=Distillation)
+    augment: str = choice("flip", "flip", "none")  # random horizontal flips of train images
+    eval_images: int = option(1000, low=1, high=MAX_IMAGES)  # --val images scored (agreement with float) after every epoch
+    checkpoint_every: int = option(200, low=1, high=MAX_STEPS)  # steps between checkpoints (and at each epoch end)
+    workers: int = option(2, low=0, high=64)  # data-loader worker processes per training process
+    seed: int = option(0, low=0, high=MAX_SEED)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "ptq-int8"
+    description: str = ""
+    quantization: Quantization = field(default_factory=Quantization)
+    verification: Verification = field(default_factory=Verification)
+    qat: Qat = field(default_factory=Qat)  # used by `mnv4-deploy qat` only
+    # Per-target options, e.g. {'onnx': OnnxOptions(opset=18)}; each target declares its own options class.
+    targets: dict = field(default_factory=dict)
+    source: str = field(default="<built-in>", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def load_recipe(name_or_path: Optional[str]) -> Recipe:
+    """Load a recipe by shipped name ('ptq-int8') or by path; None gives the default recipe."""
+    if name_or_path is None:
+        name_or_path = "ptq-int8"
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        named = find_named("recipes", name_or_path)
+        if named is None:
+            shipped = shipped_recipes()
+            raise UserError(
+                f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, shipped)}; "
+                f"shipped recipes: {', '.join(shipped) or 'none'} (own ones in {user_dir('recipes')}), "
+                "or give a path to a .yaml file"
+            )
+        return parse_recipe(named.read_text(), str(named))
+    if not path.is_file():
+        raise UserError(f"recipe file '{name_or_path}' not found")
+    return parse_recipe(path.read_text(), str(path))
+
+
+def shipped_recipes() -> list[str]:
+    """Recipe names `--recipe` accepts: the package's and the user folder's."""
+    return sorted(named_files("recipes"))
+
+
+def parse_recipe(text: str, source: str = "<string>") -> Recipe:
+    node = compose(text, source)  # safe loader; a syntax error or a duplicate key names its line
+    if node is None:
+        return Recipe(source=source)
+    recipe = _build(Recipe, node, source, "")
+    return dataclasses.replace(recipe, source=source)
+
+
+def _build_targets(node: yaml.Node, source: str) -> dict[str, Any]:
+    from ..targets import get_target, target_names
+
+    if not isinstance(node, yaml.MappingNode):
+        raise UserError(f"{_where(source, node)}: 'targets' must map target names to options")
+    out = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise UserError(f"{_where(source, key_node)}: keys in 'targets' must be target names")
+        name = key_node.value
+        if name not in target_names():
+            raise UserError(
+                f"{_where(source, key_node)}: unknown target 'targets.{name}'{did_you_mean(name, target_names())}; "
+                f"valid targets: {', '.join(target_names())}"
+            )
+        options_cls = get_target(name).Options
+        if isinstance(value_node, yaml.ScalarNode) and value_node.value in ("", "~", "null"):
+            out[name] = options_cls()
+        else:
+            out[name] = _build(options_cls, value_node, source, f"targets.{name}")
+    return out
+
+
+def options_for(recipe: Recipe, target: str) -> Any:
+    """The recipe's options for `target`, or that target's defaults."""
+    from ..targets import get_target
+
+    return recipe.targets.get(target) or get_target(target).Options()
+
+
+def _where(source: str, node: yaml.Node) -> str:
+    return f"{source}:{node.start_mark.line + 1}"
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """A nested section's own default (e.g. verification.fp32's thresholds), which given keys override."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: type, node: yaml.Node, source: str, path: str, base: Any = None) -> Any:
+    if not isinstance(node, yaml.MappingNode):
+        raise UserError(f"{_where(source, node)}: '{path or 'recipe'}' must be a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise UserError(f"{_where(source, key_node)}: keys in '{path or 'recipe'}' must be plain names")
+        key = key_node.value
+        full = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise UserError(
+                f"{_where(source, key_node)}: unknown key '{full}'{did_you_mean(key, fields)}; "
+                f"valid keys here: {', '.join(fields)}"
+            )
+        typ = hints[key]
+        if cls is Recipe and key == "targets":
+            values[key] = _build_targets(value_node, source)
+        elif dataclasses.is_dataclass(typ):
+            values[key] = _build(typ, value_node, source, full, _field_default(fields[key]))
+        else:
+            values[key] = _scalar(typ, fields[key], value_node, source, full)
+    try:  # an Options class may check its fields together (__post_init__): name the section's line too
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except UserError as exc:
+        raise UserError(f"{_where(source, node)}: {exc}") from None
+
+
+def _scalar(typ: Any, f: dataclasses.Field, node: yaml.Node, source: str, path: str) -> Any:
+    try:
+        value = yaml.SafeLoader("").construct_document(node)
+    except CONSTRUCT_ERRORS as exc:
+        raise UserError(f"{_where(source, node)}: '{path}' {cannot_read(exc)}") from None
+    if typ is dict or typing.get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{_where(source, node)}: '{path}' must be a mapping")
+        return value
+    expected = {int: int, float: (int, float), str: str, bool: bool}.get(typ)
+    if expected and (not isinstance(value, expected) or (typ is int and isinstance(value, bool))):
+        raise UserError(f"{_where(source, node)}: '{path}' must be {typ.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(
+            f"{_where(source, node)}: '{path}' must be one of {', '.join(map(str, choices))}, "
+            f"got {value!r}{did_you_mean(str(value), map(str, choices))}"
+        )
+    if typ in (int, float):
+        _check_range(value, f, f"{_where(source, node)}: '{path}'")
+    return float(value) if typ is float else value
+
+
+def _check_range(value: Any, f: dataclasses.Field, what: str) -> None:
+    """A number inside its field's declared range (finite; an undeclared int at least 0)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{what} must be a finite number, got {value}")
+    bounds = numeric_range(f) or (0, None, None)
+    low, above, high = bounds
+    if ((low is not None and value < low) or (above is not None and value <= above)
+            or (high is not None and value > high)):
+        raise UserError(f"{what} must be {range_text(*bounds)}, got {value}")
+

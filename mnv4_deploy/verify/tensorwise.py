@@ -1,0 +1,341 @@
+"""Tensor-by-tensor check that a runtime deploys the PyTorch int8 model it was exported from.
+
+Final logits can agree while a layer is wrong (a converter that re-quantizes a tensor with another scale,
+or drops a quantize/dequantize pair); this compares every quantized activation instead:
+
+1. PyTorch: the converted PT2E graph (`QuantizedModel.converted()`) runs on a few held-back images and every
+   `quantize_per_tensor` output is recorded as int8 with its scale, zero point and PyTorch module path.
+2. Runtime: the target exposes its quantized intermediates (`Target.quantized_tensors`, in each target's
+   module): e.g. onnxruntime's own optimized (QDQ-fused) graph with its 8-bit tensors as graph outputs, the
+   TFLite interpreter (built-in kernels) with all tensors preserved, OpenVINO CPU with the FakeQuantize
+   outputs added as model outputs.
+3. Matching (converters rename everything): first on quantization parameters (scale to 1e-5 relative, zero
+   point) plus element count, trying the layouts the shapes allow (NCHW, NHWC, squeezed); among equal
+   candidates the closest values win. Then tensors left on both sides with the same element count are paired
+   on dequantized values (relative RMS error < 0.5): such a pair is a tensor the converter re-quantized with
+   other parameters. Then a PyTorch quantizer of an identity op the converter folded (flatten after pooling)
+   may share an already matched runtime tensor with its parameters and values. Whatever remains is reported
+   unmatched: a PyTorch quantizer with no runtime counterpart can mean the converter dropped it.
+4. Each matched pair is compared in LSBs of the PyTorch scale, twice: `accumulated` (both sides run freely,
+   so differences carry over from earlier layers) and `local` (PyTorch re-runs with every matched tensor's
+   dequantized value replaced by the runtime's, so each layer sees the runtime's own inputs and only its own
+   error remains). A layer is flagged when its local fraction of elements more than 1 LSB apart exceeds the
+   threshold, when its scale/zero point differ from PyTorch's, or when the runtime writes and reads it with
+   different parameters: that names the layer a defect starts at rather than everything downstream of it.
+   (On faithful exports accumulated differences reach 4-14 LSB with up to 64% of a tensor > 1 LSB off after
+   a dozen layers of rounding differences, so only the local numbers can carry a threshold.)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ..load.images import model_input
+
+logger = logging.getLogger(__name__)
+
+FRACTION_THRESHOLD = 0.01  # flag a layer when more than 1% of its elements are > 1 LSB from PyTorch's
+SCALE_RTOL = 1e-5  # float32 scales round-trip through every format to about 1e-7
+VALUE_MATCH_RTOL = 0.5  # second matching pass: relative RMS error of dequantized values
+IMAGES = 8
+
+
+@dataclass
+class QTensor:
+    """One quantized activation on a batch of images: integer values with their scale and zero point."""
+
+    name: str
+    scale: float
+    zero_point: int
+    values: np.ndarray  # integers (int32), batch first, in the producer's own layout
+    order: int  # position in its graph's execution order
+    module: str = ""  # PyTorch module path (PyTorch side)
+    op: str = ""  # the producing operation
+    note: str = ""  # a runtime-side inconsistency (e.g. written and read with different scales)
+    scale_rtol: float = SCALE_RTOL  # how exactly its scale can match PyTorch's (a float16 scale: about 2^-11)
+
+    @property
+    def per_image(self) -> int:
+        return int(np.prod(self.values.shape[1:]))
+
+    def dequantized(self) -> np.ndarray:
+        return (self.values.astype(np.float64) - self.zero_point) * self.scale
+
+
+@dataclass
+class Pair:
+    torch: QTensor
+    runtime: QTensor
+    aligned: np.ndarray  # runtime values dequantized, in the PyTorch tensor's shape
+    how: str  # 'qparams' or 'values (re-quantized)'
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- PyTorch side
+def _quant_targets() -> tuple[Any, ...]:
+    import torch
+
+    ops = torch.ops.quantized_decomposed
+    return (ops.quantize_per_tensor.default, ops.quantize_per_tensor.tensor)
+
+
+def _module_of(node: Any) -> str:
+    """The PyTorch module path a quantizer belongs to (its producer's innermost nn_module_stack entry)."""
+    import torch
+
+    src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if src is not None and src.op == "placeholder":
+        return "input"
+    stack = (src.meta.get("nn_module_stack") if src is not None else None) or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self___", "")
+
+
+def torch_quantized(gm: Any, x: np.ndarray, forced: Optional[dict[str, np.ndarray]] = None) -> list[QTensor]:
+    """Every activation quantizer of a converted PT2E graph run on `x` (int8 outputs, scale, zero point).
+
+    `forced` maps quantizer names to dequantized values (float, PyTorch layout) that their dequantize nodes
+    return instead of the computed ones, so later layers run on exactly those inputs (the `local` comparison).
+    """
+    import torch
+
+    targets = _quant_targets()
+    ops = torch.ops.quantized_decomposed
+    dequantize = (ops.dequantize_per_tensor.default, ops.dequantize_per_tensor.tensor)
+    found: list[QTensor] = []
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n: Any) -> Any:
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target in targets:
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                scale, zero = float(args[1]), int(args[2])
+                found.append(QTensor(n.name, scale, zero, out.numpy().astype(np.int32), len(found),
+                                     _module_of(n), str(getattr(n.args[0], "name", ""))))
+            elif forced and n.op == "call_function" and n.target in dequantize \
+                    and getattr(n.args[0], "name", None) in forced:
+                out = torch.from_numpy(forced[n.args[0].name]).to(out.dtype)
+            return out
+
+    with torch.no_grad():
+        Capture(gm).run(model_input(x))
+    return found
+
+
+# ----------------------------------------------------------------------------- helpers for targets
+def signed_values(values: np.ndarray, dtype: Any) -> np.ndarray:
+    """Integer values as int32 on the int8 grid (uint8 tensors are shifted by -128, with their zero point)."""
+    v = np.asarray(values).astype(np.int32)
+    return v - 128 if np.dtype(dtype) == np.uint8 else v
+
+
+def signed_zero_point(zero: int, dtype: Any) -> int:
+    return int(zero) - 128 if np.dtype(dtype) == np.uint8 else int(zero)
+
+
+# ----------------------------------------------------------------------------- matching
+def _alignments(values: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """`values` (runtime layout, batch first) rearranged to PyTorch's `shape`, every way the shapes allow."""
+    out = []
+    if values.shape == shape:
+        out.append(values)
+    if values.ndim == 4 and len(shape) == 4 and values.transpose(0, 3, 1, 2).shape == shape:
+        out.append(values.transpose(0, 3, 1, 2))
+    # Last two axes swapped: TFLite softmaxes attention over its last axis (PyTorch's axis 2 transposed there
+    # and back) and OpenVINO folds the small K transpose into its MatMul, so those tensors exist transposed.
+    if values.ndim == len(shape) >= 2 and np.swapaxes(values, -1, -2).shape == shape:
+        out.append(np.swapaxes(values, -1, -2))
+    squeeze = lambda s: tuple(d for d in s if d != 1)
+    if not out and values.size == int(np.prod(shape)) and squeeze(values.shape[1:]) == squeeze(shape[1:]) \
+            and values.shape[0] == shape[0]:
+        out.append(values.reshape(shape))
+    return out
+
+
+def close_qparams(scale_a: float, zero_a: int, scale_b: float, zero_b: int) -> bool:
+    return zero_a == zero_b and abs(scale_a - scale_b) <= SCALE_RTOL * max(scale_a, scale_b)
+
+
+def _same_qparams(a: QTensor, b: QTensor) -> bool:
+    rtol = max(a.scale_rtol, b.scale_rtol)
+    return a.zero_point == b.zero_point and abs(a.scale - b.scale) <= rtol * max(a.scale, b.scale)
+
+
+def _best(t: QTensor, candidates: Sequence[QTensor]) -> Optional[tuple[QTensor, np.ndarray, float]]:
+    """The candidate whose dequantized values (best layout) are closest to `t`'s: (tensor, aligned, rel. RMS)."""
+    ref = t.dequantized()
+    norm = float(np.sqrt(np.mean(ref ** 2))) or t.scale
+    best = None
+    for c in candidates:
+        deq = c.dequantized()
+        for aligned in _alignments(deq, ref.shape):
+            err = float(np.sqrt(np.mean((aligned - ref) ** 2))) / norm
+            if best is None or err < best[2]:
+                best = (c, aligned, err)
+    return best
+
+
+def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple[list[Pair], list[QTensor], list[QTensor]]:
+    left = list(runtime)
+    pairs: list[Pair] = []
+    unmatched: list[QTensor] = []
+    for t in torch_tensors:
+        cands = [r for r in left if _same_qparams(t, r) and r.values.size == t.values.size]
+        best = _best(t, cands) if cands else None
+        if best is None:
+            unmatched.append(t)
+            continue
+        left.remove(best[0])
+        pairs.append(Pair(t, best[0], best[1], "qparams"))
+    still: list[QTensor] = []
+    for t in unmatched:  # re-quantized tensors: same size, close values, other scale or zero point
+        cands = [r for r in left if r.values.size == t.values.size]
+        best = _best(t, cands) if cands else None
+        if best is None or best[2] > VALUE_MATCH_RTOL:
+            still.append(t)
+            continue
+        left.remove(best[0])
+        pairs.append(Pair(t, best[0], best[1], "values (re-quantized)"))
+    lost: list[QTensor] = []
+    for t in still:  # an identity op the converter folded (flatten after pooling): shares a matched tensor
+        cands = [p.runtime for p in pairs if _same_qparams(t, p.runtime) and p.runtime.values.size == t.values.size]
+        best = _best(t, cands) if cands else None
+        if best is None or best[2] > VALUE_MATCH_RTOL:
+            lost.append(t)
+            continue
+        pairs.append(Pair(t, best[0], best[1], "qparams (shares a runtime tensor: identity op folded)"))
+    pairs.sort(key=lambda p: p.torch.order)
+    return pairs, lost, left
+
+
+def _lsb_stats(reference: QTensor, aligned: np.ndarray, observed: Optional[np.ndarray] = None,
+               runtime: Optional[QTensor] = None) -> dict[str, Any]:
+    ref = reference.dequantized() if observed is None else observed
+    if runtime is not None and _same_qparams(reference, runtime):
+        # Same grid up to the scale's storage precision (a float16 scale in CoreML): count integer steps on each
+        # side's own scale, or a 1-step difference at q = 127 would read as 1.12 steps and be flagged.
+        lsb = np.abs(aligned / runtime.scale - ref / reference.scale)
+    else:
+        lsb = np.abs(aligned - ref) / reference.scale
+    return {"max_lsb": round(float(lsb.max()), 3), "mean_lsb": round(float(lsb.mean()), 5),
+            "frac_over_1lsb": round(float((lsb > 1.0 + 1e-6).mean()), 6)}
+
+
+# ----------------------------------------------------------------------------- the check
+def compare(gm: Any, x: np.ndarray, runtime: Sequence[QTensor], threshold: float = FRACTION_THRESHOLD) -> dict[str, Any]:
+    """Match `runtime` to the PyTorch quantizers of `gm` on `x`, compare each pair; summary + full table."""
+    free = torch_quantized(gm, x)
+    pairs, lost, extra = match(free, runtime)
+    # Local comparison: PyTorch again, each matched quantizer's dequantized output replaced by the runtime's
+    # (exact, whatever grid the runtime used), so every layer is judged on the runtime's own inputs.
+    forced = {p.torch.name: p.aligned.astype(np.float32) for p in pairs}
+    local = {t.name: t for t in torch_quantized(gm, x, forced)}
+    rows = []
+    for p in pairs:
+        acc = _lsb_stats(p.torch, p.aligned, runtime=p.runtime)
+        loc = _lsb_stats(local[p.torch.name], p.aligned, runtime=p.runtime)
+        reasons = []
+        if not _same_qparams(p.torch, p.runtime):
+            reasons.append(f"re-quantized: scale {p.runtime.scale:.6g} zero point {p.runtime.zero_point} "
+                           f"(PyTorch {p.torch.scale:.6g}, {p.torch.zero_point})")
+        if p.runtime.note:
+            reasons.append(f"inconsistent in the runtime: {p.runtime.note}")
+        if loc["frac_over_1lsb"] > threshold:
+            reasons.append(f"{100 * loc['frac_over_1lsb']:.1f}% of elements > 1 LSB from PyTorch on the same inputs")
+        rows.append({"order": p.torch.order, "quantizer": p.torch.name, "module": p.torch.module,
+                     "producer": p.torch.op, "runtime_tensor": p.runtime.name, "runtime_op": p.runtime.op,
+                     "shape": list(p.torch.values.shape[1:]), "scale": p.torch.scale,
+                     "zero_point": p.torch.zero_point, "runtime_scale": p.runtime.scale,
+                     "runtime_zero_point": p.runtime.zero_point, "matched_on": p.how,
+                     "local": loc, "accumulated": acc, "flagged": bool(reasons), "reasons": reasons})
+    matched_qparams = [p.runtime for p in pairs]
+    extra_new = [r for r in extra if not any(_same_qparams(r, m) for m in matched_qparams)]
+    flagged = [r for r in rows if r["flagged"]]
+    brief = lambda r: {"quantizer": r["quantizer"], "module": r["module"], "runtime_tensor": r["runtime_tensor"],
+                       "local_max_lsb": r["local"]["max_lsb"], "local_frac_over_1lsb": r["local"]["frac_over_1lsb"],
+                       "accumulated_max_lsb": r["accumulated"]["max_lsb"], "reasons": r["reasons"]}
+    worst = sorted(rows, key=lambda r: (r["local"]["frac_over_1lsb"], r["local"]["max_lsb"]), reverse=True)[:3]
+    summary = {
+        "status": "compared",
+        "images": int(len(x)),
+        "pytorch_quantizers": len(free),
+        "runtime_quantized_tensors": len(runtime),
+        "matched": len(pairs),
+        "matched_by_values_requantized": sum(1 for p in pairs if p.how.startswith("values")),
+        "matched_to_shared_tensor": sum(1 for p in pairs if "shares" in p.how),
+        "unmatched_pytorch": [{"quantizer": t.name, "module": t.module, "producer": t.op,
+                               "scale": t.scale, "zero_point": t.zero_point} for t in lost],
+        "unmatched_runtime": len(extra),
+        "unmatched_runtime_new_qparams": [{"tensor": r.name, "op": r.op, "scale": r.scale,
+                                           "zero_point": r.zero_point} for r in extra_new][:10],
+        "flag_rule": f"local fraction of elements > 1 LSB above {threshold:.0%}, or scale/zero point differ",
+        "flagged": len(flagged),
+        "first_flagged": brief(flagged[0]) if flagged else None,
+        "flagged_layers": [brief(r) for r in flagged][:10],
+        "worst": [brief(r) for r in worst],
+        "max_local_lsb": max((r["local"]["max_lsb"] for r in rows), default=None),
+        "max_accumulated_lsb": max((r["accumulated"]["max_lsb"] for r in rows), default=None),
+    }
+    return {"summary": summary, "table": rows}
+
+
+def check(target: Any, path: Any, request: Any, x: np.ndarray) -> dict[str, Any]:
+    """The tensor-by-tensor comparison of one artifact: {'summary': ..., 'table': [...]} (table may be absent)."""
+    if not target.deploys_simulated_model(request):
+        return {"summary": {"status": "not applicable: the artifact does not deploy the PT2E model it could be "
+                                      "compared with"}}
+    got = target.quantized_tensors(path, request, x)
+    if isinstance(got, str):
+        return {"summary": {"status": got}}
+    runtime, info = got
+    result = compare(request.quantized.simulation_module(target.simulation_semantics(request)), x, runtime)
+    result["summary"] = {"status": "compared", **info, **{k: v for k, v in result["summary"].items() if k != "status"}}
+    return result
+
+
+def run(target: Any, path: Any, request: Any, x: np.ndarray) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """The check as verification runs it on an int8 artifact: the manifest's summary (flagged layers are logged
+    as a warning, never a failure) and the full table for tensorwise.json beside the manifest."""
+    result = check(target, path, request, x[:IMAGES])
+    summary = result["summary"]
+    line = warning_line(target.name, summary)
+    if line:
+        logger.warning(line)
+    if "table" not in result:
+        return summary, None
+    summary["table"] = "tensorwise.json"
+    return summary, {"target": target.name, "summary": summary, "tensors": result["table"]}
+
+
+def warning_line(target: str, summary: dict[str, Any]) -> Optional[str]:
+    """One line naming the flagged (and dropped) layers, or None when everything matched."""
+    if summary.get("status") != "compared":
+        return None
+    lost = summary.get("unmatched_pytorch") or []
+    names = [f"{r['module'] or r['quantizer']} ({r['quantizer']})" for r in summary.get("flagged_layers", [])]
+    if not names and not lost:
+        return None
+    parts = []
+    if names:
+        parts.append(f"{summary['flagged']} layer(s) disagree with the PyTorch simulation, first "
+                     f"{names[0]}; flagged: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    if lost:
+        parts.append(f"{len(lost)} PyTorch quantizer(s) without a runtime counterpart (dropped?): "
+                     + ", ".join(f"{t['module'] or t['quantizer']} ({t['quantizer']})" for t in lost[:5]))
+    return f"warning: [{target}] tensor-by-tensor: " + "; ".join(parts)
+
+
+def summary_line(target: str, summary: dict[str, Any]) -> str:
+    """One line for the CLI: matched / unmatched / flagged, or why the check did not run."""
+    if summary.get("status") != "compared":
+        return f"{target}: {summary.get('status')}"
+    first = summary.get("first_flagged")
+    where = f", first {first['module'] or first['quantizer']}" if first else ""
+    return (f"{target}: {summary['matched']}/{summary['pytorch_quantizers']} quantizers matched, "
+            f"{len(summary['unmatched_pytorch'])} missing in the runtime, {summary['flagged']} flagged{where} "
+            f"(max local {summary['max_local_lsb']} LSB, accumulated {summary['max_accumulated_lsb']} LSB)")
