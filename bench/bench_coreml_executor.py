@@ -1,4 +1,4 @@
-"""CoreML programs run by the reference ML Program executor (mnv4_deploy/mlprogram), on Linux.
+"""CoreML programs run by the reference ML Program executor (mnv4_deploy/targets/coreml/mlprogram), on Linux.
 
 Two parts, one table each, and JSON in bench/results/coreml_executor.json:
 
@@ -46,7 +46,7 @@ def _program_rows(shared: Path, images: int, tmp: Path) -> list[dict[str, Any]]:
     from mnv4_deploy.config.recipes import load_recipe
     from mnv4_deploy.quantization.pt2e import quantize
     from mnv4_deploy.targets import ExportRequest, get_target
-    from mnv4_deploy.targets.coreml import CoremlOptions, ExecutedRunner
+    from mnv4_deploy.targets.coreml.target import CoremlOptions, ExecutedRunner
     from mnv4_deploy.verify import tensorwise
     from mnv4_deploy.verify.fidelity import compare
 
@@ -162,7 +162,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "coreml_executor.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from mnv4_deploy.mlprogram import covered
+    from mnv4_deploy.targets.coreml.mlprogram import covered
 
     result: dict[str, Any] = {"executor_ops": covered()}
     if args.out.is_file():  # keep the other part's numbers when only one part runs

@@ -1,5 +1,5 @@
 """How Qualcomm HTP requantizes, measured in onnxruntime-qnn's HTP emulator (the evidence behind
-mnv4_deploy/htp_semantics.py).
+mnv4_deploy/targets/qnn/htp_semantics.py).
 
 Single QDQ ops are compiled for HTP and fed synthetic inputs; each output is compared with exact rounding
 (what onnxruntime CPU and the PyTorch simulation compute) and with the modelled HTP rule:
@@ -30,8 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mnv4_deploy.htp_semantics import requantize, requantize_strided_depthwise  # noqa: E402
-from mnv4_deploy.targets.qnn import htp_add_table, htp_conv_biases, run_qdq_conv, scale_of  # noqa: E402
+from mnv4_deploy.targets.qnn.htp_semantics import requantize, requantize_strided_depthwise  # noqa: E402
+from mnv4_deploy.targets.qnn.probes import htp_add_table, htp_conv_biases, run_qdq_conv, scale_of  # noqa: E402
 
 
 def run_conv(soc: str, w: np.ndarray, sw: np.ndarray, bias: np.ndarray, s_in: float, z_in: int, s_out: float,
@@ -128,7 +128,7 @@ def strided_depthwise(soc: str) -> dict[str, Any]:
 def socs() -> list[dict[str, Any]]:
     """The accumulator probe (s_out 0.07 and 0.05) and a strided depthwise conv compiled for each SoC: where
     each rule holds."""
-    from mnv4_deploy.targets.qnn import SOCS
+    from mnv4_deploy.targets.qnn.context import SOCS
 
     rows = []
     for soc, (_, arch, name) in SOCS.items():

@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     from mnv4_deploy.preparation.prepare import prepare
     from mnv4_deploy.quantization.pt2e import quantize
     from mnv4_deploy.targets import ExportRequest, get_target
-    from mnv4_deploy.targets.openvino import OpenVinoRunner
+    from mnv4_deploy.targets.openvino.target import OpenVinoRunner
     from mnv4_deploy.verify.fidelity import torch_logits
     from mnv4_deploy.verify.latency import measure_latency
 

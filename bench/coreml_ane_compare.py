@@ -1,6 +1,6 @@
 """Our W8A8 CoreML program (PT2E scales -> MIL quantize/dequantize) vs what coremltools' own activation
 quantization (`coremltools.optimize.coreml.linear_quantize_activations` + `linear_quantize_weights`) makes of
-the float program of the same model, op by op; and the Neural Engine fit check (mnv4_deploy/mlprogram/ane.py)
+the float program of the same model, op by op; and the Neural Engine fit check (targets/coreml/mlprogram/ane.py)
 of both.
 
 linear_quantize_activations calibrates by running the float model (`predict` through its ModelDebugger), which
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mnv4_deploy.infra.fileio import write_json  # noqa: E402
-from mnv4_deploy.mlprogram.ane import check_program  # noqa: E402
+from mnv4_deploy.targets.coreml.mlprogram.ane import check_program  # noqa: E402
 
 logger = logging.getLogger("coreml_ane_compare")
 QDQ = ("quantize", "dequantize")
@@ -69,7 +69,7 @@ def coremltools_w8a8(float_path: Path, images: Optional[np.ndarray]) -> tuple[An
             a8 = _passes_with_ranges(model, config, None)
         else:
             how += (f"min/max ranges of {len(images)} images run through the float program by the project's ML "
-                    "Program executor (mnv4_deploy.mlprogram; 'executed', not Core ML)")
+                    "Program executor (mnv4_deploy.targets.coreml.mlprogram; 'executed', not Core ML)")
             a8 = _passes_with_ranges(model, config, _executor_ranges(float_path, images))
     w8a8 = cto.linear_quantize_weights(a8, cto.OptimizationConfig(
         global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric")))
@@ -78,7 +78,7 @@ def coremltools_w8a8(float_path: Path, images: Optional[np.ndarray]) -> tuple[An
 
 def _executor_ranges(float_path: Path, images: np.ndarray) -> dict[str, dict[str, float]]:
     """{tensor: {rmin, rmax}} over `images` for every op output, as coremltools' ModelDebugger collects them."""
-    from mnv4_deploy import mlprogram
+    from mnv4_deploy.targets.coreml import mlprogram
 
     executor = mlprogram.load(float_path)
     names = [n for n in executor.program.types if n not in executor.consts]

@@ -69,8 +69,8 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
-def qnn_or_skip() -> Any:
-    """The qnn target module, or a skip naming the command that installs its extra."""
+def qnn_or_skip() -> None:
+    """Skip, naming the command that installs the qnn extra, where onnxruntime-qnn is missing."""
     from mnv4_deploy.errors import UserError
     from mnv4_deploy.targets import get_target
 
@@ -78,6 +78,3 @@ def qnn_or_skip() -> Any:
         get_target("qnn").check_installed()
     except UserError as exc:
         pytest.skip(str(exc))
-    from mnv4_deploy.targets import qnn
-
-    return qnn

@@ -1,5 +1,5 @@
 """CoreML target: structure of the converted ML Programs, and the programs executed by the reference ML Program
-executor (mnv4_deploy/mlprogram; Core ML itself runs only on macOS, where predict is compared with it)."""
+executor (targets/coreml/mlprogram; Core ML itself runs only on macOS, where predict is compared with it)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ from mnv4_deploy.load.images import LoadedImages  # noqa: E402
 from mnv4_deploy.pipeline import ConvertSettings, convert  # noqa: E402
 from mnv4_deploy.quantization.pt2e import quantize  # noqa: E402
 from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
-from mnv4_deploy.targets.coreml import CoremlOptions  # noqa: E402
+from mnv4_deploy.targets.coreml.target import CoremlOptions  # noqa: E402
 
 from .conftest import prepared_model  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_image_input_and_options(tmp_path: Path) -> None:
     # The normalisation baked in front of the model is exactly (x/255 - mean) / std.
     import torch
 
-    from mnv4_deploy.input_adapter import DeployInput
+    from mnv4_deploy.targets.input_adapter import DeployInput
 
     loaded = out["request"].loaded
     pixels = torch.randint(0, 256, (1, 3, SIZE, SIZE)).float()
@@ -197,7 +197,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, reference_checkpoint: Pa
 def test_fp32_program_executes_like_pytorch(reference: dict[str, Any]) -> None:
     import torch
 
-    from mnv4_deploy import mlprogram
+    from mnv4_deploy.targets.coreml import mlprogram
 
     _, path = reference["fp32"]
     executor = mlprogram.load(path)
@@ -264,8 +264,8 @@ def test_corrupted_scale_is_flagged_at_that_layer(reference: dict[str, Any], tmp
 def test_unknown_op_is_refused_by_name(reference: dict[str, Any]) -> None:
     import coremltools as ct
 
-    from mnv4_deploy.mlprogram import Executor, UnsupportedOpError
-    from mnv4_deploy.mlprogram.reader import from_spec, weights_dir
+    from mnv4_deploy.targets.coreml.mlprogram import Executor, UnsupportedOpError
+    from mnv4_deploy.targets.coreml.mlprogram.reader import from_spec, weights_dir
 
     _, path = reference["fp32"]
     spec = ct.utils.load_spec(str(path))

@@ -1,4 +1,4 @@
-"""Neural Engine fit check (mnv4_deploy/mlprogram/ane.py) on real MIL programs built with coremltools' Builder:
+"""Neural Engine fit check (targets/coreml/mlprogram/ane.py) on real MIL programs built with coremltools' Builder:
 one program per rule that breaks it, and a clean W8A8 program with no findings."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ ct = pytest.importorskip("coremltools", reason="pip install 'mnv4-deploy[coreml]
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from mnv4_deploy.mlprogram.ane import INT8_OPS, RULES, calibration_warning, check_path, check_program, manifest_entry
+from mnv4_deploy.targets.coreml.mlprogram.ane import (INT8_OPS, RULES, calibration_warning, check_path, check_program,
+                                                      manifest_entry)
 
 SHAPE = (1, 4, 8, 8)
 
@@ -208,7 +209,7 @@ def test_project_w8a8_program(tmp_path: Path) -> None:
     from mnv4_deploy.load.images import LoadedImages
     from mnv4_deploy.quantization.pt2e import quantize
     from mnv4_deploy.targets import ExportRequest, get_target
-    from mnv4_deploy.targets.coreml import CoremlOptions
+    from mnv4_deploy.targets.coreml.target import CoremlOptions
 
     from .conftest import prepared_model
 

@@ -54,7 +54,7 @@ def test_onnxruntime_baseline_method(tmp_path: Path, image_folder: Path):
 
 
 def test_runner_handles_dynamic_batch(tmp_path: Path, image_folder: Path):
-    from mnv4_deploy.targets.onnx import OnnxRunner
+    from mnv4_deploy.targets.onnx.runtime import OnnxRunner
 
     [r] = convert(ConvertSettings(out=tmp_path, targets="onnx", calib=image_folder, **SMALL))
     out = OnnxRunner(r.path)(np.zeros((3, 3, 64, 64), np.float32))
@@ -83,7 +83,7 @@ def _multiply_output_by_nan(path: Path) -> None:
 
 def test_nan_in_the_artifact_fails_convert_with_one_line(tmp_path: Path, image_folder: Path,
                                                          monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from mnv4_deploy.targets.onnx import OnnxTarget
+    from mnv4_deploy.targets.onnx.target import OnnxTarget
 
     export = OnnxTarget.export
 

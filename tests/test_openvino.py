@@ -18,7 +18,7 @@ from mnv4_deploy.config.recipes import load_recipe, parse_recipe  # noqa: E402
 from mnv4_deploy.errors import UserError  # noqa: E402
 from mnv4_deploy.infra.fileio import atomic_path  # noqa: E402
 from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
-from mnv4_deploy.targets.openvino import OpenVinoOptions, OpenVinoRunner  # noqa: E402
+from mnv4_deploy.targets.openvino.target import OpenVinoOptions, OpenVinoRunner  # noqa: E402
 from mnv4_deploy.verify.fidelity import compare, torch_logits  # noqa: E402
 
 from .conftest import prepared_model  # noqa: E402

@@ -14,6 +14,10 @@ import pytest
 from mnv4_deploy.errors import MissingDependencyError, VerificationError
 from mnv4_deploy.pipeline import ConvertSettings, _select_targets, convert
 from mnv4_deploy.targets import get_target
+from mnv4_deploy.targets.qnn.context import TRACE, compile_context
+from mnv4_deploy.targets.qnn.passes.boundary_converts import convert_boundaries
+from mnv4_deploy.targets.qnn.placement import htp_quantization, placement_record
+from mnv4_deploy.targets.qnn.target import CONTEXT_MODEL, QnnOptions, QnnRunner, _int16_to_uint16
 from tests.conftest import qnn_or_skip
 
 INSTALL = "pip install 'mnv4-deploy[qnn]'"
@@ -49,7 +53,7 @@ def test_missing_extra_is_named_and_all_skips_it(monkeypatch: pytest.MonkeyPatch
     """Without onnxruntime-qnn: `--to qnn` names the install command; `--to all` goes on without qnn (the check
     `--to all` applies to each target, pipeline._installed)."""
     from mnv4_deploy.pipeline import _installed
-    from mnv4_deploy.targets.qnn import QnnTarget
+    from mnv4_deploy.targets.qnn.target import QnnTarget
 
     monkeypatch.setattr(QnnTarget, "requires", ("onnx", "mnv4_absent_onnxruntime_qnn"))
     with pytest.raises(MissingDependencyError, match=r"install the 'qnn' extra: pip install 'mnv4-deploy\[qnn\]'"):
@@ -64,24 +68,24 @@ def test_refuses_a_model_not_placed_whole(tmp_path: Path) -> None:
     reason; --allow-cpu-fallback compiles it, and the manifest's placement names what stayed on the CPU."""
     import onnx
 
-    qnn = qnn_or_skip()
+    qnn_or_skip()
     model = _qdq_model(tmp_path / "m.onnx", np.uint8, 0.05, 128, ops=("Relu", "Hardmax", "Relu"))
     folder = tmp_path / "strict"
     folder.mkdir()
     with pytest.raises(VerificationError, match=r"1 node\(s\) not placed on HTP .*hardmax2 \(Hardmax\): "
                                                 r"Operators of type `Hardmax` are not supported by QNN EP"):
-        qnn._compile_context(model, folder / qnn.CONTEXT_MODEL, folder, qnn.QnnOptions())
+        compile_context(model, folder / CONTEXT_MODEL, folder, QnnOptions())
 
     folder = tmp_path / "fallback"
     folder.mkdir()
-    opts = qnn.QnnOptions(allow_cpu_fallback=True)
-    qnn._compile_context(model, folder / qnn.CONTEXT_MODEL, folder, opts)
-    placement = qnn.placement_record(onnx.load(str(model)), json.loads((folder / qnn.TRACE).read_text()))
+    opts = QnnOptions(allow_cpu_fallback=True)
+    compile_context(model, folder / CONTEXT_MODEL, folder, opts)
+    placement = placement_record(onnx.load(str(model)), json.loads((folder / TRACE).read_text()))
     # with fallback allowed QNN also leaves I/O quantization to the CPU (its offload_graph_io_quantization)
     left = {r["node"]: r["reason"] for r in placement["left_off_htp"]}
     assert not placement["whole_model_on_htp"] and "not supported by QNN EP" in left["hardmax2"], left
     x = np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(qnn.QnnRunner(folder / qnn.CONTEXT_MODEL, opts)(x), _cpu(model, x), atol=0.05 + 1e-6)
+    np.testing.assert_allclose(QnnRunner(folder / CONTEXT_MODEL, opts)(x), _cpu(model, x), atol=0.05 + 1e-6)
 
 
 def test_uint16_activations_run_on_htp(tmp_path: Path) -> None:
@@ -89,24 +93,24 @@ def test_uint16_activations_run_on_htp(tmp_path: Path) -> None:
     QNN documents for HTP, compiles whole into a context binary, and loads back with CPU fallback disabled."""
     import onnx
 
-    qnn = qnn_or_skip()
+    qnn_or_skip()
     signed = _qdq_model(tmp_path / "s.onnx", np.int16, 1e-4, -300)
     unsigned = tmp_path / "u.onnx"
     unsigned.write_bytes(signed.read_bytes())
-    assert qnn._int16_to_uint16(unsigned) == 1
+    assert _int16_to_uint16(unsigned) == 1
     x = np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(_cpu(signed, x), _cpu(unsigned, x))
-    check = qnn.htp_quantization(onnx.load(str(unsigned)))
+    check = htp_quantization(onnx.load(str(unsigned)))
     assert check["conforms"] and check["activation_quantizers"] == {"uint16": 2}, check
-    assert not qnn.htp_quantization(onnx.load(str(signed)))["conforms"]  # int16 activations: not what HTP runs
+    assert not htp_quantization(onnx.load(str(signed)))["conforms"]  # int16 activations: not what HTP runs
     folder = tmp_path / "ctx"
     folder.mkdir()
-    opts = qnn.QnnOptions(soc="SM8650")
-    qnn._compile_context(unsigned, folder / qnn.CONTEXT_MODEL, folder, opts)
-    placement = qnn.placement_record(onnx.load(str(unsigned)), json.loads((folder / qnn.TRACE).read_text()))
+    opts = QnnOptions(soc="SM8650")
+    compile_context(unsigned, folder / CONTEXT_MODEL, folder, opts)
+    placement = placement_record(onnx.load(str(unsigned)), json.loads((folder / TRACE).read_text()))
     assert placement["whole_model_on_htp"] and placement["compiled_for"][0]["htp_arch"] == "V75", placement
     assert list(folder.glob("*.bin")), "no context binary written"
-    got = qnn.QnnRunner(folder / qnn.CONTEXT_MODEL, opts)(x)
+    got = QnnRunner(folder / CONTEXT_MODEL, opts)(x)
     assert np.abs(got - _cpu(unsigned, x)).max() <= 1e-4 + 1e-7  # within one 16-bit step
 
 
@@ -150,7 +154,7 @@ def test_conv_small_placed_whole(tmp_path: Path, reference_checkpoint: Path, tin
     assert compute["int8"] == compute["total"] >= 40 and not compute["float"], compute
     assert result.manifest["verification"]["held_back"]["vs_float"]["images"] == 16  # the emulated_images limit
     assert "16 of its 32 images" in result.manifest["verification"]["held_back"]["source"]
-    # HTP's arithmetic is modelled (mnv4_deploy/htp_semantics.py): the emulator gives the simulation's top-1
+    # HTP's arithmetic is modelled (mnv4_deploy/targets/qnn/htp_semantics.py): the emulator gives the simulation's top-1
     v = result.manifest["verification"]
     assert v["simulation"]["semantics"] == "htp-SM8550", v["simulation"]
     assert v["held_back"]["vs_pytorch_simulation"]["top1_agreement"] == 1.0, v["held_back"]["vs_pytorch_simulation"]
@@ -216,7 +220,7 @@ def test_w8a16_boundaries_get_converts(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    qnn = qnn_or_skip()
+    qnn_or_skip()
     inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s8"), numpy_helper.from_array(np.array(128, np.uint8), "z8"),
              numpy_helper.from_array(np.array(2e-4, np.float32), "s16"),
              numpy_helper.from_array(np.array(32768, np.uint16), "z16")]
@@ -239,10 +243,10 @@ def test_w8a16_boundaries_get_converts(tmp_path: Path) -> None:
     refused = tmp_path / "refused"
     refused.mkdir()
     with pytest.raises(VerificationError, match="standalone DQ op with per-channel quantization"):
-        qnn._compile_context(path, refused / qnn.CONTEXT_MODEL, refused, qnn.QnnOptions())
-    assert qnn._convert_boundaries(path) == 2  # the conv's output is 16-bit: its 8-bit input is converted up
+        compile_context(path, refused / CONTEXT_MODEL, refused, QnnOptions())
+    assert convert_boundaries(path) == 2  # the conv's output is 16-bit: its 8-bit input is converted up
     after = _cpu(path, x)                      # sig2's output is 8-bit: computed in 16 bits, converted down
     assert np.abs(after - before).max() <= 0.05 + 1e-6 and (after == before).mean() > 0.99
     folder = tmp_path / "ctx"
     folder.mkdir()
-    qnn._compile_context(path, folder / qnn.CONTEXT_MODEL, folder, qnn.QnnOptions())  # now placed whole
+    compile_context(path, folder / CONTEXT_MODEL, folder, QnnOptions())  # now placed whole

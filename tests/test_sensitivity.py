@@ -162,7 +162,7 @@ def test_full_integer_tflite_refuses_a_fallback(calibrated, tmp_path):
     from mnv4_deploy.errors import UserError
     from mnv4_deploy.targets import get_target
     from mnv4_deploy.targets.base import ExportRequest
-    from mnv4_deploy.targets.tflite import TfliteOptions
+    from mnv4_deploy.targets.tflite.target import TfliteOptions
 
     loaded, images, _ = calibrated
     recipe = parse_recipe("quantization:\n  calibration: {images: 32, batch_size: 16}\n"

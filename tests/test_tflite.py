@@ -24,7 +24,7 @@ from mnv4_deploy.config.recipes import load_recipe, parse_recipe  # noqa: E402
 from mnv4_deploy.errors import UserError, VerificationError  # noqa: E402
 from mnv4_deploy.load.images import default_calibration  # noqa: E402
 from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
-from mnv4_deploy.targets.tflite import TfliteOptions, artifact_input  # noqa: E402
+from mnv4_deploy.targets.tflite.target import TfliteOptions, artifact_input  # noqa: E402
 from mnv4_deploy.verify.fidelity import compare, torch_logits  # noqa: E402
 
 from .conftest import prepared_model  # noqa: E402
@@ -147,7 +147,7 @@ def test_int8_reference_checkpoint_full_integer(reference_checkpoint, tiny_image
 
     recipe = tmp_path / "recipe.yaml"
     # Per-batch percentile ranges: the observer that keeps the reference checkpoint within a point of float
-    # (histogram ranges lose about 2 points and a third of the top-1 agreement; see mnv4_deploy/quantization/observers.py).
+    # (histogram ranges lose about 2 points and a third of the top-1 agreement; see quantization/observers.py).
     recipe.write_text("name: test\nquantization:\n  activations:\n    observer: percentile\n"
                       "  calibration:\n    images: 256\nverification:\n  images: 128\n")
     settings = ConvertSettings(
@@ -251,7 +251,7 @@ def test_hybrid_attention_full_integer(hybrid, tmp_path):
 def test_hybrid_int8_small(hybrid, tmp_path):
     """About 3-6 minutes here: litert's int8 lowering of the attention blocks is slow."""
     from mnv4_deploy.quantization.pt2e import quantize
-    from mnv4_deploy.targets.tflite import set_io_dtype
+    from mnv4_deploy.targets.tflite.io_dtype import set_io_dtype
 
     loaded, images = hybrid
     calibration, _ = default_calibration(loaded.preprocessing, 32, seed=0)

@@ -1,5 +1,5 @@
 """Which integer arithmetic a PyTorch simulation computes: PyTorch's exact one, or a runtime's own where it is
-known and modelled (mnv4_deploy/htp_semantics.py for Qualcomm HTP). Targets name theirs
+known and modelled (mnv4_deploy/targets/qnn/htp_semantics.py for Qualcomm HTP). Targets name theirs
 (`Target.simulation_semantics`); `QuantizedModel.simulation_module` builds one graph per semantics."""
 from __future__ import annotations
 

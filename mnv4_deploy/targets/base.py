@@ -142,7 +142,7 @@ class Target(ABC):
 
     def simulation_semantics(self, request: ExportRequest) -> Semantics:
         """The integer arithmetic the runtime's int8 numbers are compared against: PyTorch's exact quantize/
-        dequantize unless the runtime's own rounding is known and modelled (mnv4_deploy/htp_semantics.py)."""
+        dequantize unless the runtime's own rounding is known and modelled (QNN's: targets/qnn/htp_semantics.py)."""
         return EXACT
 
     def tool_versions(self) -> dict[str, str]:

@@ -22,12 +22,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config.options import choice, option
-from ..errors import UserError, did_you_mean
-from ..infra.converter_output import captured
-from ..quantization.pt2e import export_program
-from ..verify.tensorwise import QTensor
-from .base import ExportRequest, Runner, RuntimeTensors, Target
+from ...config.options import choice, option
+from ...errors import UserError, did_you_mean
+from ...infra.converter_output import captured
+from ...quantization.pt2e import export_program
+from ...verify.tensorwise import QTensor
+from ..base import ExportRequest, Runner, RuntimeTensors, Target
 
 XML, BIN = "model.xml", "model.bin"
 # Layer types whose precision decides speed; the manifest lists those that stayed in float.

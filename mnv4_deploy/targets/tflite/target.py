@@ -11,6 +11,9 @@ I/O is the deployer's choice: `io_dtype` float keeps QUANTIZE/DEQUANTIZE inside 
 full-integer model (EdgeTPU, NNAPI) whose input is quantized with the model's own scale/zero point.
 `layout: nhwc` and `bake_normalization` wrap the PyTorch model before conversion, so the graph itself takes
 NHWC raw RGB and the converter folds the layout transposes away.
+
+The package: target.py (the target, conversion, the interpreter runner, graph inspection, intermediates),
+io_dtype.py (the flatbuffer's I/O retyped), passes/softmax_composites.py (the graph rewrite before conversion).
 """
 from __future__ import annotations
 
@@ -25,12 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config.options import choice, option
-from ..errors import UserError, VerificationError
-from ..infra.converter_output import captured
+from ...config.options import choice, option
+from ...errors import UserError, VerificationError
+from ...infra.converter_output import captured
+from ...verify.tensorwise import QTensor, signed_values, signed_zero_point
+from ..base import ExportRequest, Runner, RuntimeTensors, Target
 from ..input_adapter import DeployInput
-from ..verify.tensorwise import QTensor, signed_values, signed_zero_point
-from .base import ExportRequest, Runner, RuntimeTensors, Target
+from .io_dtype import set_io_dtype
+from .passes.softmax_composites import softmax_composites
 
 _FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 
@@ -127,7 +132,7 @@ class TfliteTarget(Target):
         }
 
     def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
-        from ..verify.manifest import input_spec
+        from ...verify.manifest import input_spec
 
         opts: TfliteOptions = request.options
         detail = _interpreter(path, delegates=False).get_input_details()[0]
@@ -171,7 +176,7 @@ def _check_fallback_fits(quantized: Any, opts: TfliteOptions) -> None:
 def _requantize_wrapped(request: ExportRequest, model: nn.Module) -> Any:
     """The shared PT2E graph takes normalised NCHW; a graph with another input needs its own observers at that
     input, so the same recipe is re-run on the wrapped model with the same calibration images."""
-    from ..quantization.pt2e import quantize
+    from ...quantization.pt2e import quantize
 
     if request.quantized.calibration.get("method") == "qat":
         raise UserError("--layout nhwc / --bake-normalization re-calibrate a wrapped copy of the float "
@@ -219,7 +224,7 @@ def to_artifact_input(x: np.ndarray, pre: Any, opts: TfliteOptions) -> np.ndarra
 
 def wrapper_calibration(request: ExportRequest, opts: TfliteOptions) -> Any:
     """The calibration images in the wrapped model's input convention."""
-    from ..load.images import LoadedImages
+    from ...load.images import LoadedImages
 
     calib = request.calibration
     if calib is None:
@@ -251,7 +256,7 @@ def _convert_int8(quantized: Any, example: Any) -> bytes:
 def float_graph(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """What the float conversions convert: hybrids exported with their softmax marked as the fused SOFTMAX
     builtin (as in the int8 model, so int8/float comparisons are like for like); other models as they are."""
-    from ..preparation.mqa import MobileMQA
+    from ...preparation.mqa import MobileMQA
 
     if not any(isinstance(m, MobileMQA) for m in model.modules()):
         return model
@@ -260,165 +265,6 @@ def float_graph(model: nn.Module, example: torch.Tensor) -> nn.Module:
     softmax_composites(gm)
     return gm
 
-
-def softmax_composites(gm: torch.fx.GraphModule) -> int:
-    """Mark every softmax as an `odml.softmax` composite on the last axis; return how many.
-
-    litert-torch lowers a bare softmax through JAX into REDUCE_MAX/SUB/EXP/SUM/DIV, which have no int8
-    kernels: between the quantized matmuls of the Mobile MQA they stayed float (dequantize, 5 float ops,
-    quantize) and no hybrid could be full-integer. litert-converter lowers the composite to the fused
-    SOFTMAX builtin instead, int8 when the PT2E graph quantizes its output with the kernel's fixed 1/256
-    scale (quantize.annotate_attention does). The builtin always normalises the last axis whatever the
-    composite's attribute says, so a softmax over another axis (MobileMQA's is over keys, axis 2) is
-    transposed there and back; the converter keeps both transposes int8 and folds the second into the
-    following matmul. Only the TFLite graph is changed: the shared PT2E model and other targets are not.
-    """
-    import uuid
-
-    from litert_torch.backend.composite import mark_tensor
-
-    graph, count = gm.graph, 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (torch.ops.aten.softmax.int,
-                                                              torch.ops.aten._softmax.default):
-            continue
-        if node.target == torch.ops.aten.softmax.int and len(node.args) > 2 and node.args[2] is not None:
-            continue  # a dtype-casting softmax: leave it to the default lowering
-        src, val = node.args[0], node.meta.get("val")
-        if val is None or (src.op == "call_function" and src.target == mark_tensor.mark_tensor_op):
-            continue  # no shape known, or already marked
-        rank = len(val.shape)
-        dim, last = int(node.args[1]) % rank, rank - 1
-        uid, attr = uuid.uuid4().hex, mark_tensor.serialize_composite_attr({"axis": -1})
-        with graph.inserting_before(node):
-            x = src if dim == last else graph.call_function(torch.ops.aten.transpose.int, (src, dim, last))
-            x = graph.call_function(mark_tensor.mark_tensor_op, (x, "odml.softmax", 0, uid, True, None))
-            y = graph.call_function(torch.ops.aten._softmax.default, (x, last, False))
-            y = graph.call_function(mark_tensor.mark_tensor_op, (y, "odml.softmax", 0, uid, False, attr))
-            if dim != last:
-                y = graph.call_function(torch.ops.aten.transpose.int, (y, dim, last))
-        node.replace_all_uses_with(y)
-        graph.erase_node(node)
-        count += 1
-    if count:
-        gm.recompile()
-    return count
-
-
-# ----------------------------------------------------------------------------- I/O retyping (flatbuffer)
-def set_io_dtype(content: bytes, io_dtype: str) -> bytes:
-    """Give a quantized model float, int8 or uint8 inputs/outputs.
-
-    litert-torch's QDQ lowering folds the boundary quantize/dequantize into int8 I/O. This first strips any
-    boundary QUANTIZE (float->int8) / DEQUANTIZE (int8->float) so the I/O is the int8 tensors, then adds
-    QUANTIZE/DEQUANTIZE (float) or QUANTIZE requantize ops (uint8, zero point + 128, same scale) as asked.
-    """
-    from ai_edge_litert.tools import flatbuffer_utils as fbu
-
-    model = fbu.read_model_from_bytearray(bytearray(content))
-    edit = _IoEdit(model)
-    edit.strip_boundary_conversions()
-    if io_dtype != "int8":
-        edit.add_boundary_conversions(io_dtype)
-    edit.renumber_signatures()
-    return bytes(fbu.convert_object_to_bytearray(model))
-
-
-class _IoEdit:
-    """Edits of a TFLite flatbuffer's first subgraph at its inputs and outputs, keeping signatures in step."""
-
-    def __init__(self, model: Any) -> None:
-        from ai_edge_litert import schema_py_generated as fb
-
-        self.fb, self.model, self.sg = fb, model, model.subgraphs[0]
-        self.renumber: dict[int, int] = {}  # tensor index the signatures name -> the tensor that replaces it
-
-    def _code(self, op: Any) -> int:
-        from ai_edge_litert.tools import flatbuffer_utils as fbu
-
-        return fbu.get_builtin_code_from_operator_code(self.model.operatorCodes[op.opcodeIndex])
-
-    def _remap(self, old: int, new: int) -> None:
-        for k, v in self.renumber.items():
-            if v == old:
-                self.renumber[k] = new
-        self.renumber[old] = new
-
-    def strip_boundary_conversions(self) -> None:
-        """Float I/O behind a lone QUANTIZE (input) or DEQUANTIZE (output) -> the int8 tensor itself."""
-        fb, sg = self.fb, self.sg
-        for ports, builtin, is_input in ((sg.inputs, fb.BuiltinOperator.QUANTIZE, True),
-                                         (sg.outputs, fb.BuiltinOperator.DEQUANTIZE, False)):
-            for pos, t in enumerate(list(ports)):
-                ops = [op for op in sg.operators if t in (op.inputs if is_input else op.outputs)]
-                if len(ops) != 1 or sg.tensors[t].type != fb.TensorType.FLOAT32 or self._code(ops[0]) != builtin:
-                    continue
-                inner = ops[0].outputs[0] if is_input else ops[0].inputs[0]
-                if sg.tensors[inner].type == fb.TensorType.INT8:
-                    ports[pos] = inner
-                    self._remap(t, inner)
-                    sg.operators.remove(ops[0])
-
-    def add_boundary_conversions(self, io_dtype: str) -> None:
-        """int8 I/O -> float (QUANTIZE in, DEQUANTIZE out) or uint8 (requantizing QUANTIZE both ways)."""
-        fb, sg = self.fb, self.sg
-        for pos, t in enumerate(list(sg.inputs)):
-            if sg.tensors[t].type == fb.TensorType.INT8:
-                new = self._outer_tensor(t, io_dtype)
-                sg.operators.insert(0, self._op(fb.BuiltinOperator.QUANTIZE, new, t))
-                sg.inputs[pos] = new
-                self._remap(t, new)
-        for pos, t in enumerate(list(sg.outputs)):
-            if sg.tensors[t].type == fb.TensorType.INT8:
-                new = self._outer_tensor(t, io_dtype)
-                builtin = fb.BuiltinOperator.QUANTIZE if io_dtype == "uint8" else fb.BuiltinOperator.DEQUANTIZE
-                sg.operators.append(self._op(builtin, t, new))
-                sg.outputs[pos] = new
-                self._remap(t, new)
-
-    def renumber_signatures(self) -> None:
-        for sig in self.model.signatureDefs or []:
-            for item in list(sig.inputs or []) + list(sig.outputs or []):
-                item.tensorIndex = self.renumber.get(item.tensorIndex, item.tensorIndex)
-
-    def _opcode(self, builtin: int) -> int:
-        from ai_edge_litert.tools import flatbuffer_utils as fbu
-
-        for i, oc in enumerate(self.model.operatorCodes):
-            if fbu.get_builtin_code_from_operator_code(oc) == builtin:
-                return i
-        oc = self.fb.OperatorCodeT()
-        oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = builtin, min(builtin, 127), 2
-        self.model.operatorCodes.append(oc)
-        return len(self.model.operatorCodes) - 1
-
-    def _op(self, builtin: int, inp: int, out: int) -> Any:
-        o = self.fb.OperatorT()
-        o.opcodeIndex, o.inputs, o.outputs = self._opcode(builtin), [inp], [out]
-        return o
-
-    def _outer_tensor(self, inner: int, io_dtype: str) -> int:
-        """A new I/O tensor beside the int8 one; it takes over the public name."""
-        fb, src = self.fb, self.sg.tensors[inner]
-        new = fb.TensorT()
-        new.shape, new.shapeSignature, new.name = list(src.shape), src.shapeSignature, src.name
-        src.name = f"{_name(src.name)}/int8"
-        self.model.buffers.append(fb.BufferT())
-        new.buffer = len(self.model.buffers) - 1
-        if io_dtype == "uint8":
-            new.type = fb.TensorType.UINT8
-            q = fb.QuantizationParametersT()
-            q.scale = list(src.quantization.scale)
-            q.zeroPoint = [int(z) + 128 for z in src.quantization.zeroPoint]
-            new.quantization = q
-        else:
-            new.type = fb.TensorType.FLOAT32
-        self.sg.tensors.append(new)
-        return len(self.sg.tensors) - 1
-
-
-def _name(name: Any) -> str:
-    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 # ----------------------------------------------------------------------------- graph inspection

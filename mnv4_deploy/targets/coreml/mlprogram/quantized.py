@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..verify.tensorwise import SCALE_RTOL, QTensor, signed_values, signed_zero_point
+from ....verify.tensorwise import SCALE_RTOL, QTensor, signed_values, signed_zero_point
 from .executor import Executor
 from .reader import Op
 
@@ -141,8 +141,8 @@ def quantized_tensors(executor: Executor, x: np.ndarray, input_name: str) -> tup
     rtol = FP16_SCALE_RTOL if fp16 else SCALE_RTOL
     out = [QTensor(t.name, t.scale, signed_zero_point(t.zero_point, t.dtype), signed_values(values[t.name], t.dtype),
                    t.order, op=t.op, note="; ".join(t.notes), scale_rtol=rtol) for t in found]
-    info = {"runtime": "reference ML Program executor (mnv4_deploy.mlprogram) on the saved program: its quantize "
-                       "outputs",
+    info = {"runtime": "reference ML Program executor (mnv4_deploy.targets.coreml.mlprogram) on the saved program: "
+                       "its quantize outputs",
             "runtime_quantize_ops": sum(1 for t in found if t.op == "quantize"),
             "runtime_integer_layout_ops": sum(1 for t in found if t.op != "quantize"),
             "scale_precision": "float16 (compared with PyTorch's float32 scales to 2^-10 relative)" if fp16

@@ -89,7 +89,7 @@ def requantize_strided_depthwise(acc: Any, multiplier: Any, zero_point: int, qmi
 
 
 class HtpProbes(Protocol):
-    """What only the runtime can tell (implemented by mnv4_deploy/targets/qnn.py with the HTP emulator)."""
+    """What only the runtime can tell (implemented by mnv4_deploy/targets/qnn/target.py with the HTP emulator)."""
 
     def add_table(self, s_a: float, z_a: int, s_b: float, z_b: int, s_out: float, z_out: int) -> np.ndarray:
         """A uint8 Add's output for every input pair: 256x256, indexed [b, a]."""

@@ -8,7 +8,7 @@ Two conversion paths reach the same program: torch.export (default; the PT2E gra
 (the PT2E ops rewritten to ATen's quantized-tensor ops, which coremltools' TorchScript frontend reads).
 
 Core ML itself runs only on macOS. Elsewhere the saved program is run by this project's reference ML Program
-executor (mnv4_deploy/mlprogram: Core ML's op semantics, float16 where the program is float16) and its numbers
+executor (mlprogram/ in this package: Core ML's op semantics, float16 where the program is float16) and its numbers
 are `executed`; on macOS the .mlpackage runs with `predict` (`measured`) and the executor runs the first
 verification images again, so the manifest records how far the two disagree.
 """
@@ -24,12 +24,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config.options import choice, option
-from ..errors import UserError
-from ..infra.converter_output import captured
+from ...config.options import choice, option
+from ...errors import UserError
+from ...infra.converter_output import captured
+from ..base import ExportRequest, Runner, RuntimeTensors, Target
 from ..input_adapter import DeployInput
-from ..mlprogram import ane
-from .base import ExportRequest, Runner, RuntimeTensors, Target
+from .mlprogram import ane
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ _QDQ_OPS = ("quantize", "dequantize", "constexpr_affine_dequantize", "constexpr_
 # Oldest OS per artifact kind: constexpr weights need iOS16, activation quantize/dequantize need iOS17.
 _MIN_TARGET = {"fp32": "iOS15", "fp16": "iOS15", "int8-weights": "iOS16", "int8": "iOS17"}
 _COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
-EXECUTION = "executed (ML Program reference): the saved program run op by op by mnv4_deploy.mlprogram, not Core ML"
+EXECUTION = ("executed (ML Program reference): the saved program run op by op by mnv4_deploy.targets.coreml.mlprogram, "
+             "not Core ML")
 PREDICT_EXECUTION = "measured (Core ML predict), compared with the ML Program reference executor"
 COMPARE_IMAGES = 64  # macOS: images on which predict is compared with the executor
 
@@ -118,7 +119,7 @@ class CoremlTarget(Target):
     def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> RuntimeTensors:
         """The W8A8 program's quantize outputs, from the reference executor (Core ML's predict, on macOS, does
         not expose intermediates; the executor runs the same saved program on every OS)."""
-        from ..mlprogram.quantized import quantized_tensors
+        from .mlprogram.quantized import quantized_tensors
 
         if _kind(request) == "int8-weights":
             return "not available: weights-only int8 program (no activation quantizers; activations stay float16)"
@@ -127,7 +128,7 @@ class CoremlTarget(Target):
         return tensors, info
 
     def input_spec(self, path: Path, request: ExportRequest) -> dict[str, Any]:
-        from ..verify.manifest import input_spec
+        from ...verify.manifest import input_spec
 
         pre = request.loaded.preprocessing
         if request.options.image_input:
@@ -322,13 +323,13 @@ def _feature(feature: Any) -> dict[str, Any]:
 
 
 class ExecutedRunner(Runner):
-    """Any OS: the saved ML Program run op by op by the reference executor (mnv4_deploy/mlprogram)."""
+    """Any OS: the saved ML Program run op by op by the reference executor (mnv4_deploy/targets/coreml/mlprogram)."""
 
     numbers = "executed"
     threads = 1  # the executor's intra-op threads (batch-1 ops on small tensors)
 
     def __init__(self, path: Path, request: ExportRequest) -> None:
-        from ..mlprogram import load
+        from .mlprogram import load
 
         self.executor = load(path)
         self.image_input = request.options.image_input
@@ -389,7 +390,7 @@ class CoremlRunner(Runner):
         images): how far Core ML's arithmetic is from the executor's model of it."""
         if self._sample is None:
             return {"images": 0}
-        from ..verify.fidelity import compare
+        from ...verify.fidelity import compare
 
         x, predicted = self._sample
         fid = compare(predicted, self.executed(x)).to_dict()
