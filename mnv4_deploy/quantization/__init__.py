@@ -3,6 +3,7 @@
 | module | what it does |
 |---|---|
 | `pt2e` | the shared quantizer, `quantize()` (PTQ) and `QuantizedModel` (convert, simulate) |
+| `passes/` | the graph rewrites and annotations the shared quantizer applies, one per module |
 | `observers` | outlier-robust activation-range observers |
 | `ptq/` | PTQ algorithms (equalization, AdaRound, range learning, bias correction), each with its recipe section |
 | `quantizer_sites` | the quantizers of a calibrated graph: find, toggle, remove, widen to int16 |

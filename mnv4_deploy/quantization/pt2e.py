@@ -20,6 +20,9 @@ from torch import nn
 from ..config.recipes import ActivationQuant, Quantization, Recipe
 from ..infra.stages import stage
 from ..load.images import LoadedImages, model_input
+from .passes.add_tagging import tag_adds
+from .passes.attention_annotation import annotate_attention
+from .passes.batchnorm_as_depthwise import batchnorm_as_depthwise
 from .simulation_semantics import EXACT, Semantics
 
 
@@ -121,12 +124,6 @@ def _allow_litert_qat_patterns() -> None:
     utils._get_aten_graph_module_for_pattern = wrapped
 
 
-_VIEW_OPS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.transpose.int,
-             torch.ops.aten.permute.default)
-_MATMUL_OPS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
-_SOFTMAX_OPS = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
-
-
 @functools.cache
 def _attention_quantizer_class() -> type:
     """litert-torch's PT2EQuantizer, plus what it leaves float in the hybrids' Mobile MQA blocks: the
@@ -144,101 +141,6 @@ def _attention_quantizer_class() -> type:
             return model
 
     return AttentionPT2EQuantizer
-
-
-def batchnorm_as_depthwise(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Rewrite each eval-mode BatchNorm that follows no convolution as the 1x1 depthwise conv it is.
-
-    prepare_pt2e folds BatchNorm into a preceding conv; the hybrids' MobileAttention blocks also normalise
-    their input (a residual sum) with a BatchNorm of their own, which nothing annotates: it stayed float
-    (dequantize, sub, mul, mul, add, quantize in TFLite). As a depthwise conv (weight gamma/sqrt(var+eps) per
-    channel, bias beta - mean*weight) it is quantized like every conv: int8 per-channel weights, which
-    represent one value per channel exactly. Runs after PT2E's conv-BN folding (prepare_pt2e calls
-    `transform_for_annotation` then); training-mode BatchNorms (QAT) are left as they are.
-    """
-    def value(node: Any) -> Optional[torch.Tensor]:
-        if node is None:
-            return None
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return obj.detach()
-
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.batch_norm.default:
-            continue
-        x, weight, bias, mean, var, training, _, eps = node.args[:8]
-        params = (weight, bias, mean, var)
-        if training or not all(p is None or (isinstance(p, torch.fx.Node) and p.op == "get_attr") for p in params):
-            continue
-        if mean is None or var is None or len(node.meta["val"].shape) != 4:
-            continue
-        scale = torch.rsqrt(value(var) + eps)
-        if weight is not None:
-            scale = scale * value(weight)
-        shift = -value(mean) * scale + (value(bias) if bias is not None else 0.0)
-        channels = scale.numel()
-        name = f"_{node.name}_as_depthwise"
-        gm.register_buffer(f"{name}_weight", scale.reshape(channels, 1, 1, 1).contiguous())
-        gm.register_buffer(f"{name}_bias", shift.contiguous())
-        with gm.graph.inserting_before(node):
-            w = gm.graph.get_attr(f"{name}_weight")
-            b = gm.graph.get_attr(f"{name}_bias")
-            conv = gm.graph.call_function(torch.ops.aten.conv2d.default, (x, w, b, [1, 1], [0, 0], [1, 1], channels))
-        conv.meta.update({k: v for k, v in node.meta.items() if k != "source_fn_stack"})
-        node.replace_all_uses_with(conv)
-        gm.graph.erase_node(node)
-        changed = True
-    if changed:
-        gm.recompile()
-    return gm
-
-
-def annotate_attention(model: torch.fx.GraphModule, config: Any) -> None:
-    """Quantize the Mobile MQA attention: activation-activation matmuls, softmax and the reshapes between.
-
-    litert-torch's quantizer annotates neither (its softmax pattern only matches `aten._softmax`, which
-    torch.export does not produce): they stayed float, so no hybrid could be full-integer. Here:
-      - matmul: both inputs and the output int8 per-tensor (TFLite FULLY_CONNECTED/BATCH_MATMUL int8),
-      - softmax: int8 output with the fixed scale 1/256 and zero point -128 that TFLite's int8 SOFTMAX
-        kernel requires (the range [0, 1) exactly),
-      - reshape/transpose/view/permute after a quantized tensor share its quantizer (they move values, so a
-        second, different scale on the same values would only add a requantization).
-    Inputs of matmul/softmax that are already quantized share that quantizer instead of observing again.
-    """
-    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
-
-    act = config.input_activation
-    if act is None or config.fixed_qparams is None:  # dynamic quantization: nothing to do here
-        return
-
-    def annotated(node: Any) -> bool:
-        ann = node.meta.get("quantization_annotation") if isinstance(node, torch.fx.Node) else None
-        return ann is not None and ann._annotated
-
-    def quantized_output(node: Any) -> bool:
-        return annotated(node) and node.meta["quantization_annotation"].output_qspec is not None
-
-    def input_spec(node: torch.fx.Node) -> Any:
-        return SharedQuantizationSpec(node) if quantized_output(node) else act
-
-    for node in model.graph.nodes:
-        if node.op != "call_function" or annotated(node):
-            continue
-        if node.target in _VIEW_OPS and quantized_output(node.args[0]):
-            src = node.args[0]
-            node.meta["quantization_annotation"] = QuantizationAnnotation(
-                input_qspec_map={src: SharedQuantizationSpec(src)}, output_qspec=SharedQuantizationSpec(src),
-                _annotated=True)
-        elif node.target in _MATMUL_OPS and all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
-            a, b = node.args[:2]
-            node.meta["quantization_annotation"] = QuantizationAnnotation(
-                input_qspec_map={a: input_spec(a), b: input_spec(b)}, output_qspec=act, _annotated=True)
-        elif node.target in _SOFTMAX_OPS and isinstance(node.args[0], torch.fx.Node):
-            src = node.args[0]
-            node.meta["quantization_annotation"] = QuantizationAnnotation(
-                input_qspec_map={src: input_spec(src)}, output_qspec=config.fixed_qparams, _annotated=True)
 
 
 @dataclass
@@ -308,19 +210,6 @@ class QuantizedModel:
         return sims[semantics.key]
 
 
-def _tag_adds(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Let the quantizer see tensor adds (the residual connections).
-
-    Non-strict torch.export leaves no `source_fn_stack` on aten.add nodes, and litert-torch's add annotator
-    finds adds only through it: residual adds then stay float (QUANTIZE/DEQUANTIZE around every skip
-    connection), which breaks full-integer TFLite models and misstates the int8 model for every target.
-    """
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.aten.add.Tensor and "source_fn_stack" not in node.meta:
-            node.meta["source_fn_stack"] = [(node.name, torch.add)]
-    return gm
-
-
 @contextlib.contextmanager
 def _weight_observers_paused(prepared: torch.fx.GraphModule, paused: bool) -> Iterator[None]:
     """Weights do not change while calibrating: their observers see them on the first batch only (on the
@@ -365,7 +254,7 @@ def quantize(
     float_model, algorithms = ptq.transform_float_model(model, calibration.x, q)
     quantizer = quantizer if quantizer is not None else build_quantizer(q)
     with stage("insert_observers", "inserting observers (torch.export + prepare_pt2e)"):
-        prepared = prepare_pt2e(_tag_adds(export_program(float_model, example).module()), quantizer)
+        prepared = prepare_pt2e(tag_adds(export_program(float_model, example).module()), quantizer)
     batches = list(calibration.batches(q.calibration.batch_size))
     with stage("calibrate", f"calibrating on {len(calibration)} images", total=len(batches), unit="batch") as bar, \
             torch.no_grad():

@@ -31,7 +31,8 @@ from ..load.images import DECODE_ERRORS, ImageSet, LoadedImages, decode_image, m
 from ..load.models import TORCH_LOAD_ERRORS
 from ..load.preprocessing import Preprocessing
 from ..verify.fidelity import compare
-from .pt2e import QuantizedModel, _tag_adds, build_quantizer, export_program
+from .passes.add_tagging import tag_adds
+from .pt2e import QuantizedModel, build_quantizer, export_program
 from .quantizer_sites import remove_sites
 from .sensitivity import choose_fallback, fallback_line, fallback_record
 
@@ -134,7 +135,7 @@ def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor) -> 
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     mode = "learned" if recipe.qat.range_learning else "fixed"
-    graph = _tag_adds(export_program(copy.deepcopy(teacher).train(), example).module())
+    graph = tag_adds(export_program(copy.deepcopy(teacher).train(), example).module())
     return prepare_qat_pt2e(graph, build_quantizer(recipe.quantization, mode))
 
 

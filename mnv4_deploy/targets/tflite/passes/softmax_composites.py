@@ -16,7 +16,7 @@ def softmax_composites(gm: torch.fx.GraphModule) -> int:
     kernels: between the quantized matmuls of the Mobile MQA they stayed float (dequantize, 5 float ops,
     quantize) and no hybrid could be full-integer. litert-converter lowers the composite to the fused
     SOFTMAX builtin instead, int8 when the PT2E graph quantizes its output with the kernel's fixed 1/256
-    scale (quantize.annotate_attention does). The builtin always normalises the last axis whatever the
+    scale (quantization/passes/attention_annotation.py does). The builtin always normalises the last axis whatever the
     composite's attribute says, so a softmax over another axis (MobileMQA's is over keys, axis 2) is
     transposed there and back; the converter keeps both transposes int8 and folds the second into the
     following matmul. Only the TFLite graph is changed: the shared PT2E model and other targets are not.
