@@ -147,8 +147,8 @@ def _agreement(shared: Path, images: int, tmp: Path) -> dict[str, Any]:
 
 
 def _options(run: Any, target: Any) -> Any:
-    from mnv4_deploy.config.recipes import options_for
     from mnv4_deploy.pipeline import apply_overrides
+    from mnv4_deploy.targets import options_for
 
     return apply_overrides(options_for(run.recipe, target.name), run.settings.target_options)
 

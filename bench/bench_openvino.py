@@ -58,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, out: Path) -> int:
     """Build fp32 and both int8 artifacts under `out`, measure them, print the table and write the JSON."""
-    from mnv4_deploy.config.recipes import load_recipe, options_for
+    from mnv4_deploy.config.recipes import load_recipe
     from mnv4_deploy.load.images import load_images, scan_folder
     from mnv4_deploy.load.models import load_model
     from mnv4_deploy.pipeline import ConvertSettings, EvalData, export_and_verify, load_data
     from mnv4_deploy.preparation.prepare import prepare
     from mnv4_deploy.quantization.pt2e import quantize
-    from mnv4_deploy.targets import ExportRequest, get_target
+    from mnv4_deploy.targets import ExportRequest, get_target, options_for
     from mnv4_deploy.targets.openvino.target import OpenVinoRunner
     from mnv4_deploy.verify.fidelity import torch_logits
     from mnv4_deploy.verify.latency import measure_latency

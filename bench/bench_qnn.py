@@ -26,12 +26,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mnv4_deploy.config.recipes import options_for  # noqa: E402
 from mnv4_deploy.infra.fileio import write_json  # noqa: E402
 from mnv4_deploy.load.images import load_images, scan_folder  # noqa: E402
 from mnv4_deploy.pipeline import ConvertSettings, apply_overrides, deploy, start_run  # noqa: E402
 from mnv4_deploy.quantization.pt2e import quantize  # noqa: E402
-from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
+from mnv4_deploy.targets import ExportRequest, get_target, options_for  # noqa: E402
 from mnv4_deploy.verify.fidelity import compare, run_batched, torch_logits  # noqa: E402
 
 SMALL = """name: qnn-timing

@@ -64,9 +64,9 @@ def build(model: str, targets: list[str], out: Path, recipe: Path) -> dict[str, 
 
 def _runner(result: Any, threads: int) -> tuple[Any, np.ndarray]:
     """The artifact loaded in its runtime with `threads` intra-op threads, and one input image."""
-    from mnv4_deploy.config.recipes import load_recipe, options_for
+    from mnv4_deploy.config.recipes import load_recipe
     from mnv4_deploy.load.models import load_model
-    from mnv4_deploy.targets import ExportRequest, get_target
+    from mnv4_deploy.targets import ExportRequest, get_target, options_for
 
     m = result.manifest
     target = get_target(result.target)

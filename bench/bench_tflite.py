@@ -72,13 +72,14 @@ def main() -> int:
         print(f"skipped: reference checkpoint or val images not found ({args.weights}, {args.val})", file=sys.stderr)
         return 0
 
-    from mnv4_deploy.config.recipes import load_recipe, options_for
+    from mnv4_deploy.config.recipes import load_recipe
+
     from mnv4_deploy.load.images import load_images, scan_folder
     from mnv4_deploy.load.models import load_model
     from mnv4_deploy.pipeline import ConvertSettings, EvalData, export_and_verify, load_data
     from mnv4_deploy.preparation.prepare import prepare
     from mnv4_deploy.quantization.pt2e import quantize
-    from mnv4_deploy.targets import ExportRequest, get_target
+    from mnv4_deploy.targets import ExportRequest, get_target, options_for
     from mnv4_deploy.verify.fidelity import torch_logits
 
     recipe = load_recipe(args.recipe)

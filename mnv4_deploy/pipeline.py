@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from .config.options import field_names
-from .config.recipes import Recipe, load_recipe, options_for
+from .config.recipes import Recipe, load_recipe
 from .errors import UserError, VerificationError
 from .infra.fileio import ensure_writable_dir
 from .infra.stages import clock, run_clock, stage
@@ -22,7 +22,7 @@ from .load.models import LoadedModel, load_model
 from .preparation.prepare import prepare
 from .quantization.pt2e import QuantizedModel, quantize
 from .quantization.simulation_semantics import Semantics
-from .targets import ExportRequest, get_target, parse_targets, target_names
+from .targets import ExportRequest, check_recipe_targets, get_target, options_for, parse_targets, target_names
 from .verify import tensorwise
 from .verify.artifact_gate import gate_record
 from .verify.fidelity import compare, run_batched, torch_logits
@@ -163,7 +163,7 @@ def start_run(settings: ConvertSettings, lock: bool = True) -> LoadedRun:
     `lock`: take the output folders' locks (every process but a torchrun job's writer passes False)."""
     if settings.precision not in PRECISIONS:
         raise UserError(f"unknown precision '{settings.precision}': use one of {', '.join(PRECISIONS)}")
-    recipe = load_recipe(settings.recipe)
+    recipe = check_recipe_targets(load_recipe(settings.recipe))
     targets = _select_targets(settings)
     ensure_writable_dir(settings.out)
     if settings.weights == "pretrained":  # out of reach (offline, not cached): say so now, not after a minute

@@ -107,6 +107,7 @@ def _in_range(recipe: Any) -> None:
 
 def check_recipe(text: str) -> None:
     from mnv4_deploy.config.recipes import parse_recipe
+    from mnv4_deploy.targets import check_recipe_targets
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "fuzz.yaml"
@@ -117,7 +118,7 @@ def check_recipe(text: str) -> None:
                                         "--to", "no-such-target", "--out", str(out)])
         assert rc == 2 and not out.exists()
         if "unknown target 'no-such-target'" in err:
-            recipe = parse_recipe(path.read_text(errors="surrogateescape"), str(path))
+            recipe = check_recipe_targets(parse_recipe(path.read_text(errors="surrogateescape"), str(path)))
             _in_range(recipe.quantization)
             _in_range(recipe.verification)
             _in_range(recipe.qat)

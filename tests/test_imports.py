@@ -91,3 +91,18 @@ def test_the_walker_sees_lazy_and_relative_imports() -> None:
 def test_no_import_cycles() -> None:
     cycle = find_cycle(import_graph())
     assert not cycle, " -> ".join(cycle)
+
+
+CONFIG = "mnv4_deploy.config"
+# What config must never import: the stages that read it (a recipe is checked by the targets, not the reverse).
+ABOVE_CONFIG = ("mnv4_deploy.targets", "mnv4_deploy.pipeline", "mnv4_deploy.cli", "mnv4_deploy.report")
+
+
+def test_no_config_module_imports_the_targets() -> None:
+    """config/ sits below the targets: a recipe's `targets:` sections are checked by the registry
+    (targets.check_recipe_targets), which asks each target's Options; lazy imports count too."""
+    graph = import_graph()
+    config = {name: deps for name, deps in graph.items() if name == CONFIG or name.startswith(CONFIG + ".")}
+    assert "mnv4_deploy.config.recipes" in config
+    upward = {name: sorted(d for d in deps if d.startswith(ABOVE_CONFIG)) for name, deps in config.items()}
+    assert not {k: v for k, v in upward.items() if v}, upward

@@ -81,9 +81,10 @@ RECIPE_CASES = {
 @pytest.mark.parametrize("text", RECIPE_CASES, ids=range(len(RECIPE_CASES)))
 def test_recipe_numbers_syntax_and_duplicates_name_file_and_line(text: str):
     from mnv4_deploy.config.recipes import parse_recipe
+    from mnv4_deploy.targets import check_recipe_targets
 
     with pytest.raises(UserError) as err:
-        parse_recipe(text, "r.yaml")
+        check_recipe_targets(parse_recipe(text, "r.yaml"))
     assert str(err.value).startswith(RECIPE_CASES[text]), str(err.value)
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("nncf")
 from mnv4_deploy.config.recipes import load_recipe, parse_recipe  # noqa: E402
 from mnv4_deploy.errors import UserError  # noqa: E402
 from mnv4_deploy.infra.fileio import atomic_path  # noqa: E402
-from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
+from mnv4_deploy.targets import ExportRequest, check_recipe_targets, get_target  # noqa: E402
 from mnv4_deploy.targets.openvino.target import OpenVinoOptions, OpenVinoRunner  # noqa: E402
 from mnv4_deploy.verify.fidelity import compare, torch_logits  # noqa: E402
 
@@ -59,12 +59,12 @@ def reference(reference_checkpoint: Path, tiny_imagenet: Path):
 
 
 def test_options_from_recipe_and_mistakes():
-    recipe = parse_recipe("targets:\n  openvino:\n    method: nncf\n    preset: mixed\n"
-                          "    ignored_scopes: [a, b]\n    smooth_quant_alpha: 0.5\n")
+    recipe = check_recipe_targets(parse_recipe("targets:\n  openvino:\n    method: nncf\n    preset: mixed\n"
+                                               "    ignored_scopes: [a, b]\n    smooth_quant_alpha: 0.5\n"))
     opts = recipe.targets["openvino"]
     assert (opts.method, opts.preset, opts.ignored_scopes, opts.smooth_quant_alpha) == ("nncf", "mixed", ("a", "b"), 0.5)
     with pytest.raises(UserError, match="did you mean: performance"):
-        parse_recipe("targets:\n  openvino:\n    method: nncf\n    preset: performanc\n")
+        check_recipe_targets(parse_recipe("targets:\n  openvino:\n    method: nncf\n    preset: performanc\n"))
     with pytest.raises(UserError, match="method: nncf"):
         OpenVinoOptions(preset="mixed")  # an NNCF option with the pt2e method does nothing: say so
     with pytest.raises(UserError, match="smooth_quant_alpha"):

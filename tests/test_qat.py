@@ -258,12 +258,12 @@ def test_qat_data_parallel_under_torchrun(tmp_path: Path, reference_checkpoint: 
 def test_qat_graph_converts_to_coreml(tmp_path: Path):
     """A trained (train-mode exported) QAT graph is stateless after training: CoreML converts it pre-iOS18."""
     pytest.importorskip("coremltools", reason="pip install 'mnv4-deploy[coreml]'")
-    from mnv4_deploy.config.recipes import load_recipe, options_for
+    from mnv4_deploy.config.recipes import load_recipe
     from mnv4_deploy.load.models import load_model
     from mnv4_deploy.preparation.prepare import prepare
     from mnv4_deploy.quantization import qat
     from mnv4_deploy.quantization.pt2e import QuantizedModel
-    from mnv4_deploy.targets import ExportRequest, get_target
+    from mnv4_deploy.targets import ExportRequest, get_target, options_for
 
     loaded = load_model("mobilenetv4_conv_small_035", "random", None, {"input_size": [32], "crop_pct": 1.0})
     prepare(loaded.model)

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from mnv4_deploy import UserError
-from mnv4_deploy.config.recipes import load_recipe, parse_recipe, shipped_recipes
+from mnv4_deploy.config.recipes import TargetSection, load_recipe, parse_recipe, shipped_recipes
+from mnv4_deploy.targets import check_recipe_targets
 
 
 def test_shipped_recipes_parse():
@@ -36,12 +37,17 @@ def test_wrong_type_is_reported():
 
 
 def test_target_section_is_validated_by_the_target():
-    r = parse_recipe("targets:\n  onnx:\n    opset: 17\n", "r.yaml")
-    assert r.targets["onnx"].opset == 17
+    """config reads a `targets:` section as written; the registry checks it against the target's Options."""
+    read = parse_recipe("targets:\n  onnx:\n    opset: 17\n", "r.yaml")
+    assert isinstance(read.targets["onnx"], TargetSection) and read.to_dict()["targets"] == {"onnx": {"opset": 17}}
+    r = check_recipe_targets(read)
+    assert r.targets["onnx"].opset == 17 and r.to_dict()["targets"]["onnx"]["method"] == "pt2e"
     with pytest.raises(UserError, match=r"r.yaml:3: unknown key 'targets.onnx.opst'.*did you mean: opset"):
-        parse_recipe("targets:\n  onnx:\n    opst: 17\n", "r.yaml")
-    with pytest.raises(UserError, match="unknown target 'targets.onxx'"):
-        parse_recipe("targets:\n  onxx: {}\n", "r.yaml")
+        check_recipe_targets(parse_recipe("targets:\n  onnx:\n    opst: 17\n", "r.yaml"))
+    with pytest.raises(UserError, match="r.yaml:2: unknown target 'targets.onxx'.*did you mean: onnx"):
+        check_recipe_targets(parse_recipe("targets:\n  onxx: {}\n", "r.yaml"))
+    with pytest.raises(UserError, match="r.yaml:1: 'targets' must map target names to options"):
+        parse_recipe("targets: [onnx]\n", "r.yaml")
 
 
 def test_unknown_recipe_name_and_bad_yaml(tmp_path: Path):

@@ -25,7 +25,8 @@ from mnv4_deploy.config.recipes import parse_recipe
 from mnv4_deploy.errors import UserError, VerificationError
 from mnv4_deploy.infra.fileio import sha256_of
 from mnv4_deploy.pipeline import FAILED_MANIFEST, ArtifactResult, ConvertSettings, apply_overrides, convert
-from mnv4_deploy.targets import Runner, get_target, register_target, target_names, unregister_target
+from mnv4_deploy.targets import (Runner, check_recipe_targets, get_target, register_target, target_names,
+                                 unregister_target)
 
 PLUGIN = ("torchexport", "tests.torchexport_target:TorchExportTarget")
 TARGETS = [*target_names(), PLUGIN[0]]
@@ -271,7 +272,7 @@ def test_cli_flags_map_to_options(name: str) -> None:
 @pytest.mark.parametrize("name", TARGETS)
 def test_recipe_section_and_defaults(name: str) -> None:
     """A recipe may name every target, and a target's defaults are valid options."""
-    recipe = parse_recipe(f"targets:\n  {name}:\n")
+    recipe = check_recipe_targets(parse_recipe(f"targets:\n  {name}:\n"))
     assert recipe.targets[name] == get_target(name).Options()
     target = get_target(name)
     assert target.name == name and target.precisions and target.artifact_name and target.extra

@@ -14,10 +14,10 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from mnv4_deploy.config.recipes import load_recipe, options_for  # noqa: E402
+from mnv4_deploy.config.recipes import load_recipe  # noqa: E402
 from mnv4_deploy.load.images import default_calibration  # noqa: E402
 from mnv4_deploy.quantization.pt2e import quantize  # noqa: E402
-from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
+from mnv4_deploy.targets import ExportRequest, get_target, options_for  # noqa: E402
 from mnv4_deploy.verify import tensorwise  # noqa: E402
 
 from .conftest import REFERENCE_ARGS, prepared_model  # noqa: E402

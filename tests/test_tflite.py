@@ -23,7 +23,7 @@ pytest.importorskip("ai_edge_litert")
 from mnv4_deploy.config.recipes import load_recipe, parse_recipe  # noqa: E402
 from mnv4_deploy.errors import UserError, VerificationError  # noqa: E402
 from mnv4_deploy.load.images import default_calibration  # noqa: E402
-from mnv4_deploy.targets import ExportRequest, get_target  # noqa: E402
+from mnv4_deploy.targets import ExportRequest, check_recipe_targets, get_target  # noqa: E402
 from mnv4_deploy.targets.tflite.target import TfliteOptions, artifact_input  # noqa: E402
 from mnv4_deploy.verify.fidelity import compare, torch_logits  # noqa: E402
 
@@ -135,10 +135,10 @@ def test_io_dtype_needs_int8(small, tmp_path):
 
 def test_recipe_validates_tflite_options():
     text = "targets:\n  tflite:\n    io_dtype: uint8\n    layout: nhwc\n    threads: 1\n"
-    opts = parse_recipe(text).targets["tflite"]
+    opts = check_recipe_targets(parse_recipe(text)).targets["tflite"]
     assert (opts.io_dtype, opts.layout, opts.threads) == ("uint8", "nhwc", 1)
     with pytest.raises(UserError, match="io_dtype"):
-        parse_recipe("targets:\n  tflite:\n    io_dtype: int4\n")
+        check_recipe_targets(parse_recipe("targets:\n  tflite:\n    io_dtype: int4\n"))
 
 
 def test_int8_reference_checkpoint_full_integer(reference_checkpoint, tiny_imagenet, tmp_path):

@@ -10,6 +10,13 @@ import dataclasses
 from dataclasses import field
 from typing import Any, Iterator, Optional
 
+# Ranges of the recipe's numbers (every numeric field declares one; tests/test_one_line.py checks): far beyond
+# any useful value, and small enough that a typo cannot ask for a run of days or memory the machine lacks.
+MAX_IMAGES = 1_000_000
+MAX_BATCH = 4096
+MAX_STEPS = 1_000_000  # optimisation steps (adaround per layer, range learning, QAT)
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds
+
 
 def choice(default: Any, *choices: Any, flag: Optional[str] = None) -> Any:
     """A dataclass field whose value must be one of `choices`; `flag`: its CLI help (None: recipe only)."""

@@ -1,6 +1,11 @@
 """Recipes: YAML files validated into typed, frozen dataclasses.
 
 A mistake names the file, the line, the key and the nearest valid key. YAML is read with the safe loader.
+
+Each PTQ algorithm owns its section's dataclass beside its code (quantization/ptq/*.py); this module assembles
+them. A recipe's `targets:` sections stay as written (`TargetSection`) until the target registry checks them
+against each target's Options (`mnv4_deploy.targets.check_recipe_targets`, which every entry point runs when it
+loads a recipe): config sits below the targets and imports none of them.
 """
 from __future__ import annotations
 
@@ -14,19 +19,16 @@ from typing import Any, Optional
 import yaml
 
 from ..errors import UserError, did_you_mean
+from ..quantization.ptq.adaround import AdaRound
+from ..quantization.ptq.bias_correction import BiasCorrection
+from ..quantization.ptq.equalize import Equalization
+from ..quantization.ptq.range_learning import RangeLearning
 from .named_files import find_named, named_files, shipped_dir, user_dir
-from .options import choice, numeric_range, option, range_text
-from .yaml_io import CONSTRUCT_ERRORS, cannot_read, compose
+from .options import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_STEPS, choice, numeric_range, option, range_text
+from .yaml_io import CONSTRUCT_ERRORS, cannot_read, compose, construct
 
 # The shipped recipes (package data; the repository's recipes/ folder). Read them by name with load_recipe.
 RECIPES_DIR = shipped_dir("recipes") or Path("recipes")
-
-# Ranges of the recipe's numbers (every numeric field declares one; tests/test_recipes.py checks): far beyond
-# any useful value, and small enough that a typo cannot ask for a run of days or memory the machine lacks.
-MAX_IMAGES = 1_000_000
-MAX_BATCH = 4096
-MAX_STEPS = 1_000_000  # optimisation steps (adaround per layer, range learning, QAT)
-MAX_SEED = 2 ** 32 - 1  # numpy's seeds
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Fallback:
-    """Keep the most sensitive activations in higher precision, under an accuracy budget (mnv4_deploy/quantization/sensitivity.py).
+    """Keep the most sensitive activations in higher precision, under an accuracy budget
+    (mnv4_deploy/quantization/sensitivity.py).
 
     Sites are added greedily, most helpful first, until top-1 agreement with float on the calibration images
     reaches `target_agreement` or `max_layers` sites are chosen.
@@ -72,52 +75,6 @@ class Fallback:
     # 65536-level FakeQuantize wrongly, CoreML has no int16 activations). Each manifest says which it got.
     precision: str = choice("float", "float", "int16")
     images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images the choice is judged on (at most the calibration set)
-
-
-@dataclass(frozen=True)
-class Equalization:
-    """Rescale channels between consecutive convs of the float model before quantization (mnv4_deploy/quantization/ptq/equalize.py)."""
-
-    # cle: balance the weight ranges of each conv pair (Nagel et al. 2019); activation: balance the per-channel
-    # ranges of the activation between them (SmoothQuant-style), which is what per-tensor int8 activations need.
-    method: str = choice("none", "none", "cle", "activation")
-    alpha: float = option(0.5, unit_interval=True)  # activation: share of the activation range moved into a dense next conv (depthwise: all)
-    iterations: int = option(2, low=1, high=100)  # cle: passes over the chain
-
-
-@dataclass(frozen=True)
-class AdaRound:
-    """Learn each weight's rounding (up or down) against the float layer output (mnv4_deploy/quantization/ptq/adaround.py)."""
-
-    enabled: bool = False
-    iterations: int = option(50, low=1, high=100_000)  # optimisation steps per layer
-    images: int = option(128, low=1, high=MAX_IMAGES)  # calibration images used
-    batch_size: int = option(32, low=1, high=MAX_BATCH)
-
-
-@dataclass(frozen=True)
-class RangeLearning:
-    """Tune activation scales on calibration images against the float logits (mnv4_deploy/quantization/ptq/range_learning.py)."""
-
-    steps: int = option(0, low=0, high=100_000)  # 0 = off
-    lr: float = option(0.01, above=0, high=1)  # Adam, on the log of each scale
-    batch_size: int = option(32, low=1, high=MAX_BATCH)
-
-
-@dataclass(frozen=True)
-class BiasCorrection:
-    """Remove each conv's per-channel mean output error from its bias (mnv4_deploy/quantization/ptq/bias_correction.py)."""
-
-    enabled: bool = False
-    images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images used at most (a trimmed mean over them)
-    # ...and no more than this many pixels of them (512 images at 64x64), at least 128 images: a mean shift
-    # per channel over 128 images of 256x256 has more samples than 512 of 64x64, and bias correction runs
-    # the float and fake-quantized model over every image, the largest share of a native-resolution convert.
-    pixels: int = option(512 * 64 * 64, low=1, high=2 ** 40)
-
-    def images_for(self, height: int, width: int) -> int:
-        """How many calibration images bias correction uses at this input size."""
-        return min(self.images, max(128, self.pixels // (height * width)))
 
 
 @dataclass(frozen=True)
@@ -215,14 +172,17 @@ class Recipe:
     quantization: Quantization = field(default_factory=Quantization)
     verification: Verification = field(default_factory=Verification)
     qat: Qat = field(default_factory=Qat)  # used by `mnv4-deploy qat` only
-    # Per-target options, e.g. {'onnx': OnnxOptions(opset=18)}; each target declares its own options class.
+    # Per-target options, e.g. {'onnx': OnnxOptions(opset=18)}, once the registry has checked the sections
+    # (targets.check_recipe_targets); TargetSection as written until then.
     targets: dict = field(default_factory=dict)
     source: str = field(default="<built-in>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        targets = {name: options.as_written() if isinstance(options, TargetSection) else dataclasses.asdict(options)
+                   for name, options in self.targets.items()}
+        d = dataclasses.asdict(dataclasses.replace(self, targets={}))
         d.pop("source")
-        return d
+        return d | {"targets": targets}
 
 
 def load_recipe(name_or_path: Optional[str]) -> Recipe:
@@ -258,34 +218,48 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
     return dataclasses.replace(recipe, source=source)
 
 
-def _build_targets(node: yaml.Node, source: str) -> dict[str, Any]:
-    from ..targets import get_target, target_names
 
+@dataclass(frozen=True)
+class TargetSection:
+    """A recipe's `targets.<name>:` section as written, until the target registry checks it.
+
+    Config sits below the targets and imports none of them: `mnv4_deploy.targets.check_recipe_targets` turns
+    each section into that target's Options (`build_section`), or names an unknown target with its line."""
+
+    name: str
+    source: str
+    line: int
+    node: Optional[yaml.Node] = field(default=None, compare=False, repr=False)  # None: an empty section
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    def as_written(self) -> Any:
+        """The section's plain values, for a recipe's dict before its sections are checked."""
+        return {} if self.node is None else construct(self.node, self.source)
+
+
+def _target_sections(node: yaml.Node, source: str) -> dict[str, TargetSection]:
     if not isinstance(node, yaml.MappingNode):
         raise UserError(f"{_where(source, node)}: 'targets' must map target names to options")
     out = {}
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode):
             raise UserError(f"{_where(source, key_node)}: keys in 'targets' must be target names")
-        name = key_node.value
-        if name not in target_names():
-            raise UserError(
-                f"{_where(source, key_node)}: unknown target 'targets.{name}'{did_you_mean(name, target_names())}; "
-                f"valid targets: {', '.join(target_names())}"
-            )
-        options_cls = get_target(name).Options
-        if isinstance(value_node, yaml.ScalarNode) and value_node.value in ("", "~", "null"):
-            out[name] = options_cls()
-        else:
-            out[name] = _build(options_cls, value_node, source, f"targets.{name}")
+        empty = isinstance(value_node, yaml.ScalarNode) and value_node.value in ("", "~", "null")
+        out[key_node.value] = TargetSection(key_node.value, source, key_node.start_mark.line + 1,
+                                            None if empty else value_node)
     return out
 
 
-def options_for(recipe: Recipe, target: str) -> Any:
-    """The recipe's options for `target`, or that target's defaults."""
-    from ..targets import get_target
+def build_section(options_cls: type, section: TargetSection) -> Any:
+    """A target's Options from its recipe section, each key checked against that class (type, choices, range):
+    a mistake names the file, the line and `targets.<name>.<key>`."""
+    if section.node is None:
+        return options_cls()
+    return _build(options_cls, section.node, section.source, f"targets.{section.name}")
 
-    return recipe.targets.get(target) or get_target(target).Options()
 
 
 def _where(source: str, node: yaml.Node) -> str:
@@ -317,7 +291,7 @@ def _build(cls: type, node: yaml.Node, source: str, path: str, base: Any = None)
             )
         typ = hints[key]
         if cls is Recipe and key == "targets":
-            values[key] = _build_targets(value_node, source)
+            values[key] = _target_sections(value_node, source)
         elif dataclasses.is_dataclass(typ):
             values[key] = _build(typ, value_node, source, full, _field_default(fields[key]))
         else:

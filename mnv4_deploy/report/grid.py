@@ -28,7 +28,7 @@ from ..errors import MissingDependencyError, UserError, VerificationError
 from ..infra import console
 from ..infra.fileio import sha256_of, write_json
 from ..pipeline import PRECISIONS, ArtifactResult, ConvertSettings, convert
-from ..targets import get_target, parse_targets
+from ..targets import check_recipe_targets, get_target, parse_targets
 from . import roofline
 from .schema import cell_from_manifest, cell_id, empty_cell, model_section, new_report
 
@@ -153,7 +153,7 @@ class GridBuilder:
         from ..config.recipes import load_recipe
 
         base = self.rs.base
-        recipe = load_recipe(base.recipe)
+        recipe = check_recipe_targets(load_recipe(base.recipe))
         recipe_dict = recipe.to_dict() | {"source": recipe.source}
         targets = parse_targets(base.targets)
         grid = [(p, t) for p in self.rs.precisions for t in targets if self.only is None or (p, t) in self.only]

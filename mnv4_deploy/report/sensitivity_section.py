@@ -14,6 +14,7 @@ from ..pipeline import ConvertSettings, load_data
 from ..preparation.prepare import prepare
 from ..quantization.pt2e import quantize
 from ..quantization.sensitivity import analyse, choose_fallback
+from ..targets import check_recipe_targets
 from ..verify.fidelity import torch_logits
 
 METHOD = ("the recipe's PT2E int8 model with one quantizer enabled at a time (all others float), in PyTorch; "
@@ -26,7 +27,7 @@ def recipe_sensitivity(settings: ConvertSettings, images: int = 128, budget: Opt
     With `budget` (a top-1 agreement), also which activations a fallback would take out of int8 to reach it
     on the same images: what to put in a recipe's `quantization.fallback`.
     """
-    recipe = load_recipe(settings.recipe)
+    recipe = check_recipe_targets(load_recipe(settings.recipe))
     loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
     prepare(loaded.model)
     cal, cal_src, ver, ver_src = load_data(settings, loaded, recipe)

@@ -3,7 +3,8 @@ implement (base.py) and their registry (registry.py). How to add one: targets/RE
 from __future__ import annotations
 
 from .base import ExportRequest, Runner, RuntimeTensors, Target
-from .registry import get_target, parse_targets, register_target, target_names, unregister_target
+from .registry import (check_recipe_targets, get_target, options_for, parse_targets, register_target,
+                       target_names, unregister_target)
 
-__all__ = ["ExportRequest", "Runner", "RuntimeTensors", "Target", "get_target", "parse_targets", "register_target",
-           "target_names", "unregister_target"]
+__all__ = ["ExportRequest", "Runner", "RuntimeTensors", "Target", "check_recipe_targets", "get_target", "options_for",
+           "parse_targets", "register_target", "target_names", "unregister_target"]

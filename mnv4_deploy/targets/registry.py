@@ -1,9 +1,15 @@
 """The target registry: which targets exist (one line each) and how a name becomes a Target. Adding a target: its
-package targets/<name>/ and one line in _REGISTRY (targets/README.md has the whole checklist)."""
+package targets/<name>/ and one line in _REGISTRY (targets/README.md has the whole checklist).
+
+A recipe's `targets:` sections are checked here, against each target's Options (`check_recipe_targets`): config
+sits below the targets and never imports them."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from typing import Any
 
+from ..config.recipes import Recipe, TargetSection, build_section
 from ..errors import UserError, did_you_mean
 from .base import Target
 
@@ -50,3 +56,25 @@ def parse_targets(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_recipe_targets(recipe: Recipe) -> Recipe:
+    """`recipe` with each `targets.<name>:` section (as config read it) checked and built by that target's Options;
+    a mistake names the file and line: an unknown target, an unknown key, a value out of its range. Every entry
+    point that loads a recipe runs this at once, before any slow work."""
+    checked = {}
+    for name, section in recipe.targets.items():
+        if not isinstance(section, TargetSection):  # already checked
+            checked[name] = section
+            continue
+        if name not in _REGISTRY:
+            raise UserError(f"{section.where}: unknown target 'targets.{name}'{did_you_mean(name, _REGISTRY)}; "
+                            f"valid targets: {', '.join(_REGISTRY)}")
+        checked[name] = build_section(get_target(name).Options, section)
+    return dataclasses.replace(recipe, targets=checked)
+
+
+def options_for(recipe: Recipe, name: str) -> Any:
+    """The recipe's options for target `name` (its section checked now if it was not yet), or its defaults."""
+    section = recipe.targets.get(name)
+    if isinstance(section, TargetSection):
+        return build_section(get_target(name).Options, section)
+    return section if section is not None else get_target(name).Options()

@@ -1,13 +1,16 @@
 """Post-training quantization algorithms, each selected by a recipe key under `quantization:`.
 
-| module | recipe key | what it fixes |
-|---|---|---|
-| `equalize` | `equalization: {method: cle / activation, alpha}` | channel ranges across conv pairs (float model, before export) |
-| `adaround` | `adaround: {enabled: true, iterations, images}` | weight rounding, layer by layer |
-| `range_learning` | `range_learning: {steps, lr, batch_size}` | activation scales, against the float logits |
-| `bias_correction` | `bias_correction: {enabled: true, images, pixels}` | per-channel mean output shift of each conv |
+Each module holds its algorithm and the frozen dataclass of its recipe section (config/recipes.py assembles them
+into `Quantization`):
 
-(`observer: kl`, the entropy activation observer, lives with the other observers in `mnv4_deploy/quantization/observers.py`.)
+| module (section class) | recipe key | what it fixes |
+|---|---|---|
+| `equalize` (`Equalization`) | `equalization: {method: cle / activation, alpha}` | channel ranges across conv pairs (float model, before export) |
+| `adaround` (`AdaRound`) | `adaround: {enabled: true, iterations, images}` | weight rounding, layer by layer |
+| `range_learning` (`RangeLearning`) | `range_learning: {steps, lr, batch_size}` | activation scales, against the float logits |
+| `bias_correction` (`BiasCorrection`) | `bias_correction: {enabled: true, images, pixels}` | per-channel mean output shift of each conv |
+
+(`observer: kl`, the entropy activation observer, lives with the other observers in quantization/observers.py.)
 `quantize()` runs them in the order of that table, around calibration; each returns a small dict for the manifest.
 All of them use calibration images only.
 """
@@ -22,7 +25,7 @@ from torch import fx, nn
 
 from ...infra.stages import stage
 
-if TYPE_CHECKING:  # annotations only: recipes (lazily) imports targets -> quantize -> ptq; no cycle
+if TYPE_CHECKING:  # annotations only: config.recipes imports this package's section classes
     from ...config.recipes import Quantization
 
 

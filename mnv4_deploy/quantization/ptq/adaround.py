@@ -12,15 +12,29 @@ hard-rounded result is worse than rounding to nearest on the calibration images 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import fx
 
+from ...config.options import MAX_BATCH, MAX_IMAGES, option
 from ...load.images import model_input
 from ..quantizer_sites import SiteToggler
 from .lockstep import Layer, LockstepContext, get_attr, lockstep, set_attr
+
+
+@dataclass(frozen=True)
+class AdaRound:
+    """The recipe's `quantization.adaround`: learn each weight's rounding (up or down) against the float layer
+    output (`adaround` below)."""
+
+    enabled: bool = False
+    iterations: int = option(50, low=1, high=100_000)  # optimisation steps per layer
+    images: int = option(128, low=1, high=MAX_IMAGES)  # calibration images used
+    batch_size: int = option(32, low=1, high=MAX_BATCH)
+
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (from the paper)
 
@@ -120,5 +134,3 @@ def int8_weights(prepared: fx.GraphModule) -> dict[str, torch.Tensor]:
         scale, qmin, qmax = _per_channel(switch, w)
         out[layer.weight_attr] = torch.clamp(torch.round(w / scale), qmin, qmax).to(torch.int8)
     return out
-
-

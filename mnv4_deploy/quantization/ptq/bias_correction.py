@@ -9,15 +9,34 @@ correction survives convert_pt2e and every exporter.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import fx
 
+from ...config.options import MAX_IMAGES, option
 from ...load.images import model_input
 from ..quantizer_sites import SiteToggler
 from .lockstep import Layer, LockstepContext, get_attr, lockstep, set_attr
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """The recipe's `quantization.bias_correction`: remove each conv's per-channel mean output error from its
+    bias (`bias_correct` below)."""
+
+    enabled: bool = False
+    images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images used at most (a trimmed mean over them)
+    # ...and no more than this many pixels of them (512 images at 64x64), at least 128 images: a mean shift
+    # per channel over 128 images of 256x256 has more samples than 512 of 64x64, and bias correction runs
+    # the float and fake-quantized model over every image, the largest share of a native-resolution convert.
+    pixels: int = option(512 * 64 * 64, low=1, high=2 ** 40)
+
+    def images_for(self, height: int, width: int) -> int:
+        """How many calibration images bias correction uses at this input size."""
+        return min(self.images, max(128, self.pixels // (height * width)))
 
 
 def robust_shift(out_q: torch.Tensor, out_f: torch.Tensor, trim: float = 0.1) -> torch.Tensor:

@@ -28,7 +28,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...config.options import choice, option
 from ...load.images import model_input
+
+
+@dataclass(frozen=True)
+class Equalization:
+    """The recipe's `quantization.equalization`: rescale channels between consecutive convs of the float model
+    before quantization (`equalize` below)."""
+
+    # cle: balance the weight ranges of each conv pair (Nagel et al. 2019); activation: balance the per-channel
+    # ranges of the activation between them (SmoothQuant-style), which is what per-tensor int8 activations need.
+    method: str = choice("none", "none", "cle", "activation")
+    alpha: float = option(0.5, unit_interval=True)  # activation: share of the activation range moved into a dense next conv (depthwise: all)
+    iterations: int = option(2, low=1, high=100)  # cle: passes over the chain
+
 
 _HOMOGENEOUS = (nn.ReLU, nn.Identity)  # not ReLU6/hardswish: relu6(x / s) != relu6(x) / s
 

@@ -12,6 +12,7 @@ exporter use them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ...config.options import MAX_BATCH, option
 from ..quantizer_sites import SiteToggler, find_sites
+
+
+@dataclass(frozen=True)
+class RangeLearning:
+    """The recipe's `quantization.range_learning`: tune activation scales on calibration images against the
+    float logits (`learn_ranges` below)."""
+
+    steps: int = option(0, low=0, high=100_000)  # 0 = off
+    lr: float = option(0.01, above=0, high=1)  # Adam, on the log of each scale
+    batch_size: int = option(32, low=1, high=MAX_BATCH)
 
 
 class _LearnedScaleFakeQuant(nn.Module):
