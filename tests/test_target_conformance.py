@@ -5,13 +5,18 @@ Each test is written once and runs on every target, as NNCF's template tests do:
 tensor by tensor), the manifest's schema, the verification gate on a broken artifact, atomic writes when an
 export fails half-way, and the CLI flags that a target's Options declare. Built artifacts come from the
 reference checkpoint on real Tiny ImageNet images; one convert run per precision serves every target.
+The last tests check what they can of the checklist in mnv4_deploy/targets/README.md: each registered target's
+pyproject extra and tox env, and that its package imports with its toolchain hidden.
 """
 from __future__ import annotations
 
 import argparse
+import configparser
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -294,3 +299,93 @@ def test_a_target_can_bring_its_own_quantizer(tmp_path: Path, image_folder: Path
     assert OwnQuantizerTarget.quantizers_built == 1
     assert get_target("onnx").quantizer_key() == get_target("torchexport").quantizer_key() == "shared"
     assert [r.target for r in results] == ["onnx", "torchexport", "torchexport_own"]
+
+
+# ----------------------------------------------------------------------------- the checklist (targets/README.md)
+REPO = Path(__file__).resolve().parent.parent
+BUILTIN = [n for n in target_names() if n != PLUGIN[0]]
+
+
+def _tox() -> configparser.ConfigParser:
+    tox = configparser.ConfigParser()
+    tox.read(REPO / "tox.ini")
+    return tox
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_target_has_its_extra_and_tox_env(name: str) -> None:
+    """Adding a target means a pyproject extra that installs its toolchain and a tox env that tests it alone."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    extra = get_target(name).extra
+    assert extra in project["project"]["optional-dependencies"], f"pyproject has no [{extra}] extra for {name}"
+    tox = _tox()
+    assert name in [e.strip() for e in tox["tox"]["envlist"].split(",")], f"tox envlist lacks {name}"
+    lines = [line.strip() for line in tox["testenv"]["extras"].splitlines()]
+    assert f"{name}: {extra}" in lines, f"tox [testenv] extras lacks '{name}: {extra}'"
+    assert any(line.strip().startswith(f"{name}:") for line in tox["testenv"]["commands"].splitlines())
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert f"mnv4_deploy.targets.{name}" in packages
+
+
+# Runs in a fresh interpreter: every toolchain module of every registered target is hidden by a meta-path finder
+# (as on a machine without the extras), then each target package and all its modules are imported, the targets
+# are instantiated as the CLI does to build its flags, and check_installed must name the missing extra.
+_WITHOUT_TOOLCHAINS = r"""
+import importlib, importlib.abc, json, pkgutil, sys
+hidden = set(sys.argv[1].split(","))
+
+class Hidden(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in hidden:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, Hidden())
+from mnv4_deploy.errors import MissingDependencyError
+from mnv4_deploy.targets import get_target, target_names
+out = {}
+for name in sys.argv[2].split(","):
+    try:
+        package = importlib.import_module(f"mnv4_deploy.targets.{name}")
+        modules = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+        for module in modules:
+            importlib.import_module(module)
+        target = get_target(name)
+        target.Options()
+        try:
+            target.check_installed()
+            out[name] = "check_installed passed with the toolchain hidden"
+        except MissingDependencyError as exc:
+            out[name] = "ok" if f"mnv4-deploy[{target.extra}]" in str(exc) else f"check_installed said: {exc}"
+    except Exception as exc:
+        out[name] = f"{type(exc).__name__}: {exc}"
+try:
+    from mnv4_deploy.cli import build_parser
+
+    build_parser()  # every registered target instantiated for its flags
+    cli = "ok"
+except Exception as exc:
+    cli = f"{type(exc).__name__}: {exc}"
+print(json.dumps({"targets": out, "cli": cli}))
+"""
+
+
+@pytest.fixture(scope="module")
+def without_toolchains() -> dict[str, Any]:
+    hidden = sorted({m.split(".")[0] for n in BUILTIN for m in get_target(n).requires} - {"torch", "numpy"})
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TOOLCHAINS, ",".join(hidden), ",".join(BUILTIN)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_target_imports_without_its_toolchain(without_toolchains: dict[str, Any], name: str) -> None:
+    """A target module imports, and its Target() and Options() build, with no toolchain installed: the CLI
+    instantiates every registered target to build its flags (targets/README.md)."""
+    assert without_toolchains["targets"][name] == "ok", without_toolchains["targets"][name]
+
+
+def test_cli_builds_without_any_toolchain(without_toolchains: dict[str, Any]) -> None:
+    assert without_toolchains["cli"] == "ok", without_toolchains["cli"]

@@ -1,10 +1,11 @@
 """The one small interface every deployment target implements.
 
-A target is one module: its Options dataclass (recipe section and CLI flags), how to write its artifact from
-the prepared float model or the int8 PT2E model, how to load that artifact in its real runtime, how to expose
-the runtime's quantized intermediates for the tensor-by-tensor check, and how to describe it (ops, precisions)
-for the manifest. The pipeline does the rest (atomic writes, the verification gate, manifests, reports) the
-same way for every target; tests/test_target_conformance.py runs one suite over every registered target.
+A target is one package, targets/<name>/, whose target.py subclasses Target (targets/README.md: the hooks, what a
+target may import, the checklist). It gives its Options dataclass (recipe section and CLI flags), how to write its
+artifact from the prepared float model or the int8 PT2E model, how to load that artifact in its real runtime, how to
+expose the runtime's quantized intermediates for the tensor-by-tensor check, and how to describe it (ops,
+precisions) for the manifest. The pipeline does the rest (atomic writes, the verification gate, manifests, reports)
+the same way for every target; tests/test_target_conformance.py runs one suite over every registered target.
 """
 from __future__ import annotations
 
