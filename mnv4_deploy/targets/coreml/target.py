@@ -30,6 +30,7 @@ from ...infra.converter_output import captured
 from ..base import ExportRequest, Runner, RuntimeTensors, Target
 from ..input_adapter import DeployInput
 from .mlprogram import ane
+from .mlprogram.toolchain import import_coremltools
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class CoremlTarget(Target):
         return input_spec([1, 3, *pre.input_size], pre)
 
     def describe(self, path: Path, request: ExportRequest) -> dict[str, Any]:
-        import coremltools as ct
+        ct = import_coremltools()
 
         spec = ct.utils.load_spec(str(path))
         ops: collections.Counter = collections.Counter()
@@ -193,7 +194,7 @@ def _kind(request: ExportRequest) -> str:
 
 
 def _deployment_target(name: str, kind: str) -> Any:
-    import coremltools as ct
+    ct = import_coremltools()
 
     valid = [t for t in ct.target.__members__ if t.startswith(("iOS", "macOS", "watchOS", "tvOS"))]
     if name not in ct.target.__members__:
@@ -206,7 +207,7 @@ def _deployment_target(name: str, kind: str) -> Any:
 
 
 def _convert(model: Any, request: ExportRequest, opts: CoremlOptions, deployment: Any, precision: str) -> Any:
-    import coremltools as ct
+    ct = import_coremltools()
     import torch
 
     pre = request.loaded.preprocessing
@@ -235,6 +236,7 @@ def _convert(model: Any, request: ExportRequest, opts: CoremlOptions, deployment
 
 def _quantize_weights(mlmodel: Any) -> Any:
     """int8 per-channel symmetric weights for every conv/linear/matmul constant (what PT2E quantizes)."""
+    import_coremltools()
     import coremltools.optimize.coreml as cto
 
     config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
@@ -299,6 +301,7 @@ def _walk(block: Any, ops: collections.Counter, weight_dtypes: collections.Count
 
 
 def _dtype_name(code: int) -> str:
+    import_coremltools()
     from coremltools.proto import MIL_pb2
 
     return MIL_pb2.DataType.Name(code).lower()
@@ -310,11 +313,13 @@ def _feature(feature: Any) -> dict[str, Any]:
     if kind == "multiArrayType":
         t = feature.type.multiArrayType
         out["shape"] = list(t.shape)
+        import_coremltools()
         from coremltools.proto import FeatureTypes_pb2
 
         out["dtype"] = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(t.dataType).lower()
     elif kind == "imageType":
         t = feature.type.imageType
+        import_coremltools()
         from coremltools.proto import FeatureTypes_pb2
 
         out.update(width=t.width, height=t.height,
@@ -354,7 +359,7 @@ class CoremlRunner(Runner):
     """macOS: the .mlpackage run by CoreML itself (`predict`), on the requested compute units."""
 
     def __init__(self, path: Path, request: ExportRequest) -> None:
-        import coremltools as ct
+        ct = import_coremltools()
 
         self.executed = ExecutedRunner(path, request)
         self._sample: Optional[tuple[np.ndarray, np.ndarray]] = None  # first images seen, with predict's logits
@@ -400,7 +405,8 @@ class CoremlRunner(Runner):
 def _compute_plan(path: Path, compute_units: str) -> Optional[dict[str, Any]]:
     """Where each op runs (MLComputePlan, macOS 14.4+): an int8 model falling back to CPU is ~100x slower."""
     try:
-        import coremltools as ct
+        ct = import_coremltools()
+        import_coremltools()
         from coremltools.models.compute_plan import MLComputePlan
 
         compiled = ct.models.utils.compile_model(str(path))
