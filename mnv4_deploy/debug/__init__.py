@@ -189,6 +189,15 @@ def _layers(rb: Any, x: np.ndarray, opts: DebugOptions) -> dict[str, Any]:
             bar.advance()
     alone = {p: L._sqnr(s[0], s[1]) for p, s in alone_sums.items()}
     rows = {label: L.rows_of(acc[label], threshold, n_pos, alone, first.modules) for label in labels}
+    for a in rb.artifacts:  # a layer off only locally: did it compute on a transposed input?
+        d = L.first_divergence(rows[a.label]) if acc[a.label].status == "compared" else None
+        if d is None or d["runtime_tensor"] is None or not all("(local)" in r for r in d["reasons"]):
+            continue
+        j = L.diagnose_transposed(a, x[:size], d["position"], threshold)
+        if j is not None:
+            row = next(r for r in rows[a.label] if r["position"] == d["position"])
+            row["reasons"].append(f"its input #{j} {first.modules[j]} arrives transposed (H and W swapped): fed "
+                                  "that, the simulation computes what the runtime does")
     artifacts = []
     for a in rb.artifacts:
         layers = acc[a.label]

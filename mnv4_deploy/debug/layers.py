@@ -462,3 +462,53 @@ def alone_sqnr(floats: list[np.ndarray], qparams: dict[int, tuple[float, int, in
         s = sums.setdefault(pos, [0.0, 0.0])
         s[0] += float((f64 * f64).sum())
         s[1] += float(((q - f64) ** 2).sum())
+
+
+# ----------------------------------------------------------------------------- diagnosis
+def _input_positions(gm: Any, quantizer: str, names: dict[str, int]) -> list[int]:
+    """Positions whose dequantized values feed the op quantized by `quantizer` (walking back through float ops
+    to the nearest dequantize of an activation quantizer)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    start = nodes[quantizer].args[0]
+    found: list[int] = []
+    seen = set()
+    stack = [start]
+    while stack:
+        n = stack.pop()
+        if not hasattr(n, "op") or n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op == "call_function" and n.args and getattr(n.args[0], "name", None) in names \
+                and n is not nodes[quantizer]:
+            found.append(names[n.args[0].name])  # a dequantize of an activation quantizer
+            continue
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        stack.extend(a for a in n.all_input_nodes)
+    return sorted(set(found))
+
+
+def diagnose_transposed(artifact: Any, x: np.ndarray, pos: int, threshold: float) -> Optional[int]:
+    """For a layer flagged by its local error: the input position that, fed to PyTorch with H and W swapped,
+    makes the layer agree with the runtime (the runtime computed on a transposed tensor), else None."""
+    result = tensorwise.check(artifact.target, artifact.path, artifact.request, x, keep=True)
+    if "pairs" not in result:
+        return None
+    gm = artifact.request.quantized.simulation_module(artifact.target.simulation_semantics(artifact.request))
+    names = {t.name: t.order for t in result["free"]}
+    by_order = {t.order: t.name for t in result["free"]}
+    pairs = {p.torch.order: p for p in result["pairs"]}
+    if pos not in pairs:
+        return None
+    forced = {p.torch.name: p.aligned.astype(np.float32) for p in result["pairs"]}
+    for j in _input_positions(gm, by_order[pos], names):
+        v = forced.get(by_order[j])
+        if v is None or v.ndim != 4 or v.shape[2] != v.shape[3] or v.shape[2] < 2:
+            continue
+        trial = dict(forced)
+        trial[by_order[j]] = np.ascontiguousarray(np.swapaxes(v, -1, -2))
+        local = {t.name: t for t in tensorwise.torch_quantized(gm, x, trial)}[by_order[pos]]
+        p = pairs[pos]
+        if tensorwise._lsb_stats(local, p.aligned, runtime=p.runtime)["frac_over_1lsb"] <= threshold:
+            return j
+    return None
