@@ -131,7 +131,7 @@ def render(report: dict[str, Any]) -> str:
         body.append(f"<h2>One-image trace: {escape(t['image'])}</h2>")
         body.append("<pre>" + escape("\n".join(describe(t))) + "</pre>")
         body.append(_trace_chart(t))
-    from . import table
+    from .terminal import table
 
     body.append("<h2>Worst layers</h2><pre>" + escape(table(report)) + "</pre>")
     if report.get("advice"):
