@@ -217,6 +217,15 @@ def convert(settings: ConvertSettings,
 def _convert(settings: ConvertSettings,
              on_target_error: Optional[Callable[[str, Exception], None]]) -> list[ArtifactResult]:
     run = start_run(settings)
+    try:
+        return deploy(run, ptq_for(run), on_target_error)
+    finally:
+        run.release()
+
+
+def ptq_for(run: Run) -> Callable[[Any], Optional[QuantizedModel]]:
+    """`quantized_for(target)` of a PTQ run (convert, and `debug` rebuilding a convert's int8 model)."""
+    settings = run.settings
     quantizations: dict[Any, QuantizedModel] = {}
 
     def quantized_for(target: Any) -> Optional[QuantizedModel]:
@@ -235,10 +244,15 @@ def _convert(settings: ConvertSettings,
                 logger.info(fallback_line(quantizations[key].calibration["fallback"]))
         return quantizations[key]
 
-    try:
-        return deploy(run, quantized_for, on_target_error)
-    finally:
-        run.release()
+    return quantized_for
+
+
+def export_request(run: Run, target: Any, quantized: Optional[QuantizedModel]) -> ExportRequest:
+    """What `target` exports: the recipe's options with the command's flags, the model it deploys (targets
+    without int16 activations deploy the int16 fallback's float variant)."""
+    options = apply_overrides(options_for(run.recipe, target.name), run.settings.target_options)
+    deployed = quantized.for_target(target.int16_activations) if quantized is not None else None
+    return ExportRequest(run.loaded, run.settings.precision, options, deployed, run.calibration)
 
 
 def deploy(run: LoadedRun, quantized_for: Callable[[Any], Optional[QuantizedModel]],
@@ -252,11 +266,8 @@ def deploy(run: LoadedRun, quantized_for: Callable[[Any], Optional[QuantizedMode
     results = []
     for target in run.targets:
         try:
-            options = apply_overrides(options_for(recipe, target.name), settings.target_options)
-            quantized = quantized_for(target)
-            # Targets without int16 activations deploy (and are compared with) the int16 fallback's float variant.
-            deployed = quantized.for_target(target.int16_activations) if quantized is not None else None
-            request = ExportRequest(run.loaded, settings.precision, options, deployed, run.calibration)
+            request = export_request(run, target, quantized_for(target))
+            deployed = request.quantized
             simulated = None
             if deployed is not None and target.deploys_simulated_model(request):
                 simulated = _simulation(deployed, target.simulation_semantics(request), simulations,

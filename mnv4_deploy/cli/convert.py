@@ -184,6 +184,7 @@ def summary_table(results: Sequence[Any]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+
 def cmd_qat(args: argparse.Namespace) -> int:
     from ..pipeline import start_run
     from ..quantization import qat

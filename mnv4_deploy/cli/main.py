@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .calib import add_calib_command
     from .convert import add_convert_command, add_qat_command
+    from .debug import add_debug_command
     from .inspect import add_inspect_command
     from .report import add_report_command
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_command(sub)
     add_report_command(sub)
     add_calib_command(sub)
+    add_debug_command(sub)
     add_logging_flags_everywhere(parser)
     return parser
 

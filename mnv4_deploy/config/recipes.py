@@ -85,6 +85,9 @@ class Fallback:
     # 65536-level FakeQuantize wrongly, CoreML has no int16 activations). Each manifest says which it got.
     precision: str = choice("float", "float", "int16")
     images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images the choice is judged on (at most the calibration set)
+    # Module paths (comma-separated, as `mnv4-deploy debug` and `inspect --sensitivity` name layers) whose
+    # activations are kept out of int8 as given, instead of the greedy choice (max_layers and the budget unused).
+    layers: str = ""
 
 
 @dataclass(frozen=True)

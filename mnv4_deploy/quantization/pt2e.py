@@ -274,7 +274,7 @@ def quantize(
     if algorithms:
         info["algorithms"] = algorithms
         info["seconds"] = round(time.perf_counter() - start, 2)
-    if q.fallback.max_layers > 0:
+    if q.fallback.max_layers > 0 or q.fallback.layers.strip():
         with stage("fallback", "choosing fallback sites"):
             prepared, info["fallback"] = _apply_fallback(prepared, model, calibration, q)
         info["seconds"] = round(time.perf_counter() - start, 2)
@@ -290,8 +290,11 @@ def _apply_fallback(prepared: torch.fx.GraphModule, model: nn.Module, calibratio
     from .quantizer_sites import remove_sites, widen_sites
 
     x = calibration.x[:q.fallback.images]
-    chosen = sensitivity.choose_fallback(prepared, x, torch_logits(model, x), q.fallback.target_agreement,
-                                         q.fallback.max_layers)
+    if q.fallback.layers.strip():
+        chosen = sensitivity.given_fallback(prepared, x, torch_logits(model, x), q.fallback.layers)
+    else:
+        chosen = sensitivity.choose_fallback(prepared, x, torch_logits(model, x), q.fallback.target_agreement,
+                                             q.fallback.max_layers)
     sites = chosen["float_sites"]
     precision = q.fallback.precision
     info = sensitivity.fallback_record(chosen, q.fallback.target_agreement, len(x), precision, precision)

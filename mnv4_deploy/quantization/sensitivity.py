@@ -87,6 +87,29 @@ def choose_fallback(prepared: torch.fx.GraphModule, x: np.ndarray, float_logits:
             "returned_to_int8": len(returned)}
 
 
+def given_fallback(prepared: torch.fx.GraphModule, x: np.ndarray, float_logits: np.ndarray,
+                   layers: str) -> dict[str, Any]:
+    """The recipe's `fallback.layers`: every activation site of the named modules (comma-separated), with the
+    agreement before and after, in `choose_fallback`'s shape."""
+    from ..errors import UserError
+
+    tog = SiteToggler(prepared)
+    wanted = [name.strip() for name in layers.split(",") if name.strip()]
+    acts = [s for s in tog.sites if s.kind == "activation"]
+    missing = [w for w in wanted if not any(s.layer == w for s in acts)]
+    if missing:
+        raise UserError(f"quantization.fallback.layers: '{missing[0]}' quantizes no activation of this model "
+                        "(`mnv4-deploy debug` and `inspect --sensitivity` print the module paths)")
+    chosen = [s.name for s in acts if s.layer in wanted]
+    tog.set_enabled(lambda n: True)
+    before = compare(tog.logits(x), float_logits).top1_agreement
+    tog.set_enabled(lambda n: n not in chosen)
+    after = compare(tog.logits(x), float_logits).top1_agreement
+    layer_of = {s.name: f"{s.layer} ({s.op} {s.kind})" for s in acts}
+    return {"float_sites": chosen, "float_layers": [layer_of[n] for n in chosen], "agreement_history": [before, after],
+            "returned_to_int8": 0}
+
+
 def fallback_record(chosen: dict[str, Any], budget: float, images: int, precision: str,
                     precision_here: str) -> dict[str, Any]:
     """What the manifest says of a fallback (quantization.fallback): the sites, the budget, the agreement path."""

@@ -73,6 +73,8 @@ class Pair:
     aligned: np.ndarray  # runtime values dequantized, in the PyTorch tensor's shape
     how: str  # 'qparams' or 'values (re-quantized)'
     stats: dict[str, Any] = field(default_factory=dict)
+    layout: str = "as is"  # how the runtime tensor was rearranged to PyTorch's shape (`_alignments`)
+    layouts: tuple[str, ...] = ()  # every rearrangement the shapes allowed
 
 
 # ----------------------------------------------------------------------------- PyTorch side
@@ -140,22 +142,31 @@ def signed_zero_point(zero: int, dtype: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- matching
-def _alignments(values: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
-    """`values` (runtime layout, batch first) rearranged to PyTorch's `shape`, every way the shapes allow."""
+LAYOUTS = ("as is", "NHWC", "last two axes swapped", "squeezed")
+
+
+def _named_alignments(values: np.ndarray, shape: tuple[int, ...]) -> list[tuple[str, np.ndarray]]:
+    """`values` (runtime layout, batch first) rearranged to PyTorch's `shape`, every way the shapes allow,
+    each with its name (one of LAYOUTS)."""
     out = []
     if values.shape == shape:
-        out.append(values)
+        out.append(("as is", values))
     if values.ndim == 4 and len(shape) == 4 and values.transpose(0, 3, 1, 2).shape == shape:
-        out.append(values.transpose(0, 3, 1, 2))
+        out.append(("NHWC", values.transpose(0, 3, 1, 2)))
     # Last two axes swapped: TFLite softmaxes attention over its last axis (PyTorch's axis 2 transposed there
     # and back) and OpenVINO folds the small K transpose into its MatMul, so those tensors exist transposed.
     if values.ndim == len(shape) >= 2 and np.swapaxes(values, -1, -2).shape == shape:
-        out.append(np.swapaxes(values, -1, -2))
+        out.append(("last two axes swapped", np.swapaxes(values, -1, -2)))
     squeeze = lambda s: tuple(d for d in s if d != 1)
     if not out and values.size == int(np.prod(shape)) and squeeze(values.shape[1:]) == squeeze(shape[1:]) \
             and values.shape[0] == shape[0]:
-        out.append(values.reshape(shape))
+        out.append(("squeezed", values.reshape(shape)))
     return out
+
+
+def _alignments(values: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """`values` (runtime layout, batch first) rearranged to PyTorch's `shape`, every way the shapes allow."""
+    return [a for _, a in _named_alignments(values, shape)]
 
 
 def close_qparams(scale_a: float, zero_a: int, scale_b: float, zero_b: int) -> bool:
@@ -167,18 +178,24 @@ def _same_qparams(a: QTensor, b: QTensor) -> bool:
     return a.zero_point == b.zero_point and abs(a.scale - b.scale) <= rtol * max(a.scale, b.scale)
 
 
-def _best(t: QTensor, candidates: Sequence[QTensor]) -> Optional[tuple[QTensor, np.ndarray, float]]:
-    """The candidate whose dequantized values (best layout) are closest to `t`'s: (tensor, aligned, rel. RMS)."""
+def _best(t: QTensor, candidates: Sequence[QTensor]) -> Optional[tuple[QTensor, np.ndarray, float, str, tuple[str, ...]]]:
+    """The candidate whose dequantized values (best layout) are closest to `t`'s: (tensor, aligned, rel. RMS,
+    the layout used, the layouts its shape allowed)."""
     ref = t.dequantized()
     norm = float(np.sqrt(np.mean(ref ** 2))) or t.scale
     best = None
     for c in candidates:
         deq = c.dequantized()
-        for aligned in _alignments(deq, ref.shape):
+        named = _named_alignments(deq, ref.shape)
+        for layout, aligned in named:
             err = float(np.sqrt(np.mean((aligned - ref) ** 2))) / norm
             if best is None or err < best[2]:
-                best = (c, aligned, err)
+                best = (c, aligned, err, layout, tuple(n for n, _ in named))
     return best
+
+
+def _pair(t: QTensor, best: tuple[QTensor, np.ndarray, float, str, tuple[str, ...]], how: str) -> Pair:
+    return Pair(t, best[0], best[1], how, layout=best[3], layouts=best[4])
 
 
 def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple[list[Pair], list[QTensor], list[QTensor]]:
@@ -202,7 +219,7 @@ def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple
             unmatched.append(t)
             continue
         left.remove(best[0])
-        pairs.append(Pair(t, best[0], best[1], "qparams"))
+        pairs.append(_pair(t, best, "qparams"))
     still: list[QTensor] = []
     for t in unmatched:  # re-quantized tensors: same size, close values, other scale or zero point
         cands = [r for r in left if r.values.size == t.values.size]
@@ -211,7 +228,7 @@ def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple
             still.append(t)
             continue
         left.remove(best[0])
-        pairs.append(Pair(t, best[0], best[1], "values (re-quantized)"))
+        pairs.append(_pair(t, best, "values (re-quantized)"))
     lost: list[QTensor] = []
     for t in still:  # an identity op the converter folded (flatten after pooling): shares a matched tensor
         cands = [p.runtime for p in pairs if _same_qparams(t, p.runtime) and p.runtime.values.size == t.values.size]
@@ -219,7 +236,7 @@ def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple
         if best is None or best[2] > VALUE_MATCH_RTOL:
             lost.append(t)
             continue
-        pairs.append(Pair(t, best[0], best[1], "qparams (shares a runtime tensor: identity op folded)"))
+        pairs.append(_pair(t, best, "qparams (shares a runtime tensor: identity op folded)"))
     pairs.sort(key=lambda p: p.torch.order)
     return pairs, lost, left
 
@@ -238,8 +255,13 @@ def _lsb_stats(reference: QTensor, aligned: np.ndarray, observed: Optional[np.nd
 
 
 # ----------------------------------------------------------------------------- the check
-def compare(gm: Any, x: np.ndarray, runtime: Sequence[QTensor], threshold: float = FRACTION_THRESHOLD) -> dict[str, Any]:
-    """Match `runtime` to the PyTorch quantizers of `gm` on `x`, compare each pair; summary + full table."""
+def compare(gm: Any, x: np.ndarray, runtime: Sequence[QTensor], threshold: float = FRACTION_THRESHOLD,
+            keep: bool = False) -> dict[str, Any]:
+    """Match `runtime` to the PyTorch quantizers of `gm` on `x`, compare each pair; summary + full table.
+
+    `keep`: also return the tensors themselves (`mnv4-deploy debug` computes more on them): 'pairs' (matched,
+    PyTorch order), 'free' (PyTorch's quantizers run freely), 'local' (PyTorch fed the runtime's tensors, by
+    quantizer name) and 'lost' (PyTorch quantizers without a runtime counterpart)."""
     free = torch_quantized(gm, x)
     pairs, lost, extra = match(free, runtime)
     # Local comparison: PyTorch again, each matched quantizer's dequantized output replaced by the runtime's
@@ -263,7 +285,8 @@ def compare(gm: Any, x: np.ndarray, runtime: Sequence[QTensor], threshold: float
                      "shape": list(p.torch.values.shape[1:]), "scale": p.torch.scale,
                      "zero_point": p.torch.zero_point, "runtime_scale": p.runtime.scale,
                      "runtime_zero_point": p.runtime.zero_point, "matched_on": p.how,
-                     "local": loc, "accumulated": acc, "flagged": bool(reasons), "reasons": reasons})
+                     "layout": p.layout, "local": loc, "accumulated": acc, "flagged": bool(reasons),
+                     "reasons": reasons})
     matched_qparams = [p.runtime for p in pairs]
     extra_new = [r for r in extra if not any(_same_qparams(r, m) for m in matched_qparams)]
     flagged = [r for r in rows if r["flagged"]]
@@ -292,11 +315,15 @@ def compare(gm: Any, x: np.ndarray, runtime: Sequence[QTensor], threshold: float
         "max_local_lsb": max((r["local"]["max_lsb"] for r in rows), default=None),
         "max_accumulated_lsb": max((r["accumulated"]["max_lsb"] for r in rows), default=None),
     }
-    return {"summary": summary, "table": rows}
+    result: dict[str, Any] = {"summary": summary, "table": rows}
+    if keep:
+        result |= {"pairs": pairs, "free": free, "local": local, "lost": lost}
+    return result
 
 
-def check(target: Any, path: Any, request: Any, x: np.ndarray) -> dict[str, Any]:
-    """The tensor-by-tensor comparison of one artifact: {'summary': ..., 'table': [...]} (table may be absent)."""
+def check(target: Any, path: Any, request: Any, x: np.ndarray, keep: bool = False) -> dict[str, Any]:
+    """The tensor-by-tensor comparison of one artifact: {'summary': ..., 'table': [...]} (table may be absent);
+    `keep`: with the tensors themselves (`compare`)."""
     if not target.deploys_simulated_model(request):
         return {"summary": {"status": "not applicable: the artifact does not deploy the PT2E model it could be "
                                       "compared with"}}
@@ -304,7 +331,8 @@ def check(target: Any, path: Any, request: Any, x: np.ndarray) -> dict[str, Any]
     if isinstance(got, str):
         return {"summary": {"status": got}}
     runtime, info = got
-    result = compare(request.quantized.simulation_module(target.simulation_semantics(request)), x, runtime)
+    result = compare(request.quantized.simulation_module(target.simulation_semantics(request)), x, runtime,
+                     keep=keep)
     result["summary"] = {"status": "compared", **info, **{k: v for k, v in result["summary"].items() if k != "status"}}
     return result
 
