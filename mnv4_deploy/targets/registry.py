@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str] = {
     "openvino": "mnv4_deploy.targets.openvino.target:OpenVinoTarget",
     "coreml": "mnv4_deploy.targets.coreml.target:CoremlTarget",
     "qnn": "mnv4_deploy.targets.qnn.target:QnnTarget",
+    "executorch": "mnv4_deploy.targets.executorch.target:ExecutorchTarget",
 }
 
 
