@@ -172,7 +172,10 @@ class Distillation:
 
 @dataclass(frozen=True)
 class Qat:
-    """Quantization-aware fine-tuning (`mnv4-deploy qat`). Steps count optimizer updates over all processes."""
+    """Quantization-aware fine-tuning (`mnv4-deploy qat`). Steps count optimizer updates over all processes.
+
+    Training starts from the PTQ model of the recipe's `quantization:` section (epoch 0 = that model) and the
+    shipped epoch is chosen on held-back train images (mnv4_deploy/qat.py)."""
 
     epochs: int = 2
     batch_size: int = 64  # per process
@@ -181,19 +184,22 @@ class Qat:
     # constant, or cosine: every learning rate (weights and ranges) decays from its value to 0 over the run's
     # steps, so the exported weights are a settled point rather than one step of a noisy walk.
     lr_schedule: str = choice("constant", "constant", "cosine")
+    warmup_steps: int = 0  # learning rates rise linearly from lr/warmup_steps to lr over these first steps
     weight_decay: float = 0.0
     # Learn the activation scales and zero points by gradient (LSQ, Esser et al. 2020) once observers freeze;
-    # off: the ranges stay where the observers left them.
+    # off: the ranges stay where PTQ (and the observers, while on) left them.
     range_learning: bool = True
     range_lr: float = 1e-4
-    # BatchNorm uses batch statistics (and updates its running stats) for this many steps, then freezes.
-    # 0 = frozen from the start (best when the train images are few or batches small).
+    # BatchNorm is folded into the convs of the PTQ start (as every target deploys it): 0 is the only value
+    # (kept so that recipes written for earlier versions still load; > 0 is refused with a reason).
     freeze_bn_after: int = 0
-    # Observers keep refining the ranges for this many steps (from the PTQ calibration start), then freeze.
+    # Activation observers keep refining the PTQ ranges on the train batches for this many steps, then freeze.
     freeze_observers_after: int = 0
     distillation: Distillation = field(default_factory=Distillation)
     augment: str = choice("flip", "flip", "none")  # random horizontal flips of train images
-    eval_images: int = 1000  # --val images scored (agreement with float) after every epoch
+    # Train images held back (never trained on, not calibration images, not --val) and scored at epoch 0 and after
+    # every epoch: the shipped epoch is chosen on them.
+    eval_images: int = 1000
     checkpoint_every: int = 200  # steps between checkpoints (and at each epoch end)
     workers: int = 2  # data-loader worker processes per training process
     seed: int = 0
