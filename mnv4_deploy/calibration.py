@@ -26,6 +26,7 @@ from .data import ImageSet, LoadedImages, default_calibration, load_images, scan
 from .errors import UserError, did_you_mean
 from .fileio import sha256_of
 from .shipped import find_named, named_files, user_dir
+from .yamlio import safe_load
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +106,7 @@ def load_set(name_or_path: str | Path) -> CalibrationSet:
 
 
 def parse_set(text: str, source: str = "<string>") -> CalibrationSet:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = safe_load(text, source)  # a syntax error or a duplicate key names its line
     fix = "regenerate it with `mnv4-deploy calib make`"
     if not isinstance(data, dict):
         raise UserError(f"{source}: a calibration set must be a mapping with name and images: {fix}")
@@ -131,18 +129,39 @@ def parse_set(text: str, source: str = "<string>") -> CalibrationSet:
         if bad:
             raise UserError(f"{source}: images[{i}] has unknown key '{bad[0]}'; valid keys: {', '.join(_IMAGE_KEYS)}")
         rel = PurePosixPath(item["path"])
-        if rel.is_absolute() or ".." in rel.parts:
+        if (rel.is_absolute() or ".." in rel.parts or not item["path"].strip() or "\0" in item["path"]
+                or not _encodable(item["path"])):
             raise UserError(f"{source}: images[{i}] path '{item['path']}' must be relative to the root, inside it")
         sha = item.get("sha256")
         if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
             raise UserError(f"{source}: images[{i}] sha256 must be 64 hex digits: {fix}")
+        if sha is not None and any(c not in "0123456789abcdefABCDEF" for c in sha):
+            raise UserError(f"{source}: images[{i}] sha256 must be 64 hex digits: {fix}")
         label = item.get("label")
+        if label is not None and (not isinstance(label, (str, int)) or isinstance(label, bool)):
+            raise UserError(f"{source}: images[{i}] label must be a class name, got {type(label).__name__}: {fix}")
         entries.append(SetImage(str(rel), sha, None if label is None else str(label)))
+    for key, kinds, what in (("description", (str,), "a string"), ("selection", (dict,), "a mapping"),
+                             ("root", (str,), "a string"), ("digest", (str,), "a string")):
+        if data.get(key) is not None and not isinstance(data[key], kinds):
+            raise UserError(f"{source}: '{key}' must be {what}, got {type(data[key]).__name__}: {fix}")
+    if data.get("root") not in (None, SKIMAGE_ROOT):
+        raise UserError(f"{source}: 'root' may only be '{SKIMAGE_ROOT}' (other roots are given at run time with "
+                        f"--calib-root), got {data['root']!r}: {fix}")
     result = CalibrationSet(name, tuple(entries), str(data.get("description") or ""),
                             dict(data.get("selection") or {}), data.get("root"), source)
     if data.get("digest") and data["digest"] != result.digest:
         raise UserError(f"{source}: its digest does not match its image list (the file was edited): {fix}")
     return result
+
+
+def _encodable(path: str) -> bool:
+    """Whether the file system can name `path` (a lone surrogate cannot be)."""
+    try:
+        os.fsencode(path)
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def dump_set(cs: CalibrationSet) -> str:
@@ -215,14 +234,27 @@ def resolve_root(cs: CalibrationSet, root: Optional[str | Path]) -> Path:
 
 
 def check_set(cs: CalibrationSet, root: Path) -> tuple[list[str], dict[str, str]]:
-    """(one line per missing or changed file, {path: sha256 of what is there now} for the files present)."""
+    """(one line per missing or changed file, {path: sha256 of what is there now} for the files present).
+
+    A path that leads out of the root through a symbolic link is refused (one line) before anything is read:
+    the set file names what is hashed, and must not reach files elsewhere on the machine.
+    """
     problems, actual = [], {}
+    real_root = Path(os.path.realpath(root))
     for im in cs.images:
         p = root / im.path
-        if not p.is_file():
-            problems.append(f"missing: {im.path}")
+        if not Path(os.path.realpath(p)).is_relative_to(real_root):
+            raise UserError(f"calibration set '{cs.name}': '{im.path}' leads out of the root '{root}' through a "
+                            "symbolic link: a set may only name files inside its root; remove the link or choose "
+                            "another --calib-root/--root")
+        try:
+            if not p.is_file():
+                problems.append(f"missing: {im.path}")
+                continue
+            actual[im.path] = sha256_of(p)
+        except OSError as exc:  # a name too long, a file we may not read: not there for us
+            problems.append(f"missing: {im.path} ({exc.strerror})")
             continue
-        actual[im.path] = sha256_of(p)
         if im.sha256 and actual[im.path] != im.sha256:
             problems.append(f"changed: {im.path} (sha256 {actual[im.path][:12]}..., the set says {im.sha256[:12]}...)")
     return problems, actual

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .cli_common import (add_logging_flags, add_logging_flags_everywhere, add_model_command, require_weights, add_model_options, add_target_option_flags,
-                         add_verify_gate_flag, configure_logging, preprocessing_overrides, target_option_values)
+from .cli_common import (add_logging_flags, add_logging_flags_everywhere, add_model_command, add_model_options,
+                         add_target_option_flags, add_verify_gate_flag, configure_logging, preprocessing_overrides,
+                         target_option_values)
 from . import console
 from .console import echo
-from .errors import UserError, VerificationError
+from .errors import UserError, VerificationError, one_line
 from .stages import timing
 
 logger = logging.getLogger("mnv4_deploy")
@@ -74,7 +75,7 @@ def description() -> str:
     """What the tool does, naming every registered target (also the package's description, tested)."""
     from .targets import get_target, target_names
 
-    titles = [get_target(n).title for n in target_names()]
+    titles = [getattr(get_target(n), "title", n) for n in target_names()]
     return (f"Quantize MobileNetV4 models and ship them to {', '.join(titles[:-1])} and {titles[-1]}, verified in "
             "each target's real runtime.")
 
@@ -197,7 +198,6 @@ def _print_tensorwise(results: list) -> None:
 
 def _settings(args: argparse.Namespace, **kw: Any) -> Any:
     """ConvertSettings from the options `convert` and `qat` share."""
-    require_weights(args)
     from .pipeline import ConvertSettings
 
     return ConvertSettings(
@@ -246,13 +246,27 @@ def summary_table(results: Sequence[Any]) -> str:
 
 def cmd_qat(args: argparse.Namespace) -> int:
     from . import qat
-    from .data import scan_folder
-    from .pipeline import deploy, start_run
+    from .pipeline import start_run
 
     dist = qat.init_distributed(args.device)
     settings = _settings(args, precision="int8", calib=args.calib or args.train)
-    run = start_run(settings)
-    recipe = run.recipe
+    for flag, value, low in (("--epochs", args.epochs, 0), ("--max-steps", args.max_steps, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    run = start_run(settings, lock=dist.main)  # only the main process of a torchrun job writes artifacts
+    try:
+        return _train_and_deploy(args, run, dist)
+    finally:
+        run.release()
+
+
+def _train_and_deploy(args: argparse.Namespace, run: Any, dist: Any) -> int:
+    """QAT on the run's model, then export and verify like convert (the output folders stay locked)."""
+    from . import qat
+    from .data import scan_folder
+    from .pipeline import deploy
+
+    settings, recipe = run.settings, run.recipe
     train_images, selection = qat.split_train(scan_folder(args.train), run.evals[0].images.files,
                                               run.calibration.files, recipe.qat, run.loaded, settings.workers)
     options = qat.QatOptions(checkpoint_dir=Path(args.out) / "qat", resume=args.resume, device=args.device,
@@ -272,10 +286,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.sensitivity:
         return _inspect_sensitivity(args)
     if args.manifest is not None:
-        from .fileio import read_json
+        from .manifest import read_manifest
+        from .transaction import check_artifact
 
         path = args.manifest / "manifest.json" if args.manifest.is_dir() else args.manifest
-        manifest = read_json(path, "manifest", "give a manifest.json written by `mnv4-deploy convert`")
+        manifest = read_manifest(path)
+        gate = manifest["verification"].get("gate") or {}
+        if not (gate.get("enforced") and gate.get("passed") is False):  # a refused artifact was never kept
+            manifest = check_artifact(path.parent, path.name, read_manifest)
         # Per-image predictions stay in the file: kilobytes of encoded classes help nobody on a terminal.
         verification = {name: ({k: v for k, v in entry.items() if k != "predictions"}
                                if isinstance(entry, dict) else entry)
@@ -304,9 +322,9 @@ def _target_entry(name: str) -> str:
     target = get_target(name)
     try:
         target.check_installed()
-        return f"{name} ({target.title})"
+        return f"{name} ({getattr(target, 'title', name)})"
     except UserError:
-        return f"{name} ({target.title}; not installed: pip install 'mnv4-deploy[{target.extra}]')"
+        return f"{name} ({getattr(target, 'title', name)}; not installed: pip install 'mnv4-deploy[{target.extra}]')"
 
 
 def _inspect_sensitivity(args: argparse.Namespace) -> int:
@@ -316,7 +334,6 @@ def _inspect_sensitivity(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise UserError("--sensitivity needs --model (and usually --weights and --calib)")
-    require_weights(args)
     settings = ConvertSettings(model=args.model, out=Path("."), precision="int8", weights=args.weights,
                                num_classes=args.num_classes, preprocessing=preprocessing_overrides(args),
                                calib=args.calib, recipe=args.recipe, progress=console.stderr().isatty())
@@ -359,6 +376,8 @@ def _agreement(text: str) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .signals import SIGINT_EXIT, SIGTERM_EXIT, Terminated, sigterm_as_interrupt
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -366,23 +385,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verbose = getattr(args, "verbose", False)
     try:
         # Other libraries' output (Python and native) goes to -v only: their lines read as errors to a user.
-        with contextlib.nullcontext() if verbose else console.foreign_output_captured():
+        with sigterm_as_interrupt(), \
+                contextlib.nullcontext() if verbose else console.foreign_output_captured():  # noqa: E501
             bars = not getattr(args, "no_progress", False) and console.stderr().isatty()
             with timing(bars) as clock:
                 try:
-                    return args.func(args)
+                    return args.func(args)  # a CI cancel or `kill` (SIGTERM) cleans up as Ctrl-C does
                 finally:
                     if clock.seconds:
                         logger.debug("time per stage:\n%s", clock.table())
     except UserError as exc:
-        print(f"mnv4-deploy: error: {exc}", file=sys.stderr)
+        print(f"mnv4-deploy: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except VerificationError as exc:  # an artifact was built but fails what was asked: not written
-        print(f"mnv4-deploy: verification failed: {exc}", file=sys.stderr)
+        print(f"mnv4-deploy: verification failed: {one_line(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("mnv4-deploy: interrupted (no partial artifacts were left)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"mnv4-deploy: {what}; no partial artifacts were left", file=sys.stderr)
+        return SIGTERM_EXIT if isinstance(exc, Terminated) else SIGINT_EXIT
 
 
 if __name__ == "__main__":

@@ -36,14 +36,6 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None
     g.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest", "lanczos"))
 
 
-def require_weights(args: argparse.Namespace) -> None:
-    """Timm's pretrained weights out of reach (offline, not cached): one line now, not after a minute of retries."""
-    if getattr(args, "weights", None) == "pretrained" and str(getattr(args, "model", "")).startswith("mobilenetv4_"):
-        from .hub import require_pretrained
-
-        require_pretrained(args.model)
-
-
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from .preprocessing import parse_floats
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -34,6 +36,7 @@ class ImageSet:
     source: str = ""
     skipped_files: int = 0  # non-image files found while scanning
     found: int = 0  # image files the scan found (a subset keeps the folder's count, for messages)
+    links_out: int = 0  # symbolic links leading out of the folder, not followed
 
     def __post_init__(self) -> None:
         self.found = self.found or len(self.paths)
@@ -49,7 +52,7 @@ class ImageSet:
         return ImageSet(
             [self.paths[i] for i in indices],
             [self.labels[i] for i in indices] if self.labels is not None else None,
-            self.classes, self.source, self.skipped_files, self.found,
+            self.classes, self.source, self.skipped_files, self.found, self.links_out,
         )
 
     def split(self, first: int, second: int, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
@@ -83,7 +86,8 @@ def scan_folder(folder: str | Path, classes: Optional[Sequence[str]] = None,
         raise UserError(f"image folder '{folder}' does not exist or is not a directory")
     if labels_file is not None:
         return _labelled_flat_folder(root, Path(labels_file).expanduser())
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    walk = _Walk(root)
+    subdirs = walk.subfolders(root)
     paths: list[Path] = []
     labels: list[int] = []
     skipped = 0
@@ -91,7 +95,7 @@ def scan_folder(folder: str | Path, classes: Optional[Sequence[str]] = None,
         names = list(classes) if classes is not None else [d.name for d in subdirs]
         index = {n: i for i, n in enumerate(names)}
         for d in subdirs:
-            files, bad = _image_files(d)
+            files, bad = walk.image_files(d)
             skipped += bad
             if d.name not in index:
                 if classes is not None:
@@ -99,14 +103,15 @@ def scan_folder(folder: str | Path, classes: Optional[Sequence[str]] = None,
                 continue
             paths += files
             labels += [index[d.name]] * len(files)
-        loose, bad = _image_files(root, recursive=False)
+        loose, bad = walk.image_files(root, recursive=False)
         skipped += bad
         if loose and not paths:  # images next to unrelated folders: treat as flat
-            return ImageSet(loose, None, None, str(root), skipped)
+            return walk.done(ImageSet(loose, None, None, str(root), skipped))
         result = ImageSet(paths, labels, names, str(root), skipped)
     else:
-        files, skipped = _image_files(root)
+        files, skipped = walk.image_files(root)
         result = ImageSet(files, None, None, str(root), skipped)
+    walk.done(result)
     if not result.paths:
         raise UserError(
             f"no images found in '{folder}' (looked for {', '.join(sorted(IMAGE_SUFFIXES))}; "
@@ -170,16 +175,90 @@ def _labelled_flat_folder(root: Path, labels_file: Path) -> ImageSet:
 
 
 def _image_files(folder: Path, recursive: bool = True) -> tuple[list[Path], int]:
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    files, other = [], 0
-    for p in sorted(it):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            files.append(p)
+    return _Walk(folder).image_files(folder, recursive)
+
+
+class _Walk:
+    """Lists a user's image folder without leaving it through a folder link: a link to a folder outside the root
+    is not followed (a link to /proc or / once walked the whole machine), nor is a linked folder inside it (its
+    images would count twice). A link to an image file elsewhere is read like a file (a calibration subset is
+    often a folder of links into a dataset); one that leads nowhere is skipped. Unreadable sub-folders are
+    skipped. Links not followed and unreadable folders are counted and noted once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.real_root = _real(root) or root
+        self.links_out: dict[Path, str] = {}  # each link once, however often the walk meets it
+        self.unreadable: list[str] = []
+
+    def _follow(self, path: Path) -> bool:
+        """Whether a symbolic link may be used: a file link to a regular file, or a folder link inside the root."""
+        real = _real(path)
+        if real is not None and (real.is_file() or (real.is_dir() and real.is_relative_to(self.real_root))):
+            return True
+        self.links_out[path] = f"{path.name} -> {os.readlink(path)}"
+        return False
+
+    def subfolders(self, folder: Path) -> list[Path]:
+        """Class sub-folders: real folders, or links to folders inside the root."""
+        out = []
+        for p in self._entries(folder):
+            if p.name.startswith(".") or not p.is_dir():
+                continue
+            if p.is_symlink() and not self._follow(p):
+                continue
+            out.append(p)
+        return sorted(out)
+
+    def _entries(self, folder: Path) -> list[Path]:
+        try:
+            return list(folder.iterdir())
+        except OSError as exc:
+            self.unreadable.append(f"{folder} ({exc.strerror})")
+            return []
+
+    def image_files(self, folder: Path, recursive: bool = True) -> tuple[list[Path], int]:
+        """(image files, count of other files) in `folder` (and below it, not through links to folders)."""
+        if recursive:
+            found = []
+            on_error = lambda exc: self.unreadable.append(f"{exc.filename} ({exc.strerror})")  # noqa: E731
+            for top, dirs, names in os.walk(folder, onerror=on_error):
+                found += [Path(top) / n for n in names]
+                found += [Path(top) / d for d in dirs if os.path.islink(os.path.join(top, d))]  # noted below
         else:
-            other += 1
-    return files, other
+            found = self._entries(folder)
+        files, other = [], 0
+        for p in sorted(found):
+            if p.name.startswith("."):
+                continue
+            if p.is_symlink() and not self._follow(p):
+                continue
+            if not p.is_file():
+                continue
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(p)
+            else:
+                other += 1
+        return files, other
+
+    def done(self, result: ImageSet) -> ImageSet:
+        """Note what was not followed (once per scan) and count it on the result."""
+        result.links_out = len(self.links_out)
+        if self.links_out:
+            logger.warning(f"note: not following {len(self.links_out)} link(s) in '{self.root}' to folders outside "
+                           f"it or to nothing (e.g. {next(iter(self.links_out.values()))})")
+        if self.unreadable:
+            logger.warning(f"note: skipped {len(self.unreadable)} unreadable folder(s) in '{self.root}' "
+                           f"(e.g. {self.unreadable[0]})")
+        return result
+
+
+def _real(path: Path) -> Optional[Path]:
+    """Where `path` really is (links resolved), or None when that cannot be known (a link loop)."""
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except (OSError, RuntimeError):
+        return None
 
 
 @dataclass
@@ -216,22 +295,54 @@ def model_input(x: np.ndarray) -> "torch.Tensor":
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
-# What PIL raises for a file that is not a decodable image (truncated, corrupt, wrong suffix).
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+# At most this many pixels are decoded per image (150 MB as RGB): a 20000x20000 PNG (a decompression bomb, or
+# a scan) is skipped as unreadable rather than taking gigabytes. A larger JPEG is decoded at a reduced scale
+# (PIL's draft mode) when that brings it under the cap.
+MAX_DECODE_PIXELS = 50_000_000
 
 
-def _decode(path: Path, pre: Preprocessing) -> np.ndarray:
-    with Image.open(path) as img:
+class ImageTooLarge(ValueError):
+    """An image with more pixels than MAX_DECODE_PIXELS (after any draft-mode reduction)."""
+
+
+# What a file that is not a decodable image raises (truncated, corrupt, wrong suffix, too large).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def open_image(path: Path, short_side: int = 0) -> Image.Image:
+    """Open an image for decoding, refusing (ImageTooLarge) one with more pixels than MAX_DECODE_PIXELS.
+
+    Only the header is read here, so the refusal costs nothing; `short_side` lets a JPEG too large at full
+    scale be decoded at 1/2..1/8 scale instead (never below the size preprocessing resizes to).
+    """
+    with warnings.catch_warnings():  # PIL warns above 89 Mpx; the cap below is what decides
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    w, h = img.size
+    if w * h > MAX_DECODE_PIXELS and short_side:
+        img.draft("RGB", (short_side, short_side))
+        w, h = img.size
+    if w * h > MAX_DECODE_PIXELS:
+        img.close()
+        raise ImageTooLarge(f"{w}x{h} pixels, more than the {MAX_DECODE_PIXELS // 1_000_000} megapixels decoded "
+                            "per image")
+    return img
+
+
+def decode_image(path: Path, pre: Preprocessing) -> np.ndarray:
+    """One image file as the model's uint8 HWC input (DECODE_ERRORS when it is not a readable image)."""
+    with open_image(path, min(pre.resize_size())) as img:
         return pre.to_uint8_image(img)
+
 
 
 def _why_unreadable(path: Path) -> Optional[str]:
     """Why `path` cannot be read as an image, or None if it can (a full decode, as loading does)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.convert("RGB")
         return None
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         return _short(exc, path)
 
 
@@ -270,9 +381,9 @@ class _ImageFiles:
         import torch
 
         try:
-            arr = _decode(self.paths[i], self.pre)
+            arr = decode_image(self.paths[i], self.pre)
             return torch.from_numpy(arr), (self.labels[i] if self.labels else -1), True, ""
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             h, w = self.pre.input_size
             return torch.zeros((h, w, 3), dtype=torch.uint8), -1, False, _short(exc, self.paths[i])
 

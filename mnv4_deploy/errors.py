@@ -26,3 +26,9 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """A ' (did you mean: a, b?)' suffix with the nearest valid choices, or ''."""
     close = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
     return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: newlines, line separators and control characters (from a user's file
+    names or keys that a message quotes) are shown escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

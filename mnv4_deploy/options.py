@@ -16,9 +16,31 @@ def choice(default: Any, *choices: Any, flag: Optional[str] = None) -> Any:
     return field(default=default, metadata={"choices": choices, "flag": flag})
 
 
-def option(default: Any, flag: Optional[str] = None, unit_interval: bool = False) -> Any:
-    """A plain dataclass field; `flag`: its CLI help (None: recipe only); `unit_interval`: must lie in [0, 1]."""
-    return field(default=default, metadata={"flag": flag, "unit_interval": unit_interval})
+def option(default: Any, flag: Optional[str] = None, unit_interval: bool = False, low: Optional[float] = None,
+           high: Optional[float] = None, above: Optional[float] = None) -> Any:
+    """A plain dataclass field; `flag`: its CLI help (None: recipe only). Numbers get their range here, checked
+    when a recipe is read: `unit_interval` [0, 1], or `low`/`above` (inclusive/exclusive) to `high`."""
+    if unit_interval:
+        low, high = 0.0, 1.0
+    return field(default=default, metadata={"flag": flag, "low": low, "high": high, "above": above})
+
+
+def numeric_range(f: dataclasses.Field) -> Optional[tuple[Optional[float], Optional[float], Optional[float]]]:
+    """A field's declared (low, above, high), or None when it declares none."""
+    meta = f.metadata
+    if meta.get("low") is None and meta.get("above") is None and meta.get("high") is None:
+        return None
+    return meta.get("low"), meta.get("above"), meta.get("high")
+
+
+def range_text(low: Optional[float], above: Optional[float], high: Optional[float]) -> str:
+    """'between 1 and 4096', '> 0 and <= 1', ... for messages."""
+    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    if above is not None:
+        return f"> {fmt(above)}" + (f" and <= {fmt(high)}" if high is not None else "")
+    if low is not None and high is not None:
+        return f"between {fmt(low)} and {fmt(high)}"
+    return f">= {fmt(low)}" if low is not None else f"<= {fmt(high)}"
 
 
 def flag_fields(options_cls: type) -> Iterator[dataclasses.Field]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .data import LoadedImages, load_images, scan_folder
 from .errors import UserError, VerificationError
-from .fileio import atomic_path, ensure_writable_dir, write_json
+from .fileio import ensure_writable_dir
 from .manifest import NUMBERS_KINDS, artifact_facts, build_manifest, tool_versions
 from .models import LoadedModel, load_model
 from .options import field_names
@@ -24,6 +24,7 @@ from .stages import clock, run_clock, stage
 from . import tensorwise
 from .recipes import Recipe, load_recipe, options_for
 from .targets import ExportRequest, get_target, parse_targets, target_names
+from .transaction import TargetLocks, lock_targets, staged
 from .verify import (Fidelity, compare, evaluation_record, gate_checks, measure_latency, run_batched,
                      torch_logits)
 
@@ -58,6 +59,16 @@ class ConvertSettings:
     calib_root: Optional[Path] = None
     calib_allow_changed: bool = False  # calibrate on a set whose files changed (the digest says what was used)
     val_labels: Optional[Path] = None  # ground truth for a flat --val folder (ImageNet's val split)
+
+    def __post_init__(self) -> None:
+        """Counts checked before any work: a 0 here used to fail only after the whole export."""
+        for flag, value, low in (("--latency-runs", self.latency_runs, 1), ("--workers", self.workers, 0),
+                                 ("--val-limit", self.val_limit, 1), ("--num-classes", self.num_classes, 1)):
+            if value is not None and value < low:
+                raise UserError(f"{flag} must be at least {low}, got {value}")
+        from .preprocessing import Preprocessing
+
+        Preprocessing().with_overrides(**self.preprocessing)  # --input-size, --mean, ... in range, before loading
 
 
 @dataclass
@@ -136,15 +147,38 @@ class Run:
     calibration: LoadedImages
     calibration_source: str
     evals: list[EvalData]
+    locks: Optional[TargetLocks] = None  # OUT/<target>/ of every target, held from the start (transaction.py)
+
+    def release(self) -> None:
+        """Let other runs write the output folders again."""
+        if self.locks is not None:
+            self.locks.release()
 
 
-def start_run(settings: ConvertSettings) -> Run:
-    """Check the request, load and prepare the model, read calibration/held-back/val images."""
+def start_run(settings: ConvertSettings, lock: bool = True) -> Run:
+    """Check the request, load and prepare the model, read calibration/held-back/val images.
+
+    `lock`: take the output folders' locks (every process but a torchrun job's writer passes False)."""
     if settings.precision not in PRECISIONS:
         raise UserError(f"unknown precision '{settings.precision}': use one of {', '.join(PRECISIONS)}")
     recipe = load_recipe(settings.recipe)
     targets = _select_targets(settings)
     ensure_writable_dir(settings.out)
+    if settings.weights == "pretrained":  # out of reach (offline, not cached): say so now, not after a minute
+        from .hub import require_pretrained
+
+        require_pretrained(settings.model)
+    names = [t.name for t in targets] if lock else []
+    locks = lock_targets(settings.out, names)  # before the slow work: a second run into OUT is refused now
+    try:
+        return _load_run(settings, recipe, targets, locks)
+    except BaseException:
+        locks.release()
+        raise
+
+
+def _load_run(settings: ConvertSettings, recipe: Recipe, targets: list[Any], locks: TargetLocks) -> Run:
+    """start_run's slow part (model, images, float logits), done while the output folders are locked."""
     with stage("load_model", f"loading {settings.model}"):
         loaded = load_model(settings.model, settings.weights, settings.num_classes, settings.preprocessing)
         prepare(loaded.model)
@@ -164,7 +198,7 @@ def start_run(settings: ConvertSettings) -> Run:
         if val is not None:
             evals.append(EvalData("val", f"{settings.val} ({len(val)} images)", val,
                                   torch_logits(loaded.model, val.x, batch)))
-    return Run(settings, recipe, targets, loaded, cal, cal_src, evals)
+    return Run(settings, recipe, targets, loaded, cal, cal_src, evals, locks)
 
 
 def convert(settings: ConvertSettings,
@@ -199,7 +233,10 @@ def _convert(settings: ConvertSettings,
                 logger.info(fallback_line(quantizations[key].calibration["fallback"]))
         return quantizations[key]
 
-    return deploy(run, quantized_for, on_target_error)
+    try:
+        return deploy(run, quantized_for, on_target_error)
+    finally:
+        run.release()
 
 
 def deploy(run: Run, quantized_for: Callable[[Any], Optional[QuantizedModel]],
@@ -304,17 +341,19 @@ def _gate(request: ExportRequest, recipe: Recipe, judged: str, entry: dict[str, 
 def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals: Sequence[EvalData],
                       settings: ConvertSettings,
                       simulated: Union[np.ndarray, Callable[[np.ndarray], np.ndarray], None] = None) -> ArtifactResult:
-    """Export into a temporary path, verify there, and rename into place only when the gate passes.
+    """Export into a staging folder, verify there, and swap it in as OUT/<target>/ only when the gate passes.
 
-    A refused artifact leaves a `manifest.failed.json` (what was measured and why it failed) and raises
-    VerificationError; with the gate off it is written and its manifest says it failed. `simulated`: the PyTorch
-    simulation's logits on the held-back images, or a function giving them for the images verified.
+    The artifact, its manifest and tensorwise.json replace the folder together (transaction.py). A refused
+    artifact leaves the previous folder as it was, with a `manifest.failed.json` (what was measured and why it
+    failed) beside it, and raises VerificationError; with the gate off it is written and its manifest says it
+    failed. `simulated`: the PyTorch simulation's logits on the held-back images, or a function giving them for
+    the images verified.
     """
     out_dir = Path(settings.out) / target.name
-    final = out_dir / target.artifact_name
     enforced = recipe.verification.gate if settings.verify_gate is None else settings.verify_gate
     name = target.name
-    with atomic_path(final) as tmp:
+    with staged(out_dir, target.artifact_name) as staging:
+        tmp = staging.artifact
         started = time.perf_counter()
         with stage("export", f"[{name}] exporting {request.precision}"):
             export_info = target.export(request, tmp)
@@ -352,16 +391,15 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
         if not gate["passed"]:
             summary = f"[{target.name}] {request.precision}: " + "; ".join(gate["failures"])
             if enforced:
-                write_json(out_dir / FAILED_MANIFEST, manifest)
-                raise VerificationError(f"{summary} (not written; numbers in {out_dir / FAILED_MANIFEST}; "
+                failed = staging.refuse(FAILED_MANIFEST, manifest)
+                raise VerificationError(f"{summary} (not written; numbers in {failed}; "
                                         "--no-verify-gate keeps it anyway)")
             logger.warning(f"warning: {summary}; written anyway (--no-verify-gate), its manifest says it failed")
-    (out_dir / FAILED_MANIFEST).unlink(missing_ok=True)
-    manifest_path = out_dir / "manifest.json"
-    write_json(manifest_path, manifest)
-    if tensor_table is not None:
-        write_json(out_dir / "tensorwise.json", tensor_table)
-    return ArtifactResult(target.name, request.precision, final, manifest_path, manifest)
+        manifest_path = staging.write_json("manifest.json", manifest)
+        if tensor_table is not None:
+            staging.write_json("tensorwise.json", tensor_table)
+        staging.commit()
+    return ArtifactResult(target.name, request.precision, out_dir / target.artifact_name, manifest_path, manifest)
 
 
 def _quantization_facts(request: ExportRequest) -> Optional[dict[str, Any]]:

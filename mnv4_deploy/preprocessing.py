@@ -21,6 +21,10 @@ _INTERPOLATIONS = {
 }
 
 
+# Calibration (512) and held-back (256) images are decoded to float32 NCHW in memory: 12 MB each at 1024x1024.
+MAX_INPUT_SIZE = 1024
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How an RGB image becomes the model's input tensor (NCHW float32)."""
@@ -42,6 +46,10 @@ class Preprocessing:
             raise UserError("--mean and --std need three numbers each, std > 0 (e.g. --mean 0.5,0.5,0.5)")
         if min(self.input_size) < 16:
             raise UserError(f"input size {self.input_size} is too small for MNv4 (use at least 32)")
+        if max(self.input_size) > MAX_INPUT_SIZE:
+            raise UserError(f"input size {self.input_size} is larger than the largest supported, {MAX_INPUT_SIZE}: "
+                            "calibration and verification keep every image in memory as float32 (768 images at "
+                            f"{MAX_INPUT_SIZE}x{MAX_INPUT_SIZE} already take 9.7 GB; MNv4 is trained at 224-448)")
 
     @classmethod
     def from_pretrained_cfg(cls, cfg: dict[str, Any], **overrides: Any) -> "Preprocessing":

@@ -29,11 +29,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from . import console
-from .data import ImageSet, LoadedImages, model_input
+from .data import DECODE_ERRORS, ImageSet, LoadedImages, decode_image, model_input
 from .errors import UserError
 from .fileio import atomic_path
 from .models import TORCH_LOAD_ERRORS
@@ -122,9 +121,8 @@ class TrainImages(torch.utils.data.Dataset):
         i, flip = item
         label = self.images.labels[i] if self.images.labels is not None else -1
         try:
-            with Image.open(self.images.paths[i]) as img:
-                arr = self.pre.to_uint8_image(img)
-        except (OSError, ValueError, SyntaxError):
+            arr = decode_image(self.images.paths[i], self.pre)
+        except DECODE_ERRORS:
             return torch.zeros(self.pre.input_shape[1:]), -1, False
         if flip:
             arr = arr[:, ::-1]

@@ -5,6 +5,7 @@ A mistake names the file, the line, the key and the nearest valid key. YAML is r
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,19 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError, did_you_mean
-from .options import choice, option
+from .options import choice, numeric_range, option, range_text
 from .shipped import find_named, named_files, shipped_dir, user_dir
+from .yamlio import CONSTRUCT_ERRORS, cannot_read, compose
 
 # The shipped recipes (package data; the repository's recipes/ folder). Read them by name with load_recipe.
 RECIPES_DIR = shipped_dir("recipes") or Path("recipes")
+
+# Ranges of the recipe's numbers (every numeric field declares one; tests/test_recipes.py checks): far beyond
+# any useful value, and small enough that a typo cannot ask for a run of days or memory the machine lacks.
+MAX_IMAGES = 1_000_000
+MAX_BATCH = 4096
+MAX_STEPS = 1_000_000  # optimisation steps (adaround per layer, range learning, QAT)
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,7 @@ class ActivationQuant:
     # minmax and histogram (torchao's HistogramObserver) are the naive baselines; kl is TensorRT's entropy method.
     observer: str = choice("percentile", "percentile", "mse", "kl", "mean_minmax", "histogram", "minmax",
                            "moving_average")
-    percentile: float = 99.99  # for observer: percentile
+    percentile: float = option(99.99, above=50, high=100)  # for observer: percentile (the high tail kept)
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,9 @@ class Calibration:
     # A calibration set (name or .yaml file, see calibration/) to use when the command gives no --calib;
     # its root comes from --calib-root or $MNV4_CALIB_ROOT. Empty: --calib, else the scikit-image photos.
     set: str = ""
-    images: int = 512  # calibration images drawn from --calib (a set larger than this: a seeded subset)
-    batch_size: int = 32
-    seed: int = 0
+    images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images drawn from --calib (a set larger than this: a seeded subset)
+    batch_size: int = option(32, low=1, high=MAX_BATCH)
+    seed: int = option(0, low=0, high=MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -55,14 +64,14 @@ class Fallback:
     reaches `target_agreement` or `max_layers` sites are chosen.
     """
 
-    max_layers: int = 0  # 0 = off
-    target_agreement: float = 0.97  # the budget: stop once top-1 agreement with float (calibration images) reaches this
+    max_layers: int = option(0, low=0, high=10_000)  # 0 = off
+    target_agreement: float = option(0.97, unit_interval=True)  # the budget: stop once top-1 agreement with float (calibration images) reaches this
     # float: those tensors stay float on every target. int16: int16 activations with int8 weights (w8a16, as
     # Qualcomm's w8a16_mixed_int16) on targets whose runtime runs them (ONNX QDQ, opset 21); the others keep
     # those tensors float (TFLite's converter rejects mixed int8/int16 operands, OpenVINO 2026.4 computes
     # 65536-level FakeQuantize wrongly, CoreML has no int16 activations). Each manifest says which it got.
     precision: str = choice("float", "float", "int16")
-    images: int = 512  # calibration images the choice is judged on (at most the calibration set)
+    images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images the choice is judged on (at most the calibration set)
 
 
 @dataclass(frozen=True)
@@ -72,8 +81,8 @@ class Equalization:
     # cle: balance the weight ranges of each conv pair (Nagel et al. 2019); activation: balance the per-channel
     # ranges of the activation between them (SmoothQuant-style), which is what per-tensor int8 activations need.
     method: str = choice("none", "none", "cle", "activation")
-    alpha: float = 0.5  # activation: share of the activation range moved into a dense next conv (depthwise: all)
-    iterations: int = 2  # cle: passes over the chain
+    alpha: float = option(0.5, unit_interval=True)  # activation: share of the activation range moved into a dense next conv (depthwise: all)
+    iterations: int = option(2, low=1, high=100)  # cle: passes over the chain
 
 
 @dataclass(frozen=True)
@@ -81,18 +90,18 @@ class AdaRound:
     """Learn each weight's rounding (up or down) against the float layer output (mnv4_deploy/ptq/adaround.py)."""
 
     enabled: bool = False
-    iterations: int = 50  # optimisation steps per layer
-    images: int = 128  # calibration images used
-    batch_size: int = 32
+    iterations: int = option(50, low=1, high=100_000)  # optimisation steps per layer
+    images: int = option(128, low=1, high=MAX_IMAGES)  # calibration images used
+    batch_size: int = option(32, low=1, high=MAX_BATCH)
 
 
 @dataclass(frozen=True)
 class RangeLearning:
     """Tune activation scales on calibration images against the float logits (mnv4_deploy/ptq/range_learning.py)."""
 
-    steps: int = 0  # 0 = off
-    lr: float = 0.01  # Adam, on the log of each scale
-    batch_size: int = 32
+    steps: int = option(0, low=0, high=100_000)  # 0 = off
+    lr: float = option(0.01, above=0, high=1)  # Adam, on the log of each scale
+    batch_size: int = option(32, low=1, high=MAX_BATCH)
 
 
 @dataclass(frozen=True)
@@ -100,11 +109,11 @@ class BiasCorrection:
     """Remove each conv's per-channel mean output error from its bias (mnv4_deploy/ptq/bias_correction.py)."""
 
     enabled: bool = False
-    images: int = 512  # calibration images used at most (a trimmed mean over them)
+    images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images used at most (a trimmed mean over them)
     # ...and no more than this many pixels of them (512 images at 64x64), at least 128 images: a mean shift
     # per channel over 128 images of 256x256 has more samples than 512 of 64x64, and bias correction runs
     # the float and fake-quantized model over every image, the largest share of a native-resolution convert.
-    pixels: int = 512 * 64 * 64
+    pixels: int = option(512 * 64 * 64, low=1, high=2 ** 40)
 
     def images_for(self, height: int, width: int) -> int:
         """How many calibration images bias correction uses at this input size."""
@@ -144,8 +153,8 @@ class Verification:
     keeps 1% agreement on the reference checkpoint), not recipes that lose a little accuracy.
     """
 
-    images: int = 256  # held-back images (disjoint from calibration) used to compare with float
-    batch_size: int = 64
+    images: int = option(256, low=1, high=MAX_IMAGES)  # held-back images (disjoint from calibration) used to compare with float
+    batch_size: int = option(64, low=1, high=MAX_BATCH)
     # false: an artifact that fails the thresholds is still written, and its manifest says it failed.
     gate: bool = True
     fp32: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.99, min_cosine=0.9999))
@@ -166,8 +175,8 @@ class Distillation:
     # mse: match the teacher's logits (pushes every logit, so the int8 model keeps the float top-1);
     # kl: match softened probabilities at `temperature` (Hinton et al.).
     loss: str = choice("mse", "mse", "kl")
-    temperature: float = 1.0  # for loss: kl
-    alpha: float = 1.0  # weight of distillation vs cross-entropy on the labels (1.0 = distillation only)
+    temperature: float = option(1.0, above=0, high=100)  # for loss: kl
+    alpha: float = option(1.0, unit_interval=True)  # weight of distillation vs cross-entropy on the labels (1.0 = distillation only)
 
 
 @dataclass(frozen=True)
@@ -177,32 +186,33 @@ class Qat:
     Training starts from the PTQ model of the recipe's `quantization:` section (epoch 0 = that model) and the
     shipped epoch is chosen on held-back train images (mnv4_deploy/qat.py)."""
 
-    epochs: int = 2
-    batch_size: int = 64  # per process
+    epochs: int = option(2, low=0, high=10_000)
+    batch_size: int = option(64, low=1, high=MAX_BATCH)  # per process
     optimizer: str = choice("adamw", "adamw", "sgd")
-    lr: float = 1e-5
+    lr: float = option(1e-5, above=0, high=1)
     # constant, or cosine: every learning rate (weights and ranges) decays from its value to 0 over the run's
     # steps, so the exported weights are a settled point rather than one step of a noisy walk.
     lr_schedule: str = choice("constant", "constant", "cosine")
-    warmup_steps: int = 0  # learning rates rise linearly from lr/warmup_steps to lr over these first steps
-    weight_decay: float = 0.0
+    # learning rates rise linearly from lr/warmup_steps to lr over these first steps (0: no warm-up)
+    warmup_steps: int = option(0, low=0, high=MAX_STEPS)
+    weight_decay: float = option(0.0, low=0, high=1)
     # Learn the activation scales and zero points by gradient (LSQ, Esser et al. 2020) once observers freeze;
     # off: the ranges stay where PTQ (and the observers, while on) left them.
     range_learning: bool = True
-    range_lr: float = 1e-4
-    # BatchNorm is folded into the convs of the PTQ start (as every target deploys it): 0 is the only value
-    # (kept so that recipes written for earlier versions still load; > 0 is refused with a reason).
-    freeze_bn_after: int = 0
+    range_lr: float = option(1e-4, above=0, high=1)
+    # BatchNorm is folded into the convs of the PTQ start (as every target deploys it): 0 is the only value that
+    # runs (kept so that recipes written for earlier versions still load; > 0 is refused with the reason).
+    freeze_bn_after: int = option(0, low=0, high=MAX_STEPS)
     # Activation observers keep refining the PTQ ranges on the train batches for this many steps, then freeze.
-    freeze_observers_after: int = 0
+    freeze_observers_after: int = option(0, low=0, high=MAX_STEPS)
     distillation: Distillation = field(default_factory=Distillation)
     augment: str = choice("flip", "flip", "none")  # random horizontal flips of train images
     # Train images held back (never trained on, not calibration images, not --val) and scored at epoch 0 and after
     # every epoch: the shipped epoch is chosen on them.
-    eval_images: int = 1000
-    checkpoint_every: int = 200  # steps between checkpoints (and at each epoch end)
-    workers: int = 2  # data-loader worker processes per training process
-    seed: int = 0
+    eval_images: int = option(1000, low=1, high=MAX_IMAGES)
+    checkpoint_every: int = option(200, low=1, high=MAX_STEPS)  # steps between checkpoints (and at each epoch end)
+    workers: int = option(2, low=0, high=64)  # data-loader worker processes per training process
+    seed: int = option(0, low=0, high=MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -248,10 +258,7 @@ def shipped_recipes() -> list[str]:
 
 
 def parse_recipe(text: str, source: str = "<string>") -> Recipe:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    node = compose(text, source)  # safe loader; a syntax error or a duplicate key names its line
     if node is None:
         return Recipe(source=source)
     recipe = _build(Recipe, node, source, "")
@@ -265,6 +272,8 @@ def _build_targets(node: yaml.Node, source: str) -> dict[str, Any]:
         raise UserError(f"{_where(source, node)}: 'targets' must map target names to options")
     out = {}
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise UserError(f"{_where(source, key_node)}: keys in 'targets' must be target names")
         name = key_node.value
         if name not in target_names():
             raise UserError(
@@ -304,6 +313,8 @@ def _build(cls: type, node: yaml.Node, source: str, path: str, base: Any = None)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     values: dict[str, Any] = {}
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise UserError(f"{_where(source, key_node)}: keys in '{path or 'recipe'}' must be plain names")
         key = key_node.value
         full = f"{path}.{key}" if path else key
         if key not in fields:
@@ -318,15 +329,17 @@ def _build(cls: type, node: yaml.Node, source: str, path: str, base: Any = None)
             values[key] = _build(typ, value_node, source, full, _field_default(fields[key]))
         else:
             values[key] = _scalar(typ, fields[key], value_node, source, full)
-    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    try:  # an Options class may check its fields together (__post_init__): name the section's line too
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except UserError as exc:
+        raise UserError(f"{_where(source, node)}: {exc}") from None
 
 
 def _scalar(typ: Any, f: dataclasses.Field, node: yaml.Node, source: str, path: str) -> Any:
     try:
-        value = yaml.load(yaml.serialize(node), Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{_where(source, node)}: '{path}' has a value the safe YAML loader refuses: "
-                        f"{str(exc).splitlines()[0]}") from None
+        value = yaml.SafeLoader("").construct_document(node)
+    except CONSTRUCT_ERRORS as exc:
+        raise UserError(f"{_where(source, node)}: '{path}' {cannot_read(exc)}") from None
     if typ is dict or typing.get_origin(typ) is dict:
         if not isinstance(value, dict):
             raise UserError(f"{_where(source, node)}: '{path}' must be a mapping")
@@ -340,9 +353,18 @@ def _scalar(typ: Any, f: dataclasses.Field, node: yaml.Node, source: str, path: 
             f"{_where(source, node)}: '{path}' must be one of {', '.join(map(str, choices))}, "
             f"got {value!r}{did_you_mean(str(value), map(str, choices))}"
         )
-    if f.metadata.get("unit_interval") and not 0.0 <= value <= 1.0:
-        raise UserError(f"{_where(source, node)}: '{path}' must be between 0 and 1, got {value}")
-    if typ is int and value < 0:
-        raise UserError(f"{_where(source, node)}: '{path}' must be >= 0, got {value}")
+    if typ in (int, float):
+        _check_range(value, f, f"{_where(source, node)}: '{path}'")
     return float(value) if typ is float else value
+
+
+def _check_range(value: Any, f: dataclasses.Field, what: str) -> None:
+    """A number inside its field's declared range (finite; an undeclared int at least 0)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{what} must be a finite number, got {value}")
+    bounds = numeric_range(f) or (0, None, None)
+    low, above, high = bounds
+    if ((low is not None and value < low) or (above is not None and value <= above)
+            or (high is not None and value > high)):
+        raise UserError(f"{what} must be {range_text(*bounds)}, got {value}")
 

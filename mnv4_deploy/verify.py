@@ -231,8 +231,13 @@ def encode_classes(values: np.ndarray) -> dict[str, Any]:
 
 
 def decode_classes(enc: dict[str, Any]) -> np.ndarray:
-    raw = zlib.decompress(base64.b64decode(enc["data"]))
-    arr = np.frombuffer(raw, np.dtype(enc["dtype"]).newbyteorder("<")).astype(np.int64)
+    """The class indices encode_classes stored; ValueError for data that is not such an encoding (decompressed
+    no further than the stated count needs, so an edited file cannot unpack gigabytes)."""
+    dtype = np.dtype(enc["dtype"]).newbyteorder("<")
+    raw = zlib.decompressobj().decompress(base64.b64decode(enc["data"], validate=True), dtype.itemsize * enc["count"] + 1)
+    if len(raw) % dtype.itemsize:
+        raise ValueError(f"stored predictions are {len(raw)} bytes, not a whole number of {enc['dtype']}")
+    arr = np.frombuffer(raw, dtype).astype(np.int64)
     if len(arr) != enc["count"]:
         raise ValueError(f"stored predictions hold {len(arr)} images, expected {enc['count']}")
     return arr

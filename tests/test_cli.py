@@ -2,7 +2,9 @@
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 
 from mnv4_deploy.cli import main
 
@@ -86,3 +88,54 @@ def test_verbosity_flags_after_the_command(tmp_path: Path):
     assert args.verbose is True and args.quiet is False
     args = build_parser().parse_args(["-q", "convert", "--model", "m"])
     assert args.quiet is True and args.verbose is False
+
+
+def _silent_server() -> tuple[Any, str]:
+    """A local endpoint that accepts connections and never answers (a firewall that drops, a hung proxy)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held: list = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+    return server, f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("endpoint", ["refused", "silent"])
+def test_unreachable_hub_is_one_line_at_once(tmp_path: Path, endpoint: str):
+    """Offline the first command says so in one line, without huggingface_hub's minute of retries, and names the
+    cache where the weights would be kept (a probe of 3 s at most, whether the hub refuses or never answers)."""
+    import os
+    import time
+
+    server = None
+    if endpoint == "silent":
+        server, url = _silent_server()
+    else:
+        url = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": url, "HF_HUB_CACHE": str(tmp_path / "cache")}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "mnv4_deploy", "convert", "--model", "mobilenetv4_conv_small",
+                           "--to", "onnx", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    line = _one_line_error(proc)
+    assert "cannot reach the Hugging Face hub" in line and str(tmp_path / "cache") in line, line
+    assert "Retrying" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert seconds < 30, seconds  # startup plus a 3 s probe; the retries took 54 s
+    if server is not None:
+        server.close()
+
+
+def test_cached_weights_are_found_without_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from huggingface_hub import constants
+
+    from mnv4_deploy import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert not hub.cached("mobilenetv4_conv_small")
+    (tmp_path / "models--timm--mobilenetv4_conv_small.e2400_r224_in1k").mkdir()
+    assert hub.cached("mobilenetv4_conv_small") and hub.cached("mobilenetv4_conv_small.e2400_r224_in1k")
+    assert not hub.cached("mobilenetv4_conv_small.e1200_r224_in1k") and not hub.cached("mobilenetv4_conv_medium")

@@ -59,7 +59,7 @@ def test_removed_sites_stay_float_after_conversion(calibrated):
 def test_recipe_fallback_records_float_layers(calibrated):
     loaded, images, _ = calibrated
     recipe = parse_recipe("quantization:\n  calibration: {images: 32, batch_size: 16}\n"
-                          "  fallback: {max_layers: 2, target_agreement: 1.01}\n")
+                          "  fallback: {max_layers: 2, target_agreement: 1.0}\n")
     q = quantize(loaded.model, images, recipe)
     fallback = q.calibration["fallback"]
     assert fallback["precision"] == "float" and len(fallback["sites"]) == 2 and len(fallback["layers"]) == 2
@@ -97,7 +97,7 @@ def test_fallback_choice_meets_the_budget_it_reports(calibrated):
 def test_int16_fallback_widens_the_chosen_sites(calibrated):
     loaded, images, _ = calibrated
     recipe = parse_recipe("quantization:\n  calibration: {images: 32, batch_size: 16}\n"
-                          "  fallback: {max_layers: 3, target_agreement: 1.01, precision: int16}\n")
+                          "  fallback: {max_layers: 3, target_agreement: 1.0, precision: int16}\n")
     q = quantize(loaded.model, images, recipe)
     assert len(q.int16_sites) == 3 and q.calibration["fallback"]["precision_here"] == "int16"
     dtypes = [n.args[-1] for n in q.converted().graph.nodes
@@ -129,7 +129,7 @@ def test_int16_fallback_deploys_per_target(tmp_path, image_folder):
     # The gate judges top-1 agreement on the 2 held-back images, which random weights make near-ties; this test
     # checks the stronger things itself (cosine and every tensor against the simulation).
     recipe.write_text("quantization:\n  calibration: {images: 16, batch_size: 8}\n"
-                      "  fallback: {max_layers: 3, target_agreement: 1.01, precision: int16}\n"
+                      "  fallback: {max_layers: 3, target_agreement: 1.0, precision: int16}\n"
                       "verification: {gate: false}\n")
     # Random weights from a fixed seed: on some draws OpenVINO mis-computes a residual add that has one float
     # and one int8 input (flagged by the tensor-by-tensor check; README, known limits), so the draw is pinned.
@@ -166,7 +166,7 @@ def test_full_integer_tflite_refuses_a_fallback(calibrated, tmp_path):
 
     loaded, images, _ = calibrated
     recipe = parse_recipe("quantization:\n  calibration: {images: 32, batch_size: 16}\n"
-                          "  fallback: {max_layers: 1, target_agreement: 1.01}\n")
+                          "  fallback: {max_layers: 1, target_agreement: 1.0}\n")
     q = quantize(loaded.model, images, recipe)
     request = ExportRequest(loaded, "int8", TfliteOptions(io_dtype="int8"), q, images)
     with pytest.raises(UserError, match="keeps 1 activations float.*--io-dtype float"):

@@ -156,9 +156,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.model and not args.models:
         raise UserError("report needs --model NAME or --models LIST|YAML to build artifacts, "
                         "--compare NEW.json --baseline OLD.json, or --merge SHARD.json ...")
-    from ..cli_common import preprocessing_overrides, require_weights
-
-    require_weights(args)
+    from ..cli_common import preprocessing_overrides
     from ..pipeline import ConvertSettings
     from .runner import ReportSettings, build_report, parse_precisions, parse_shard
     from .zoo import read_zoo, zoo_settings

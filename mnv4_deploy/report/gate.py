@@ -128,7 +128,7 @@ def _eval(cell: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
 def _same_images(new: dict[str, Any], base: dict[str, Any], name: str) -> None:
     """Refuse a paired comparison on different images (or different calibration images)."""
     a, b = _eval(new, name)["image_set"], _eval(base, name)["image_set"]
-    if a["digest"] != b["digest"]:
+    if a["digest"] != b["digest"] or a["images"] != b["images"]:
         raise UserError(f"cannot gate {cell_id(new)}: its {name} images differ from the baseline's (image-set "
                         f"{_short(a['digest'])}, {a['images']} images vs {_short(b['digest'])}, {b['images']}): "
                         "rebuild both with the same --val/--val-limit/--calib")

@@ -85,13 +85,15 @@ def cell_key(s: ConvertSettings, recipe: dict[str, Any], target: str, precision:
 
 def _reusable(folder: Path, key: str) -> Optional[dict[str, Any]]:
     """The manifest in `folder` if it was built with `key` and its artifact is intact."""
+    from ..manifest import validate_manifest
+
     try:
         stored = json.loads((folder / KEY_FILE).read_text())
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = validate_manifest(json.loads((folder / "manifest.json").read_text()), str(folder))
+    except (OSError, json.JSONDecodeError, UserError):  # unreadable or edited: rebuild it
         return None
-    artifact = folder / manifest.get("artifact", {}).get("file", "")
-    if stored.get("key") != key or not artifact.exists():
+    artifact = folder / manifest["artifact"]["file"]
+    if not isinstance(stored, dict) or stored.get("key") != key or not artifact.exists():
         return None
     return manifest if sha256_of(artifact) == manifest["artifact"]["sha256"] else None
 
@@ -281,7 +283,8 @@ def build_report(zoo: ReportSettings | Sequence[ReportSettings],
         c["host"] = platform.node()
     order = {_plan_id(c): i for i, c in enumerate(full)}
     cells.sort(key=lambda c: order[cell_id(c)])
-    shard_info = None if shard is None else {"index": shard[0], "count": shard[1], "plan": list(order)}
+    shard_info = None if shard is None else {"index": shard[0], "count": shard[1], "plan": list(order),
+                                             "settings": {rs.name: run_settings(rs) for rs in zoo}}
     return new_report(sections, cells, tool_versions(extra), shard_info)
 
 
@@ -319,6 +322,48 @@ def _model_section(rs: ReportSettings) -> dict[str, Any]:
     return model_section(rs.name, model, settings, roof, sens)
 
 
+def run_settings(rs: ReportSettings) -> dict[str, Any]:
+    """What decides a zoo model's numbers, as a shard records it: shards built with different settings (another
+    input size, weights or recipe) are different runs and must not be merged."""
+    s = rs.base
+    return json.loads(json.dumps({
+        "model": s.model, "weights": _weights_id(s.weights), "num_classes": s.num_classes,
+        "preprocessing": s.preprocessing, "recipe": s.recipe, "targets": parse_targets(s.targets),
+        "precisions": rs.precisions, "val_limit": s.val_limit, "latency_runs": s.latency_runs,
+        "target_options": s.target_options, "verify_gate": s.verify_gate}, default=str))
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    """The first setting two shards disagree on, as 'input_size: [32] vs [48]'."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    return f"{path or 'settings'}: {json.dumps(a)[:60]} vs {json.dumps(b)[:60]}"
+
+
+def _same_run(reports: Sequence[dict[str, Any]], sources: Sequence[str]) -> None:
+    """Refuse shards whose recorded settings, or whose cells' input shapes, differ for a model."""
+    settings = [(r["shard"].get("settings"), src) for r, src in zip(reports, sources)]
+    recorded = [(s, src) for s, src in settings if s is not None]
+    for s, src in recorded[1:]:
+        first, first_src = recorded[0]
+        if s != first:
+            raise UserError(f"the shards come from different runs: {first_src} and {src} differ in "
+                            f"{_first_difference(first, s)}: merge the shards of one `report --shard i/n` matrix")
+    shapes: dict[str, tuple[list[int], str]] = {}  # shards written before settings were recorded
+    for r, src in zip(reports, sources):
+        for c in r["cells"]:
+            if not c.get("input_shape"):
+                continue
+            dims = sorted(c["input_shape"])  # NCHW and NHWC artifacts of one run have the same dimensions
+            seen = shapes.setdefault(c.get("model", ""), (dims, src))
+            if seen[0] != dims:
+                raise UserError(f"the shards come from different runs: model '{c.get('model', '')}' has input "
+                                f"dimensions {seen[0]} in {seen[1]} but {dims} in {src}: merge the shards of one "
+                                "`report --shard i/n` matrix")
+
+
 def merge_reports(reports: Sequence[dict[str, Any]], sources: Sequence[str]) -> dict[str, Any]:
     """Join the shards of one zoo run into one report; refuses shards of different runs, duplicates or gaps."""
     shards = [r.get("shard") for r in reports]
@@ -330,6 +375,7 @@ def merge_reports(reports: Sequence[dict[str, Any]], sources: Sequence[str]) -> 
     if len(plans) > 1 or len(counts) > 1:
         raise UserError("the shards come from different runs (their zoo or shard count differ): "
                          "merge the shards of one `report --shard i/n` matrix")
+    _same_run(reports, sources)
     n = counts.pop()
     seen: dict[int, str] = {}
     for s, src in zip(shards, sources):

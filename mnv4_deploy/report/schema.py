@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import datetime
 import os
+import zlib
 import platform
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
 from ..fileio import read_json
+from ..jsoncheck import (ANY, COUNT, NUMBER, STR, Invalid, ListOf, MapOf, Nullable, Num, Obj, OneOf, Type, check,
+                         describe)
 from ..manifest import NUMBERS_KINDS
+from .roofline import DEVICES
 
 SCHEMA = "mnv4-deploy/report"
 SCHEMA_VERSION = 2
@@ -179,27 +183,163 @@ def new_report(models: list[dict[str, Any]], cells: list[dict[str, Any]], tools:
     }
 
 
+# ---------------------------------------------------------------- what a report.json must hold
+REGENERATE = "regenerate it with `mnv4-deploy report`"
+OK_STATUS = ("built", "reused")
+# Per unit, the range a metric's value must lie in: plots and the gate do arithmetic on these.
+_UNIT_RANGES: dict[str, Num] = {
+    "fraction": Num(0, 1), "ms": Num(0, 1e9), "bytes": Num(0, 1e15), "percentage points": Num(-100, 100),
+    "layers": Num(0, 1e9)}
+
+
+def _metric_rule(m: dict[str, Any], path: str) -> None:
+    rng = _UNIT_RANGES.get(m["unit"])
+    if rng is not None:
+        rng.check(m["value"], f"{path}.value")
+    ci = m.get("ci95")
+    if ci is not None and not ci[0] <= ci[1]:
+        raise Invalid(f"{path}.ci95", f"must be [low, high] with low <= high, got {ci}")
+
+
+METRIC = Obj({"value": NUMBER, "unit": STR, "method": OneOf(*METHODS)},
+             {"how": STR, "images": COUNT, "ci95": ListOf(Num(-100, 100), length=2)}, _metric_rule)
+MAX_IMAGES = 10 ** 8
+ENCODED = Obj({"encoding": OneOf("zlib+base64"), "dtype": OneOf("uint8", "uint16", "uint32"),
+               "count": Num(0, MAX_IMAGES, integer=True), "data": STR})
+EVALUATION = Obj({"image_set": Obj({"digest": STR, "images": Num(1, MAX_IMAGES, integer=True)}),
+                  "predictions": Obj({"top1": ENCODED, "float_top1": ENCODED}, {"labels": Nullable(ENCODED)})})
+
+
+def _cell_rule(cell: dict[str, Any], path: str) -> None:
+    if cell["status"] in OK_STATUS:
+        for key in ("size", "held_back.top1_agreement"):
+            if key not in cell["metrics"]:
+                raise Invalid(f"{path}.metrics.{key}", f"is missing (a {cell['status']} cell has it)")
+    if ("latency_median" in cell["metrics"]) != ("latency_p90" in cell["metrics"]):
+        raise Invalid(f"{path}.metrics", "must hold latency_median and latency_p90 together")
+    for name in cell.get("evaluation") or {}:
+        if name not in EVAL_SETS:
+            raise Invalid(f"{path}.evaluation.{name}", f"is not an evaluation set ({', '.join(EVAL_SETS)})")
+
+
+CELL = Obj({"model": STR, "target": STR, "precision": STR, "status": OneOf(*OK_STATUS, "skipped", "failed"),
+            "metrics": MapOf(METRIC)},
+           {"note": STR, "numbers": OneOf(*NUMBERS_KINDS), "artifact": Type(dict), "input_shape": Nullable(ListOf(COUNT)),
+            "tool_versions": Type(dict), "evaluation": MapOf(EVALUATION), "host": Nullable(STR),
+            "calibration_set": Obj(optional={"name": ANY, "digest": ANY}), "int8_compute": Type(dict),
+            "placement": Obj({"nodes_on_htp": ANY, "nodes_seen_by_qnn": ANY,
+                              "left_off_htp": ListOf(Obj({"node": ANY, "op": ANY, "reason": ANY}))})},
+           _cell_rule)
+_PER_DEVICE = lambda item: MapOf(item, keys=tuple(DEVICES))  # noqa: E731
+_COST = Num(0, 1e12)
+PRECISION_COSTS = Obj({"estimated_cost": Obj({"value": _PER_DEVICE(_COST), "unit": STR}),
+                       "op_type_share": Obj({"value": _PER_DEVICE(MapOf(Num(0, 1)))}),
+                       "memory_bound_layers": Obj({"value": _PER_DEVICE(COUNT)}),
+                       "layer_cost": Obj({"value": _PER_DEVICE(ListOf(_COST))})},
+                      {"relative_to_fp32": Obj({"value": _PER_DEVICE(Num(0, 1e12))})})
+
+
+def _roofline_rule(roof: dict[str, Any], path: str) -> None:
+    n = len(roof["layers"])
+    for precision, entry in roof["precisions"].items():
+        for device, costs in entry["layer_cost"]["value"].items():
+            if len(costs) != n:
+                raise Invalid(f"{path}.precisions.{precision}.layer_cost.value.{device}",
+                              f"must hold one cost per layer ({n}), got {len(costs)}")
+
+
+ROOFLINE = Obj({"method": STR, "macs": Obj({"value": Num(0, 1e18)}),
+                "layers": ListOf(Obj({"name": STR, "op_type": STR, "shape": ANY})),
+                "precisions": MapOf(PRECISION_COSTS, min_len=1)},
+               {"input_size": Type(dict)}, _roofline_rule)
+SENSITIVITY = Obj({"method": STR, "layers": ListOf(Obj({"name": STR, "sqnr_db": NUMBER, "top1_agreement": Num(0, 1)}))})
+MODEL_SECTION = Obj({"key": STR, "model": Type(dict), "settings": Type(dict)},
+                    {"roofline": Nullable(ROOFLINE), "sensitivity": Nullable(SENSITIVITY)})
+
+
+def _shard_rule(shard: dict[str, Any], path: str) -> None:
+    if shard["index"] > shard["count"]:
+        raise Invalid(f"{path}.index", f"must be at most the shard count {shard['count']}, got {shard['index']}")
+    if len(set(shard["plan"])) != len(shard["plan"]):
+        raise Invalid(f"{path}.plan", "lists a cell twice")
+
+
+SHARD = Obj({"index": Num(1, integer=True), "count": Num(1, integer=True), "plan": ListOf(STR)},
+            {"settings": MapOf(Type(dict))}, _shard_rule)
+
+
+def _report_rule(report: dict[str, Any], path: str) -> None:
+    keys = [m["key"] for m in report["models"]]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            raise Invalid(f"models[{i}].key", f"'{key}' names a second section of the same model")
+    seen: set[str] = set()
+    for i, cell in enumerate(report["cells"]):
+        cid = cell_id(cell)
+        if cid in seen:
+            raise Invalid(f"cells[{i}]", f"repeats the cell {cid}")
+        seen.add(cid)
+
+
+REPORT_SCHEMA = Obj({"models": ListOf(MODEL_SECTION), "cells": ListOf(CELL)},
+                    {"created": STR, "host": Obj(optional={"hostname": Nullable(STR)}), "tool_versions": Type(dict),
+                     "shard": Nullable(SHARD), "methods": Type(dict), "gate": Type(dict),
+                     "merged_from": ListOf(Obj({"host": ANY}))}, _report_rule)
+
+
+def _agrees_with_predictions(cell: dict[str, Any], source: str) -> None:
+    """A summary number that its own per-image predictions contradict means the file was edited: refuse it
+    (the gate judges the predictions, so an edited summary would otherwise pass unnoticed)."""
+    from ..verify import decode_classes
+
+    for name, ev in (cell.get("evaluation") or {}).items():
+        n = ev["image_set"]["images"]
+        decoded = {}
+        for which in ("top1", "float_top1", "labels"):  # other keys a newer version may add are not read
+            enc = ev["predictions"].get(which)
+            if enc is None:
+                continue
+            if enc["count"] != n:
+                raise UserError(f"{source}: cell {cell_id(cell)}: the {name} predictions '{which}' hold "
+                                f"{enc['count']} images, its image set {n}: {REGENERATE}")
+            try:
+                decoded[which] = decode_classes(enc)
+            except (ValueError, zlib.error) as exc:  # binascii.Error is a ValueError
+                raise UserError(f"{source}: cell {cell_id(cell)}: the {name} predictions '{which}' cannot be "
+                                f"decoded ({exc}): {REGENERATE}") from None
+            if len(decoded[which]) != n:
+                raise UserError(f"{source}: cell {cell_id(cell)}: the {name} predictions '{which}' hold "
+                                f"{len(decoded[which])} images, its image set {n}: {REGENERATE}")
+        pred, ref, labels = decoded["top1"], decoded["float_top1"], decoded.get("labels")
+        derived = {f"{name}.top1_agreement": float((pred == ref).mean())}
+        if labels is not None:
+            top1, float_top1 = float((pred == labels).mean()), float((ref == labels).mean())
+            derived |= {f"{name}.top1": top1, f"{name}.float_top1": float_top1,
+                        f"{name}.top1_drop": 100.0 * (float_top1 - top1)}
+        for key, actual in derived.items():
+            m = cell["metrics"].get(key)
+            if m is None:
+                continue
+            tolerance = 0.01 if key.endswith("top1_drop") else 1e-4  # the stored numbers are rounded
+            if not abs(m["value"] - actual) <= tolerance or m.get("images", n) != n:
+                raise UserError(f"{source}: cell {cell_id(cell)}: '{key}' says {m['value']:.5g} on "
+                                f"{m.get('images', n)} images, but its per-image predictions give {actual:.5g} on "
+                                f"{n}: the file contradicts itself (edited?); {REGENERATE}")
+
+
 def validate(report: Any, source: str = "report") -> dict[str, Any]:
-    """Check the structure the gate and renderers rely on; a wrong file is a user mistake."""
+    """Check the structure the gate and renderers rely on (REPORT_SCHEMA), and that the summary numbers agree
+    with the per-image predictions they were computed from; a wrong file is a user mistake (one line)."""
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise UserError(f"{source} is not an mnv4-deploy report.json (no \"schema\": \"{SCHEMA}\"): "
                         "pass a file written by `mnv4-deploy report`")
     version = report.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise UserError(f"{source} has report schema version {version}, this mnv4-deploy reads {SCHEMA_VERSION}: "
-                        "regenerate it with this version of `mnv4-deploy report`")
-    cells = report.get("cells")
-    if not isinstance(report.get("models"), list):
-        raise UserError(f"{source} has no \"models\" list: regenerate it with `mnv4-deploy report`")
-    if not isinstance(cells, list):
-        raise UserError(f"{source} has no \"cells\" list: regenerate it with `mnv4-deploy report`")
-    for i, cell in enumerate(cells):
-        if not isinstance(cell, dict) or not {"model", "target", "precision", "status", "metrics"} <= set(cell):
-            raise UserError(f"{source}: cell {i} lacks model/target/precision/status/metrics: regenerate the report")
-        for key, m in cell["metrics"].items():
-            if not isinstance(m, dict) or not {"value", "unit", "method"} <= set(m) or m["method"] not in METHODS:
-                raise UserError(f"{source}: metric '{key}' of {cell['target']}/{cell['precision']} lacks "
-                                "value/unit/method: regenerate the report")
+        raise UserError(f"{source} has report schema version {describe(version) if isinstance(version, (dict, list)) else str(version)[:40]}, this mnv4-deploy reads "
+                        f"{SCHEMA_VERSION}: regenerate it with this version of `mnv4-deploy report`")
+    check(report, REPORT_SCHEMA, source, REGENERATE)
+    for cell in report["cells"]:
+        _agrees_with_predictions(cell, source)
     return report
 
 

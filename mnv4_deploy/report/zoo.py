@@ -37,27 +37,39 @@ def read_zoo(spec: str) -> list[dict[str, Any]]:
         if not names:
             raise UserError("--models takes a comma list of models or a zoo .yaml file, got nothing")
         return [{"model": n} for n in names]
-    import yaml
+    from ..yamlio import safe_load
 
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"no zoo file at '{spec}': give --models a .yaml file or a comma list of models")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{spec} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read zoo file '{spec}': {exc}") from None
+    data = safe_load(text, spec)  # a syntax error or a duplicate key names its line
     entries = data.get("models") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{spec}: expected a list of models (under 'models:'), each with at least 'model:'")
     for i, e in enumerate(entries):
         if isinstance(e, str):
             entries[i] = e = {"model": e}
-        if not isinstance(e, dict) or "model" not in e:
+        if not isinstance(e, dict) or not isinstance(e.get("model"), str):
             raise UserError(f"{spec}: entry {i + 1} needs 'model: NAME'")
         for k in e:
             if k not in KEYS:
                 raise UserError(f"{spec}: entry {i + 1} ({e['model']}) has unknown key '{k}'{did_you_mean(str(k), KEYS)}")
+        for k, kinds, what in _TYPES:
+            if k in e and (not isinstance(e[k], kinds) or isinstance(e[k], bool)):
+                raise UserError(f"{spec}: entry {i + 1} ({e['model']}): '{k}' must be {what}, got {e[k]!r:.40}")
     return entries
+
+
+# What each key may hold (a list where the command line takes a comma list).
+_TYPES = (("name", (str,), "a string"), ("weights", (str,), "a string"), ("num_classes", (int,), "an integer"),
+          ("input_size", (int, str, list), "N or [H, W]"), ("mean", (str, list), "three numbers"),
+          ("std", (str, list), "three numbers"), ("crop_pct", (int, float), "a number"),
+          ("interpolation", (str,), "a string"), ("targets", (str, list), "a comma list"),
+          ("precisions", (str, list), "a comma list"), ("recipe", (str,), "a string"))
 
 
 def zoo_settings(entries: list[dict[str, Any]], template: Any, parse_precisions: Callable[[str], list[str]]) -> list[Any]:
@@ -69,8 +81,11 @@ def zoo_settings(entries: list[dict[str, Any]], template: Any, parse_precisions:
         for k in PREPROCESSING:
             if k in e:
                 v = e[k]
-                pre[k] = [int(x) for x in _csv(v).split(",")] if k == "input_size" else (
-                    [float(x) for x in _csv(v).split(",")] if k in ("mean", "std") else v)
+                try:
+                    pre[k] = [int(x) for x in _csv(v).split(",")] if k == "input_size" else (
+                        [float(x) for x in _csv(v).split(",")] if k in ("mean", "std") else v)
+                except ValueError:
+                    raise UserError(f"zoo entry '{e.get('name', e['model'])}': {k} must be numbers, got {v!r:.60}") from None
         base = dataclasses.replace(
             base, model=e["model"], preprocessing=pre,
             weights=str(e.get("weights", base.weights)), num_classes=e.get("num_classes", base.num_classes),

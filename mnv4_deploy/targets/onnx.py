@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..capture import captured
-from ..options import choice
+from ..options import choice, option
 from ..quantize import export_program
 from ..tensorwise import QTensor, close_qparams, signed_values, signed_zero_point
 from .base import ExportRequest, Runner, RuntimeTensors, Target
@@ -30,7 +30,7 @@ class OnnxOptions:
     method: str = choice("pt2e", "pt2e", "onnxruntime")
     ort_per_channel: bool = False  # onnxruntime method only (its default is per-tensor)
     ort_calibrate_method: str = choice("MinMax", "MinMax", "Entropy", "Percentile")
-    threads: int = 0  # onnxruntime intra-op threads for verification and latency (0 = runtime default)
+    threads: int = option(0, low=0, high=1024)  # onnxruntime intra-op threads for verification and latency (0 = runtime default)
     # The 8-bit type of activations (pt2e method): the same values either way (int8 zero point z = uint8 z+128).
     activation_dtype: str = choice("uint8", "uint8", "int8", flag=(
         "onnx: 8-bit activation type of int8 artifacts: uint8 (default) is what onnxruntime's CPU provider fuses "

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..capture import captured
 from ..errors import UserError, did_you_mean
-from ..options import choice
+from ..options import choice, option
 from ..quantize import export_program
 from ..tensorwise import QTensor
 from .base import ExportRequest, Runner, RuntimeTensors, Target
@@ -46,14 +46,14 @@ class OpenVinoOptions:
     # >= 0 turns on SmoothQuant (matmul and 1x1 convolution after quantize-agnostic ops, e.g. the Mobile MQA
     # projections) with this alpha. NNCF only runs SmoothQuant for model_type=TRANSFORMER, which also keeps
     # Add/pooling/reductions out of int8 and defaults the preset to mixed. -1 = off.
-    smooth_quant_alpha: float = -1.0
+    smooth_quant_alpha: float = option(-1.0, low=-1, high=1)
     # Kept in float: PyTorch module paths ('blocks.3.0', 'blocks.1.0.conv') or IR layer names.
     ignored_scopes: tuple[str, ...] = ()
     # >= 0 turns on nncf.quantize_with_accuracy_control: at most this many top-1 points lost on the labelled
     # calibration images (the --val images stay unseen for the final measurement). -1 = off.
-    max_drop: float = -1.0
+    max_drop: float = option(-1.0, low=-1, high=100)
     # --- runtime (verification and latency) ---
-    threads: int = 0  # INFERENCE_NUM_THREADS (0 = runtime default)
+    threads: int = option(0, low=0, high=1024)  # INFERENCE_NUM_THREADS (0 = runtime default)
     performance_hint: str = choice("latency", "latency", "throughput")
     # f32 keeps float layers in f32; auto lets the CPU plugin choose (bf16 on CPUs with bf16 support).
     inference_precision: str = choice("f32", "f32", "bf16", "auto")

@@ -57,7 +57,7 @@ class QnnOptions:
         "with QNN's reason); default: refuse a model not placed whole on HTP"))
     # The HTP emulator is slow (seconds per image for a hybrid; README has the measured times), so verification
     # runs on at most this many images of each evaluation set, evenly spaced (0 = all); the manifest says so.
-    emulated_images: int = option(64, flag=(
+    emulated_images: int = option(64, low=0, high=1_000_000, flag=(
         "qnn: verify on at most N images of each evaluation set, evenly spaced (the HTP emulator takes seconds "
         "per image; 0 = all); default 64"))
 

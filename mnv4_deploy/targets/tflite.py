@@ -46,7 +46,7 @@ class TfliteOptions:
     bake_normalization: bool = option(False, flag=(
         "tflite: put mean/std normalisation inside the model, so apps feed raw RGB"))
     # Fixed interpreter (XNNPACK) thread count, so latency numbers compare; 0 = LiteRT's default.
-    threads: int = 2
+    threads: int = option(2, low=0, high=1024)
 
 
 class TfliteTarget(Target):
