@@ -53,9 +53,10 @@ MODELS = {
 # the fixed reference point the single-choice changes are measured from.
 BASE: dict[str, Any] = {
     "optimizer": "adamw", "lr": 1e-5, "lr_schedule": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
-    "range_learning": True, "range_lr": 1e-4, "freeze_observers_after": 0,
+    "range_learning": True, "range_lr": 1e-4, "range_lr_relative": False, "freeze_observers_after": 0,
     "distillation": {"loss": "kl", "temperature": 1.0, "alpha": 1.0},
-    "batch_size": 64, "augment": "flip", "eval_images": 1000, "workers": 0, "seed": 0, "checkpoint_every": 0,
+    "batch_size": 64, "augment": "flip", "eval_images": 1000, "workers": 0, "seed": 0,
+    "checkpoint_every": 1_000_000,  # the epoch-end checkpoints only
 }
 RUNS: dict[str, dict[str, Any]] = {
     "base": {},
@@ -72,6 +73,8 @@ RUNS: dict[str, dict[str, Any]] = {
     "no_range_learning": {"range_learning": False},
     "range_lr1e-3": {"range_lr": 1e-3},
     "range_lr1e-5": {"range_lr": 1e-5},
+    "range_rel1e-3": {"range_lr_relative": True, "range_lr": 1e-3},
+    "range_rel1e-2": {"range_lr_relative": True, "range_lr": 1e-2},
     "observers100": {"freeze_observers_after": 100},
     # distillation
     "kl_t2": {"distillation": {"temperature": 2.0}},
@@ -101,7 +104,7 @@ def _recipe(run: str, epochs: int) -> Any:
     change = RUNS[run]
     if "__recipe__" in change:
         return dataclasses.replace(recipe, qat=dataclasses.replace(recipe.qat, epochs=epochs, workers=0,
-                                                                    checkpoint_every=0))
+                                                                    checkpoint_every=1_000_000))
     settings = _merge(BASE, change)
     kd = Distillation(**settings.pop("distillation"))
     return dataclasses.replace(recipe, qat=Qat(**settings, distillation=kd, epochs=epochs))
@@ -127,7 +130,7 @@ def _val_scores(logits: np.ndarray, float_logits: np.ndarray, labels: np.ndarray
     return out
 
 
-def _setup(model_key: str, val_limit: Optional[int]) -> dict[str, Any]:
+def _setup(model_key: str, val_limit: Optional[int], train_limit: Optional[int] = None) -> dict[str, Any]:
     """Model, calibration set, held-back/selection/train split (as `mnv4-deploy qat` makes it), val, PTQ."""
     from mnv4_deploy import qat
     from mnv4_deploy.calibration import load_calibration
@@ -145,6 +148,8 @@ def _setup(model_key: str, val_limit: Optional[int]) -> dict[str, Any]:
     data = load_calibration("reference-tin202", DATA / "train", recipe, loaded.preprocessing)
     train, selection = qat.split_train(scan_folder(DATA / "train"), data.held_back.files, data.calibration.files,
                                        recipe.qat, loaded)
+    if train_limit:  # screening: a seeded subset, so that a whole schedule (warm-up, decay) fits a short run
+        train = train.sample(train_limit, seed=0)
     val_set = scan_folder(DATA / "val")
     if val_limit:
         val_set = val_set.sample(val_limit, seed=0)
@@ -165,7 +170,7 @@ def run_one(setup: dict[str, Any], run: str, epochs: int, max_steps: Optional[in
     recipe = _recipe(run, epochs)
     val, float_logits, ptq_logits = setup["val"], setup["float_logits"], setup["ptq_logits"]
     per_epoch: list[dict[str, Any]] = []
-    originals = qat._score_start, qat._end_epoch
+    originals = qat._score_start, qat._end_epoch, qat._ptq_start
 
     def on_val(r: Any, epoch: Any) -> None:
         logits = qat.student_logits(r.student, val.x, next(r.student.parameters()).device)
@@ -184,7 +189,14 @@ def run_one(setup: dict[str, Any], run: str, epochs: int, max_steps: Optional[in
         originals[1](r, *args)
         on_val(r, r.state.history[-1]["epoch"])
 
-    qat._score_start, qat._end_epoch = score_start, end_epoch
+    def ptq_start(*args: Any) -> Any:
+        # Every run's quantization section is the recipe's: build the PTQ start once per process (minutes on the
+        # hybrid), each run trains a copy of it.
+        if "start" not in setup:
+            setup["start"] = originals[2](*args)
+        return copy.deepcopy(setup["start"])
+
+    qat._score_start, qat._end_epoch, qat._ptq_start = score_start, end_epoch, ptq_start
     start = time.perf_counter()
     try:
         loaded = setup["loaded"]
@@ -192,12 +204,13 @@ def run_one(setup: dict[str, Any], run: str, epochs: int, max_steps: Optional[in
         q = qat.train(loaded.model, loaded.name, setup["train"], loaded.preprocessing, setup["data"].calibration,
                       recipe, options, setup["selection"])
     finally:
-        qat._score_start, qat._end_epoch = originals
+        qat._score_start, qat._end_epoch, qat._ptq_start = originals
     info = q.calibration["qat"]
     shipped = info["shipped"]
     would_ship = shipped.get("best_epoch", shipped["epoch"]) if "--keep-last" in shipped["reason"] else shipped["epoch"]
     return {
         "run": run, "changes": RUNS[run], "qat": dataclasses.asdict(recipe.qat), "epochs": epochs,
+        "train_images": len(setup["train"]), "val_images": len(val.x),
         "steps": info["steps"], "seconds": round(time.perf_counter() - start, 1),
         # training and the selection scoring, not the PTQ start
         "seconds_per_step": round((info["history"][-1]["seconds"] - info["history"][0]["seconds"])
@@ -244,6 +257,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, help="cut every run short (the schedule still spans --epochs)")
     ap.add_argument("--val-limit", type=int, help="a seeded subset of the 5,050 val images (screening)")
+    ap.add_argument("--train-limit", type=int, help="train on a seeded subset of the train images (screening: the "
+                                                    "whole schedule in fewer steps)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 cores shared: 1 by default)")
     ap.add_argument("--tag", default="", help="suffix of the result key (e.g. e2 for 2-epoch confirmations)")
     ap.add_argument("--table", action="store_true", help="print the accumulated table and exit")
@@ -260,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    setup = _setup(args.model, args.val_limit)
+    setup = _setup(args.model, args.val_limit, args.train_limit)
     val_ptq = _val_scores(setup["ptq_logits"], setup["float_logits"], setup["val"].labels, None)
     results["ptq"] = val_ptq | {"seconds": round(setup["ptq_seconds"], 1),
                                 "float_top1": float((setup["float_logits"].argmax(1) == setup["val"].labels).mean())}

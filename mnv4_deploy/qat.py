@@ -230,23 +230,43 @@ def learning_rate_factor(qat: Qat, step: int, total: int) -> float:
 
 
 def _set_learning_rates(optimizer: torch.optim.Optimizer, qat: Qat, step: int, total: int) -> None:
+    """Every group at its base rate (`base_lr`, set by `_optimizer`; else lr, then range_lr) times the schedule."""
     factor = learning_rate_factor(qat, step, total)
-    for group, base in zip(optimizer.param_groups, (qat.lr, qat.range_lr)):
-        group["lr"] = base * factor
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = group.get("base_lr", qat.lr if i == 0 else qat.range_lr) * factor
 
 
 def _optimizer(student: nn.Module, qat: Qat) -> torch.optim.Optimizer:
-    ranges = [p for n, p in student.named_parameters() if n.endswith((".scale", ".zero_point"))]
-    ids = {id(p) for p in ranges}
+    """Weights at `lr`; activation ranges (LSQ scales, zero points) at `range_lr`, without weight decay.
+
+    With `range_lr_relative` each scale gets its own group at range_lr x its PTQ value: Adam moves a parameter by
+    about its learning rate a step whatever the gradient's size, so one absolute rate leaves a hybrid's residual
+    ranges (scales near 100) where PTQ put them while it moves a 0.001 scale by 10% a step."""
+    ranges = [(n, p) for n, p in student.named_parameters() if n.endswith((".scale", ".zero_point"))]
+    ids = {id(p) for _, p in ranges}
     weights = [p for p in student.parameters() if id(p) not in ids]
-    groups = [{"params": weights}, {"params": ranges, "lr": qat.range_lr, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [{"params": weights, "base_lr": qat.lr}]
+    if qat.range_lr_relative:
+        groups += [{"params": [p], "base_lr": qat.range_lr * float(p.detach().abs().max().clamp(min=1e-8))}
+                   for n, p in ranges if n.endswith(".scale")]
+        zero_points = [p for n, p in ranges if n.endswith(".zero_point")]
+        if zero_points:
+            groups.append({"params": zero_points, "base_lr": qat.range_lr})
+    else:
+        groups.append({"params": [p for _, p in ranges], "base_lr": qat.range_lr})
+    for group in groups:
+        group["lr"] = group["base_lr"]
+        if group is not groups[0]:
+            group["weight_decay"] = 0.0
     if qat.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=qat.lr, momentum=0.9, weight_decay=qat.weight_decay)
     return torch.optim.AdamW(groups, lr=qat.lr, weight_decay=qat.weight_decay)
 
 
-def student_logits(student: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """The fake-quantized student's logits (observers paused: evaluation images never move a range)."""
+def student_logits(student: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """The fake-quantized student's logits (observers paused: evaluation images never move a range). Batches of
+    64 as `QuantizedModel.simulate`: a conv's float sums depend on the batch size, and one ulp can move an
+    activation to the next int8 step, so epoch 0 equals the PTQ simulation bit for bit only in the same batches."""
     with torch.no_grad(), _ObserversPaused(student):
         return np.concatenate([student(model_input(x[i:i + batch_size]).to(device)).float().cpu().numpy()
                                for i in range(0, len(x), batch_size)])

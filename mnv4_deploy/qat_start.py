@@ -5,8 +5,9 @@ calibrated PT2E graph. Here every observer of that graph is swapped for a fake-q
 own qparams, so at step 0 the student computes the PTQ simulation's function (`QuantizedModel.simulate`):
 - weights: `WeightFakeQuantize`, whose scale is recomputed from the current weights at every forward (the
   min-max scale PTQ's weight observer picks), so the grid follows the weights as they train;
-- activations, and the constants quantized like activations (the hybrids' layer-scale factors): a `LearnableFakeQuantize` (LSQ) initialised to the observer's scale and zero point, or a plain
-  `FakeQuantize` (fixed ranges; the observer inside may keep refining them while `observers` are on);
+- activations, and the constants quantized like activations (the hybrids' layer-scale factors): a
+  `LearnableFakeQuantize` (LSQ) initialised to the observer's scale and zero point, or a plain `FakeQuantize`
+  (fixed ranges; the observer inside may keep refining them while `observers` are on);
 - fixed-qparams sites (softmax's TFLite 1/256 grid) stay fixed.
 BatchNorm is already folded into the convs (equalization or PT2E's folding), and every conv/linear weight and
 bias becomes a trainable parameter, the bias-corrected biases included. convert_pt2e accepts the graph like any

@@ -200,6 +200,9 @@ class Qat:
     # off: the ranges stay where PTQ (and the observers, while on) left them.
     range_learning: bool = True
     range_lr: float = option(1e-4, above=0, high=1)
+    # true: each activation scale learns at range_lr x its PTQ value (the same relative step for a 0.01 scale and
+    # a hybrid's residual-stream scale of 100); false: range_lr for every scale.
+    range_lr_relative: bool = False
     # BatchNorm is folded into the convs of the PTQ start (as every target deploys it): 0 is the only value that
     # runs (kept so that recipes written for earlier versions still load; > 0 is refused with the reason).
     freeze_bn_after: int = option(0, low=0, high=MAX_STEPS)

@@ -76,7 +76,8 @@ def test_qat_cli_trains_checkpoints_and_exports(tmp_path: Path, reference_checkp
     scores = history[1]["eval"]
     lo, hi = scores["top1_agreement_ci95"]
     assert lo <= scores["top1_agreement"] <= hi and "agreement_change_vs_epoch0_ci95" in scores
-    assert scores["images"] == 14  # a quarter of the 56 train images that are neither verification nor calibration
+    assert scores["images"] == 10  # a quarter of the 40 train images that are neither the 24 verification nor the 16
+    # calibration images
     assert q["qat"]["shipped"]["epoch"] == 1  # --keep-last
     # The exported model is the trained one: onnxruntime reproduces the PyTorch simulation of the QAT model.
     assert m["verification"]["held_back"]["vs_pytorch_simulation"]["top1_agreement"] >= 0.9
@@ -103,6 +104,31 @@ def test_cosine_schedule_is_a_function_of_the_step():
     warm = Qat(lr_schedule="cosine", warmup_steps=10)
     assert [learning_rate_factor(warm, s, 110) for s in (0, 4, 9, 10, 60, 110)] == pytest.approx(
         [0.1, 0.5, 1.0, 1.0, 0.5, 0.0], abs=1e-12)
+
+
+def test_relative_range_learning_rates_follow_each_scale():
+    """range_lr_relative: each scale learns at range_lr x its PTQ value (a hybrid's scale of 100 and a 0.01 scale
+    move by the same fraction), weights at lr, all on the schedule; absolute: one range_lr for every range."""
+    from mnv4_deploy.qat import _optimizer, _set_learning_rates
+    from mnv4_deploy.recipes import Qat
+
+    model = torch.nn.Module()
+    model.big, model.small = torch.nn.Module(), torch.nn.Module()
+    model.big.scale = torch.nn.Parameter(torch.tensor([100.0]))
+    model.big.zero_point = torch.nn.Parameter(torch.tensor([3.0]))
+    model.small.scale = torch.nn.Parameter(torch.tensor([0.01]))
+    model.weight = torch.nn.Parameter(torch.zeros(2))
+    relative = Qat(lr=1e-5, range_lr=1e-3, range_lr_relative=True, lr_schedule="cosine")
+    optimizer = _optimizer(model, relative)
+    _set_learning_rates(optimizer, relative, 50, 100)  # half way: factor 0.5
+    rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert rates[id(model.big.scale)] == pytest.approx(0.05) and rates[id(model.small.scale)] == pytest.approx(5e-6)
+    assert rates[id(model.weight)] == pytest.approx(5e-6) and rates[id(model.big.zero_point)] == pytest.approx(5e-4)
+    absolute = dataclasses.replace(relative, range_lr_relative=False)
+    optimizer = _optimizer(model, absolute)
+    _set_learning_rates(optimizer, absolute, 50, 100)
+    rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert rates[id(model.big.scale)] == rates[id(model.small.scale)] == pytest.approx(5e-4)
 
 
 @pytest.mark.slow  # about 75 s on 2 cores: QAT plus a fallback search; the default suite keeps the plain QAT tests
