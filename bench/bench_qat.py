@@ -16,13 +16,15 @@ simulation's (`max |diff|` in the JSON, 0 when the start is exact). Scores are t
 (the simulation every target's runtime is verified against); `mnv4-deploy qat --to onnx,tflite` gives the
 runtime numbers of the shipped schedule.
 
-Runs take about 0.6 s (conv_small) / 2.4 s (hybrid_medium) per step of 64 images on one CPU thread; an epoch is
-about 290 steps. Screening runs use `--epochs 1` (the cosine schedule then spans one epoch); the winner is
-confirmed with the recipe's 2 epochs. Results accumulate by run name in bench/results/qat_<model>.json.
+Runs take about 0.6 s (conv_small) / 2.4 s (hybrid_medium) per step of 64 images on one idle CPU thread (2-4x
+that on a shared machine); an epoch is 296 steps. The PTQ start is built once per process and copied for each run.
+Screening runs use `--epochs 1` (the cosine schedule then spans one epoch); on the hybrid, `--train-limit 4096`
+fits the whole schedule in 64 steps. Results accumulate by run name in bench/results/qat_<model>.json.
 
-  OMP_NUM_THREADS=1 python bench/bench_qat.py --model conv_small --epochs 1 --runs base lr3e-5 kl_t2
-  OMP_NUM_THREADS=1 python bench/bench_qat.py --model conv_small --epochs 2 --runs shipped
-  OMP_NUM_THREADS=1 python bench/bench_qat.py --model hybrid --epochs 2 --runs shipped
+  OMP_NUM_THREADS=1 python bench/bench_qat.py --model conv_small --epochs 1 --runs base lr3e-6 lr3e-5 lr1e-4 mse
+  OMP_NUM_THREADS=1 python bench/bench_qat.py --model hybrid --epochs 1 --train-limit 4096 --val-limit 2020 --tag screen4k \\
+       --runs base range_rel1e-3 lr1e-4
+  OMP_NUM_THREADS=1 python bench/bench_qat.py --model hybrid --epochs 1 --runs shipped
   python bench/bench_qat.py --model conv_small --table          # print the accumulated table only
 """
 from __future__ import annotations
@@ -176,7 +178,9 @@ def run_one(setup: dict[str, Any], run: str, epochs: int, max_steps: Optional[in
         logits = qat.student_logits(r.student, val.x, next(r.student.parameters()).device)
         scores = _val_scores(logits, float_logits, val.labels, ptq_logits) | {"epoch": epoch}
         if epoch == 0:
+            # vs the ptq-int8 model built in _setup (a second quantize() run), and vs the start's own simulation
             scores["max_abs_diff_vs_ptq_simulation"] = float(np.abs(logits - ptq_logits).max())
+            scores["max_abs_diff_vs_start_simulation"] = float(np.abs(logits - setup["start"].simulate(val.x)).max())
         per_epoch.append(scores)
         logger.info(f"  {run} epoch {epoch}: val agreement {100 * scores['agreement']:.2f}% "
                     f"({100 * scores['agreement_vs_ptq']:+.2f} pt vs PTQ), top-1 {100 * scores['top1']:.2f}%")
