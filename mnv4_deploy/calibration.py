@@ -293,13 +293,13 @@ def load_calibration(calib: Optional[str | Path], root: Optional[str | Path], re
     scikit-image photos).
     """
     c = recipe.quantization.calibration
-    n_cal, n_ver, seed = c.images, recipe.verification.images, c.seed
+    n_cal, n_ver, seed = c.images_for(*pre.input_size), recipe.verification.images, c.seed
     if calib is None and c.set:
         calib = c.set
     if calib is None or str(calib) == DEFAULT_SET:
         return _skimage_data(pre, n_cal if precision == "int8" else 8, n_ver, seed)
     if not is_set_reference(calib):
-        return _folder_data(Path(calib), pre, n_cal, n_ver, seed, workers)
+        return _folder_data(Path(calib), pre, c.images, n_cal, n_ver, seed, workers)
     cs = load_set(calib)
     if cs.root == SKIMAGE_ROOT:
         return _skimage_data(pre, n_cal if precision == "int8" else 8, n_ver, seed, cs)
@@ -340,9 +340,13 @@ def _held_back(root: Path, exclude: set[str], pre: Any, n: int, seed: int, worke
     return ver, "scikit-image sample photos (random crops)"
 
 
-def _folder_data(folder: Path, pre: Any, n_cal: int, n_ver: int, seed: int, workers: int) -> CalibrationData:
+def _folder_data(folder: Path, pre: Any, n_split: int, n_cal: int, n_ver: int, seed: int,
+                 workers: int) -> CalibrationData:
+    """The folder is split as for `n_split` calibration images and the first `n_cal` of them are used, so the
+    held-back images do not depend on the input size's pixel cap (`Calibration.images_for`)."""
     found = scan_folder(folder)
-    cal_set, ver_set = found.split(n_cal, n_ver, seed)
+    cal_set, ver_set = found.split(n_split, n_ver, seed)
+    cal_set = cal_set.subset(list(range(min(n_cal, len(cal_set)))))
     cal = load_images(cal_set, pre, workers, "calibration images")
     ver = load_images(ver_set, pre, workers, "held-back images")
     unreadable = cal.unreadable + ver.unreadable

@@ -54,6 +54,16 @@ class Calibration:
     images: int = option(512, low=1, high=MAX_IMAGES)  # calibration images drawn from --calib (a set larger than this: a seeded subset)
     batch_size: int = option(32, low=1, high=MAX_BATCH)
     seed: int = option(0, low=0, high=MAX_SEED)
+    # ...and no more than this many pixels of them (512 images at 64x64), at least `min_images`: the per-batch
+    # range statistics sample at most 2^20 values a tensor, which 32 images at 224x224 fill as 32 at 64x64 do,
+    # and calibrating 512 native-size images was the largest share of a native-resolution convert
+    # (bench/bench_convert_time.py; agreement with float measured in bench/bench_calibration_pixels.py).
+    pixels: int = option(512 * 64 * 64, low=1, high=2 ** 40)
+    min_images: int = option(128, low=1, high=MAX_IMAGES)
+
+    def images_for(self, height: int, width: int) -> int:
+        """How many calibration images are read and used at this input size."""
+        return min(self.images, max(self.min_images, self.pixels // (height * width)))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ or drops a quantize/dequantize pair); this compares every quantized activation i
    module): e.g. onnxruntime's own optimized (QDQ-fused) graph with its 8-bit tensors as graph outputs, the
    TFLite interpreter (built-in kernels) with all tensors preserved, OpenVINO CPU with the FakeQuantize
    outputs added as model outputs.
-3. Matching (converters rename everything): first on quantization parameters (scale to 1e-5 relative, zero
+3. Matching (converters rename everything; a runtime that keeps the quantizers' names is paired by name
+   first): then on quantization parameters (scale to 1e-5 relative, zero
    point) plus element count, trying the layouts the shapes allow (NCHW, NHWC, squeezed); among equal
    candidates the closest values win. Then tensors left on both sides with the same element count are paired
    on dequantized values (relative RMS error < 0.5): such a pair is a tensor the converter re-quantized with
@@ -184,7 +185,17 @@ def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple
     left = list(runtime)
     pairs: list[Pair] = []
     unmatched: list[QTensor] = []
+    by_name = {r.name: r for r in runtime}
     for t in torch_tensors:
+        # A runtime that keeps the quantizers' own names (ExecuTorch's taps) is paired by name first: tensors
+        # with the same parameters and size (the hybrids' softmaxes on the fixed 1/256 grid) cannot be swapped.
+        named = by_name.get(t.name)
+        if named is not None and any(r is named for r in left) and named.values.size == t.values.size:
+            aligned = _alignments(named.dequantized(), t.values.shape)
+            if aligned:
+                left = [r for r in left if r is not named]
+                pairs.append(Pair(t, named, aligned[0], "name"))
+                continue
         cands = [r for r in left if _same_qparams(t, r) and r.values.size == t.values.size]
         best = _best(t, cands) if cands else None
         if best is None:

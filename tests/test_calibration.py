@@ -130,6 +130,22 @@ def test_folder_and_default_calibration_are_recorded_as_sets(image_folder: Path)
     assert default != load_calibration(None, None, parse_recipe(FAST % 9), PRE).calibration_set
 
 
+def test_pixel_cap_shrinks_calibration_not_the_held_back_images(image_folder: Path):
+    """At a large input size fewer calibration images are used (`pixels`, at least `min_images`); the
+    held-back verification images are the same ones, so verification is no weaker."""
+    capped = parse_recipe("quantization:\n  calibration: {images: 12, seed: 0, pixels: 16384, min_images: 2}\n"
+                          "verification: {images: 4}\n")
+    full = parse_recipe("quantization:\n  calibration: {images: 12, seed: 0}\nverification: {images: 4}\n")
+    assert capped.quantization.calibration.images_for(64, 64) == 4
+    assert capped.quantization.calibration.images_for(8, 8) == 12  # never more than `images`
+    assert capped.quantization.calibration.images_for(1024, 1024) == 2  # never fewer than `min_images`
+    assert full.quantization.calibration.images_for(224, 224) == 12  # the default cap keeps 128 at 224
+    a, b = load_calibration(image_folder, None, capped, PRE), load_calibration(image_folder, None, full, PRE)
+    assert len(a.calibration) == 4 and len(b.calibration) == 12
+    assert a.calibration.files.paths == b.calibration.files.paths[:4]
+    assert a.held_back.files.paths == b.held_back.files.paths and a.calibration_set["images"] == 4
+
+
 def test_recipe_names_its_set_and_user_folder_overrides(tiny_imagenet: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("MNV4_CALIB_ROOT", str(tiny_imagenet / "train"))
     recipe = parse_recipe("quantization:\n  calibration: {set: reference-tin202, images: 12}\nverification: {images: 8}\n")

@@ -317,3 +317,19 @@ def test_hybrid_medium_programs_execute(tmp_path: Path, precision: str, weights_
     logits = runner(x)
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
     assert {"matmul", "softmax"} <= set(runner.executor.op_types)
+
+
+def test_coremltools_is_imported_without_executorch() -> None:
+    """coremltools imports executorch.exir (seconds) when it is installed; our first import hides it, and
+    executorch stays importable afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mnv4_deploy.mlprogram.toolchain import import_coremltools; import_coremltools(); "
+            "print('executorch' in sys.modules); import importlib.util; "
+            "print(importlib.util.find_spec('executorch') is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False"
+    if out[1] == "True":  # installed: still importable after coremltools
+        subprocess.run([sys.executable, "-c", "from mnv4_deploy.mlprogram.toolchain import import_coremltools; "
+                        "import_coremltools(); import executorch"], check=True, capture_output=True)

@@ -6,6 +6,7 @@ reference-checkpoint run is marked slow.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -131,6 +132,26 @@ def _pytorch_quantizer(small, index: int) -> str:
     """The name of the `index`-th activation quantizer of the PyTorch int8 graph (the artifact's order too)."""
     loaded, recipe, q, cal, x, out = small
     return tensorwise.torch_quantized(q.simulation_module(), x[:1])[index].name
+
+
+# ----------------------------------------------------------------------------- matching
+def test_a_runtime_tensor_with_the_quantizers_name_is_paired_by_name():
+    """Two tensors on the same grid and of the same size (the hybrids' softmaxes) cannot be swapped when the
+    runtime keeps the quantizers' names (ExecuTorch's taps); without names the closest values still win."""
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(-128, 128, (2, 16)), rng.integers(-128, 128, (2, 16))
+    torch_side = [tensorwise.QTensor("softmax_1", 1 / 256, -128, a, 0), tensorwise.QTensor("softmax_2", 1 / 256, -128, b, 1)]
+    near_a = a.copy()
+    near_a[0, 0] = a[0, 0] + 3 if a[0, 0] < 120 else a[0, 0] - 3
+    named = [tensorwise.QTensor("softmax_2", 1 / 256, -128, b, 0), tensorwise.QTensor("softmax_1", 1 / 256, -128, near_a, 1)]
+    pairs, lost, extra = tensorwise.match(torch_side, named)
+    assert [(p.torch.name, p.runtime.name, p.how) for p in pairs] == [("softmax_1", "softmax_1", "name"),
+                                                                     ("softmax_2", "softmax_2", "name")]
+    assert not lost and not extra
+    anonymous = [dataclasses.replace(t, name=f"t{i}") for i, t in enumerate(named)]
+    pairs, _, _ = tensorwise.match(torch_side, anonymous)
+    assert [(p.torch.name, p.runtime.name, p.how) for p in pairs] == [("softmax_1", "t1", "qparams"),
+                                                                     ("softmax_2", "t0", "qparams")]
 
 
 # ----------------------------------------------------------------------------- ONNX

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from .toolchain import import_coremltools
+
 # ---------------------------------------------------------------- sources (cited by the rules below)
 DOC_QUANT_OVERVIEW = ("coremltools docs, Quantization Overview (https://apple.github.io/coremltools/docs-guides/"
                       "source/opt-quantization-overview.html)")
@@ -235,6 +237,7 @@ def _walk(block: Any) -> Iterator[_Op]:
 
 
 def _dtype(code: int) -> str:
+    import_coremltools()
     from coremltools.proto import MIL_pb2
 
     return MIL_pb2.DataType.Name(code).lower()
@@ -264,7 +267,7 @@ def _scalar_int(op: Optional[_Op]) -> Optional[int]:
 # ---------------------------------------------------------------- the check
 def check_path(path: str | Path, function: str = "main") -> dict[str, Any]:
     """check_program on a saved .mlpackage."""
-    import coremltools as ct
+    ct = import_coremltools()
 
     return check_program(ct.utils.load_spec(str(path)), function)
 
@@ -295,7 +298,8 @@ def check_program(spec: Any, function: str = "main") -> dict[str, Any]:
 
 
 def _deployment(prog: _Program, add: Any) -> None:
-    import coremltools as ct
+    ct = import_coremltools()
+    import_coremltools()
     from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 
     version = _opset_version(prog.opset)
@@ -314,13 +318,13 @@ def _deployment(prog: _Program, add: Any) -> None:
 
 def _opset_version(opset: str) -> Optional[int]:
     """Specification version of an opset name ('CoreML7' -> 8, i.e. iOS17)."""
-    import coremltools as ct
+    ct = import_coremltools()
 
     return {name: v for v, name in ct._OPSET.items()}.get(opset)
 
 
 def _target_name(version: Optional[int]) -> str:
-    import coremltools as ct
+    ct = import_coremltools()
 
     names = [t.name for t in ct.target if int(t) == version and t.name.startswith("iOS")]
     return names[0] if names else f"unknown (spec {version})"

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .toolchain import import_coremltools
+
 # MIL DataType names -> numpy dtypes (the types our programs use; others are refused by name).
 _NUMPY = {"BOOL": np.bool_, "FLOAT16": np.float16, "FLOAT32": np.float32, "FLOAT64": np.float64,
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
@@ -72,6 +74,7 @@ class Program:
 
 def weights_dir(path: Path) -> Optional[Path]:
     """The package's weights folder (where '@model_path/weights/...' points)."""
+    import_coremltools()
     from coremltools.libmodelpackage import ModelPackage
 
     if not ModelPackage.isValid(str(path)):
@@ -82,7 +85,7 @@ def weights_dir(path: Path) -> Optional[Path]:
 
 def read_program(path: Path, function: str = "main") -> Program:
     """The program of a saved .mlpackage, decoded (constants as numpy arrays)."""
-    import coremltools as ct
+    ct = import_coremltools()
 
     path = Path(path)
     spec = ct.utils.load_spec(str(path))
@@ -120,6 +123,7 @@ def from_spec(spec: Any, weights: Optional[Path], source: str, function: str = "
 
 
 def _dtype_name(code: int) -> str:
+    import_coremltools()
     from coremltools.proto import MIL_pb2
 
     return MIL_pb2.DataType.Name(code)
@@ -167,6 +171,7 @@ class _Decoder:
         return array.reshape(shape).copy()
 
     def _blob(self, blob: Any, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+        import_coremltools()
         from coremltools.libmilstoragepython import _BlobStorageReader
 
         if dtype not in _BLOB_READ:

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..mlprogram.toolchain import import_coremltools
 from ..capture import captured
 from ..errors import UserError
 from ..input_adapter import DeployInput
@@ -138,7 +139,7 @@ class CoremlTarget(Target):
         return input_spec([1, 3, *pre.input_size], pre)
 
     def describe(self, path: Path, request: ExportRequest) -> dict[str, Any]:
-        import coremltools as ct
+        ct = import_coremltools()
 
         spec = ct.utils.load_spec(str(path))
         ops: collections.Counter = collections.Counter()
@@ -192,7 +193,7 @@ def _kind(request: ExportRequest) -> str:
 
 
 def _deployment_target(name: str, kind: str) -> Any:
-    import coremltools as ct
+    ct = import_coremltools()
 
     valid = [t for t in ct.target.__members__ if t.startswith(("iOS", "macOS", "watchOS", "tvOS"))]
     if name not in ct.target.__members__:
@@ -205,7 +206,7 @@ def _deployment_target(name: str, kind: str) -> Any:
 
 
 def _convert(model: Any, request: ExportRequest, opts: CoremlOptions, deployment: Any, precision: str) -> Any:
-    import coremltools as ct
+    ct = import_coremltools()
     import torch
 
     pre = request.loaded.preprocessing
@@ -234,6 +235,7 @@ def _convert(model: Any, request: ExportRequest, opts: CoremlOptions, deployment
 
 def _quantize_weights(mlmodel: Any) -> Any:
     """int8 per-channel symmetric weights for every conv/linear/matmul constant (what PT2E quantizes)."""
+    import_coremltools()
     import coremltools.optimize.coreml as cto
 
     config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
@@ -298,6 +300,7 @@ def _walk(block: Any, ops: collections.Counter, weight_dtypes: collections.Count
 
 
 def _dtype_name(code: int) -> str:
+    import_coremltools()
     from coremltools.proto import MIL_pb2
 
     return MIL_pb2.DataType.Name(code).lower()
@@ -309,11 +312,13 @@ def _feature(feature: Any) -> dict[str, Any]:
     if kind == "multiArrayType":
         t = feature.type.multiArrayType
         out["shape"] = list(t.shape)
+        import_coremltools()
         from coremltools.proto import FeatureTypes_pb2
 
         out["dtype"] = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(t.dataType).lower()
     elif kind == "imageType":
         t = feature.type.imageType
+        import_coremltools()
         from coremltools.proto import FeatureTypes_pb2
 
         out.update(width=t.width, height=t.height,
@@ -353,7 +358,7 @@ class CoremlRunner(Runner):
     """macOS: the .mlpackage run by CoreML itself (`predict`), on the requested compute units."""
 
     def __init__(self, path: Path, request: ExportRequest) -> None:
-        import coremltools as ct
+        ct = import_coremltools()
 
         self.executed = ExecutedRunner(path, request)
         self._sample: Optional[tuple[np.ndarray, np.ndarray]] = None  # first images seen, with predict's logits
@@ -399,7 +404,8 @@ class CoremlRunner(Runner):
 def _compute_plan(path: Path, compute_units: str) -> Optional[dict[str, Any]]:
     """Where each op runs (MLComputePlan, macOS 14.4+): an int8 model falling back to CPU is ~100x slower."""
     try:
-        import coremltools as ct
+        ct = import_coremltools()
+        import_coremltools()
         from coremltools.models.compute_plan import MLComputePlan
 
         compiled = ct.models.utils.compile_model(str(path))
