@@ -35,13 +35,18 @@ examples:
   mnv4-deploy qat --model mobilenetv4_conv_small --weights model.pth --num-classes 202 --input-size 64 \\
       --crop-pct 1.0 --train train/ --val val/ --to onnx,tflite --out build/qat
 
+  # start from the same PTQ model as `convert --recipe ptq-int8 --calib reference-tin202 ...` (epoch 0 = that model)
+  mnv4-deploy qat ... --calib reference-tin202 --calib-root train/
+
   # continue an interrupted run
   mnv4-deploy qat ... --resume build/qat/qat/last.pt
 
   # data-parallel over 4 GPUs (or CPU processes with Gloo)
   torchrun --nproc_per_node 4 -m mnv4_deploy qat ...
 
-The recipe's qat: section sets epochs, optimizer, distillation loss, when BatchNorm and observers freeze
+Training starts from the recipe's PTQ model (epoch 0) and ships the last epoch, unless an earlier one agrees
+with float more often on held-back train images beyond noise (a log line says which; --keep-last ships the last).
+The recipe's qat: section sets epochs, optimizer, learning rate schedule, distillation loss, when observers freeze
 and whether activation ranges are learned; see recipes/qat-int8-kd.yaml.
 """
 
@@ -95,14 +100,23 @@ def add_qat_command(sub: Any) -> None:
         "-> manifest. Runs on CPU, a GPU when present, and data-parallel under torchrun.", EPILOG_QAT)
     g = qat.add_argument_group("training")
     g.add_argument("--train", type=Path, required=True, metavar="DIR",
-                   help="train images (flat or class sub-folders); calibration and held-back images come from here")
-    g.add_argument("--val", type=Path, metavar="DIR", help="labelled images scored after every epoch and at export")
+                   help="train images (flat or class sub-folders); held-back images (verification, and the images "
+                        "that choose the shipped epoch) come from here, and calibration unless --calib")
+    g.add_argument("--calib", type=Path, metavar="DIR|SET",
+                   help="calibration images or set for the PTQ start, as in convert (default: --train)")
+    g.add_argument("--calib-root", type=Path, metavar="DIR",
+                   help="the folder a calibration set's paths are relative to (default: $MNV4_CALIB_ROOT)")
+    g.add_argument("--val", type=Path, metavar="DIR",
+                   help="labelled images the artifacts are scored on at export (never used to choose the epoch)")
     g.add_argument("--val-limit", type=int, metavar="N", help="use a random N images of --val for the final check")
     g.add_argument("--recipe", default="qat-int8-kd", metavar="NAME|FILE",
                    help="recipe with a qat: section (default: qat-int8-kd)")
     g.add_argument("--epochs", type=int, metavar="N", help="override the recipe's qat.epochs")
     g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps (smoke runs, budgets)")
     g.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a checkpoint (OUT/qat/last.pt)")
+    g.add_argument("--keep-last", action="store_true",
+                   help="ship the last epoch even when an earlier one (epoch 0 = the PTQ model) agrees with float "
+                        "more often on the held-back images beyond noise")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when present")
     g = qat.add_argument_group("what to build")
     g.add_argument("--to", default="onnx", metavar="TARGETS", help=_TO_HELP)
@@ -190,7 +204,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     from ..quantization import qat
 
     dist = qat.init_distributed(args.device)
-    settings = _settings(args, precision="int8", calib=args.train)
+    settings = _settings(args, precision="int8", calib=args.calib or args.train)
     for flag, value, low in (("--epochs", args.epochs, 0), ("--max-steps", args.max_steps, 1)):
         if value is not None and value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
@@ -208,15 +222,13 @@ def _train_and_deploy(args: argparse.Namespace, run: Any, dist: Any) -> int:
     from ..quantization import qat
 
     settings, recipe = run.settings, run.recipe
-    train_images = qat.without(scan_folder(args.train), run.evals[0].images.files)
-    scored = run.evals[-1]  # val when given, else the held-back train images
-    n = min(len(scored.images), recipe.qat.eval_images)
-    evaluation = (scored.images.x[:n], scored.float_logits[:n],
-                  scored.images.labels[:n] if scored.images.labels is not None else None)
+    train_images, selection = qat.split_train(scan_folder(args.train), run.evals[0].images.files,
+                                              run.calibration.files, recipe.qat, run.loaded, settings.workers)
     options = qat.QatOptions(checkpoint_dir=Path(args.out) / "qat", resume=args.resume, device=args.device,
-                             epochs=args.epochs, max_steps=args.max_steps, progress=settings.progress)
+                             epochs=args.epochs, max_steps=args.max_steps, progress=settings.progress,
+                             keep_last=args.keep_last)
     quantized = qat.train(run.loaded.model, run.loaded.name, train_images, run.loaded.preprocessing,
-                          run.calibration, recipe, options, evaluation, dist)
+                          run.calibration, recipe, options, selection, dist)
     if not dist.main:
         return 0
     _print_results(deploy(run, lambda _target: quantized), args.json)

@@ -151,7 +151,10 @@ class Distillation:
 
 @dataclass(frozen=True)
 class Qat:
-    """Quantization-aware fine-tuning (`mnv4-deploy qat`). Steps count optimizer updates over all processes."""
+    """Quantization-aware fine-tuning (`mnv4-deploy qat`). Steps count optimizer updates over all processes.
+
+    Training starts from the PTQ model of the recipe's `quantization:` section (epoch 0 = that model) and the
+    shipped epoch is chosen on held-back train images (mnv4_deploy/qat.py)."""
 
     epochs: int = option(2, low=0, high=10_000)
     batch_size: int = option(64, low=1, high=MAX_BATCH)  # per process
@@ -160,19 +163,26 @@ class Qat:
     # constant, or cosine: every learning rate (weights and ranges) decays from its value to 0 over the run's
     # steps, so the exported weights are a settled point rather than one step of a noisy walk.
     lr_schedule: str = choice("constant", "constant", "cosine")
+    # learning rates rise linearly from lr/warmup_steps to lr over these first steps (0: no warm-up)
+    warmup_steps: int = option(0, low=0, high=MAX_STEPS)
     weight_decay: float = option(0.0, low=0, high=1)
     # Learn the activation scales and zero points by gradient (LSQ, Esser et al. 2020) once observers freeze;
-    # off: the ranges stay where the observers left them.
+    # off: the ranges stay where PTQ (and the observers, while on) left them.
     range_learning: bool = True
     range_lr: float = option(1e-4, above=0, high=1)
-    # BatchNorm uses batch statistics (and updates its running stats) for this many steps, then freezes.
-    # 0 = frozen from the start (best when the train images are few or batches small).
+    # true: each activation scale learns at range_lr x its PTQ value (the same relative step for a 0.01 scale and
+    # a hybrid's residual-stream scale of 100); false: range_lr for every scale.
+    range_lr_relative: bool = False
+    # BatchNorm is folded into the convs of the PTQ start (as every target deploys it): 0 is the only value that
+    # runs (kept so that recipes written for earlier versions still load; > 0 is refused with the reason).
     freeze_bn_after: int = option(0, low=0, high=MAX_STEPS)
-    # Observers keep refining the ranges for this many steps (from the PTQ calibration start), then freeze.
+    # Activation observers keep refining the PTQ ranges on the train batches for this many steps, then freeze.
     freeze_observers_after: int = option(0, low=0, high=MAX_STEPS)
     distillation: Distillation = field(default_factory=Distillation)
     augment: str = choice("flip", "flip", "none")  # random horizontal flips of train images
-    eval_images: int = option(1000, low=1, high=MAX_IMAGES)  # --val images scored (agreement with float) after every epoch
+    # Train images held back (never trained on, not calibration images, not --val) and scored at epoch 0 and after
+    # every epoch: the shipped epoch is chosen on them.
+    eval_images: int = option(1000, low=1, high=MAX_IMAGES)
     checkpoint_every: int = option(200, low=1, high=MAX_STEPS)  # steps between checkpoints (and at each epoch end)
     workers: int = option(2, low=0, high=64)  # data-loader worker processes per training process
     seed: int = option(0, low=0, high=MAX_SEED)

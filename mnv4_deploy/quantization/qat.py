@@ -1,17 +1,25 @@
 """Quantization-aware training (QAT) with knowledge distillation, on the PT2E graph every target exports.
 
-Start where PTQ ends: the recipe's calibration sets the initial activation ranges. Then the fake-quantized
-student learns to reproduce the float teacher's logits on the train images. BatchNorm statistics freeze after
-`freeze_bn_after` steps, observers after `freeze_observers_after`; from then on activation scales are learned
-by gradient (LSQ) when `range_learning` is on. The result is a QuantizedModel, deployed by the same
-`pipeline.deploy` step as a PTQ model, so every target gets the same fine-tuned int8 model.
+QAT starts from the PTQ model itself: `quantize()` runs the recipe's quantization section exactly as
+`convert --recipe ptq-int8` does (equalization, calibrated ranges, bias correction, fallback), and its
+observers become fake-quantizers with the same qparams (`qat_start.student_from_ptq`), so epoch 0 *is* the PTQ
+model. The student then learns to reproduce the float teacher's logits on the train images; weight grids follow
+the weights, activation ranges are learned by gradient (LSQ) when `range_learning` is on.
+
+Every epoch (and epoch 0) is scored on held-back train images (never trained on, disjoint from --val) by top-1
+agreement with float. Training can make a model worse: the shipped model is the last epoch unless an earlier one
+(epoch 0 included) agrees with float more often beyond the noise of those images (paired 95% interval of the
+difference), in which case that one ships and a log line says so (`keep_last` ships the last anyway).
+The result is a QuantizedModel, deployed by the same `pipeline.deploy` step as a PTQ model.
 
 Runs on CPU, on a GPU when present, and data-parallel (DistributedDataParallel) when started by `torchrun`.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config.recipes import Qat, Quantization, Recipe
+from ..config.recipes import Qat, Recipe
 from ..errors import UserError
 from ..infra import console
 from ..infra.fileio import atomic_path
@@ -31,14 +39,17 @@ from ..load.images import DECODE_ERRORS, ImageSet, LoadedImages, decode_image, m
 from ..load.models import TORCH_LOAD_ERRORS
 from ..load.preprocessing import Preprocessing
 from ..verify.fidelity import compare
-from .passes.add_tagging import tag_adds
-from .pt2e import QuantizedModel, build_quantizer, export_program
-from .quantizer_sites import remove_sites
-from .sensitivity import choose_fallback, fallback_line, fallback_record
+from ..verify.significance import paired_counts, paired_difference_interval, wilson_interval
+from .pt2e import QuantizedModel, quantize
+from .qat_start import student_from_ptq
+from .quantizer_sites import remove_sites, widen_sites
+from .sensitivity import fallback_line
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "mnv4-deploy-qat/1"
+# /2: the student is the PTQ graph (BatchNorm folded, observers swapped for fake-quantizers); /1 checkpoints
+# (a separately prepared QAT graph with BatchNorm) cannot be loaded into it.
+CHECKPOINT_FORMAT = "mnv4-deploy-qat/2"
 
 
 @dataclass
@@ -51,6 +62,8 @@ class QatOptions:
     epochs: Optional[int] = None  # overrides the recipe
     max_steps: Optional[int] = None  # stop after this many steps (smoke runs, time budgets)
     progress: bool = True
+    # Ship the last state even when an earlier one (epoch 0 = PTQ) agrees with float more often beyond noise.
+    keep_last: bool = False
 
 
 @dataclass
@@ -130,19 +143,26 @@ class _EpochImages(torch.utils.data.Dataset):
         return self.images[self.plan[k]]
 
 
-def build_student(teacher: nn.Module, recipe: Recipe, example: torch.Tensor) -> torch.fx.GraphModule:
-    """The fake-quantized copy of the float model (conv+BN kept apart so BN can still train)."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+@dataclass
+class Selection:
+    """Held-back images that choose the shipped epoch, with the float model's logits on them.
 
-    mode = "learned" if recipe.qat.range_learning else "fixed"
-    graph = tag_adds(export_program(copy.deepcopy(teacher).train(), example).module())
-    return prepare_qat_pt2e(graph, build_quantizer(recipe.quantization, mode))
+    Never trained on, and disjoint from --val, which then stays a clean final score (choosing on it would bias it).
+    """
+
+    x: np.ndarray
+    float_logits: np.ndarray
+    labels: Optional[np.ndarray] = None
+    source: str = ""
 
 
 def _fake_quant_modules(student: nn.Module) -> list[nn.Module]:
+    """The activation fake-quantizers (a weight's grid always follows the weight: it has no observer phase)."""
     from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
-    return [m for m in student.modules() if isinstance(m, FakeQuantizeBase)]
+    from .qat_start import WeightFakeQuantize
+
+    return [m for m in student.modules() if isinstance(m, FakeQuantizeBase) and not isinstance(m, WeightFakeQuantize)]
 
 
 def set_observers(student: nn.Module, enabled: bool) -> None:
@@ -169,12 +189,6 @@ def make_ranges_trainable(student: nn.Module, trainable: bool) -> None:
             fq.zero_point.requires_grad_(trainable and affine)
 
 
-def set_batchnorm_training(student: torch.fx.GraphModule, training: bool) -> None:
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
-
-    (move_exported_model_to_train if training else move_exported_model_to_eval)(student)
-
-
 class _ObserversPaused:
     """Evaluate without letting observers see the evaluation images."""
 
@@ -191,14 +205,6 @@ class _ObserversPaused:
             fq.observer_enabled[0] = was
 
 
-def calibrate(student: torch.fx.GraphModule, calibration: LoadedImages, batch_size: int, device: torch.device) -> None:
-    """PTQ calibration of the student's observers: QAT starts from the ranges PTQ would ship."""
-    set_batchnorm_training(student, False)
-    with torch.no_grad():
-        for batch in calibration.batches(batch_size):
-            student(model_input(batch).to(device))
-
-
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       qat: Qat) -> torch.Tensor:
     kd = qat.distillation
@@ -213,40 +219,87 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss
 
 
-def _set_learning_rates(optimizer: torch.optim.Optimizer, qat: Qat, step: int, total: int) -> None:
-    """The schedule as a pure function of the step, so a resumed run continues it exactly."""
-    import math
+def learning_rate_factor(qat: Qat, step: int, total: int) -> float:
+    """The schedule as a pure function of the step, so a resumed run continues it exactly: a linear warm-up over
+    `warmup_steps` (step 0 already moves, at 1/warmup of the rate), then constant or cosine decay to 0 at `total`."""
+    if step < qat.warmup_steps:
+        return (step + 1) / qat.warmup_steps
+    if qat.lr_schedule == "constant":
+        return 1.0
+    progress = (step - qat.warmup_steps) / max(total - qat.warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
-    factor = 1.0 if qat.lr_schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-    for group, base in zip(optimizer.param_groups, (qat.lr, qat.range_lr)):
-        group["lr"] = base * factor
+
+def _set_learning_rates(optimizer: torch.optim.Optimizer, qat: Qat, step: int, total: int) -> None:
+    """Every group at its base rate (`base_lr`, set by `_optimizer`; else lr, then range_lr) times the schedule."""
+    factor = learning_rate_factor(qat, step, total)
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = group.get("base_lr", qat.lr if i == 0 else qat.range_lr) * factor
 
 
 def _optimizer(student: nn.Module, qat: Qat) -> torch.optim.Optimizer:
-    ranges = [p for n, p in student.named_parameters() if n.endswith((".scale", ".zero_point"))]
-    ids = {id(p) for p in ranges}
+    """Weights at `lr`; activation ranges (LSQ scales, zero points) at `range_lr`, without weight decay.
+
+    With `range_lr_relative` each scale gets its own group at range_lr x its PTQ value: Adam moves a parameter by
+    about its learning rate a step whatever the gradient's size, so one absolute rate leaves a hybrid's residual
+    ranges (scales near 100) where PTQ put them while it moves a 0.001 scale by 10% a step."""
+    ranges = [(n, p) for n, p in student.named_parameters() if n.endswith((".scale", ".zero_point"))]
+    ids = {id(p) for _, p in ranges}
     weights = [p for p in student.parameters() if id(p) not in ids]
-    groups = [{"params": weights}, {"params": ranges, "lr": qat.range_lr, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [{"params": weights, "base_lr": qat.lr}]
+    if qat.range_lr_relative:
+        groups += [{"params": [p], "base_lr": qat.range_lr * float(p.detach().abs().max().clamp(min=1e-8))}
+                   for n, p in ranges if n.endswith(".scale")]
+        zero_points = [p for n, p in ranges if n.endswith(".zero_point")]
+        if zero_points:
+            groups.append({"params": zero_points, "base_lr": qat.range_lr})
+    else:
+        groups.append({"params": [p for _, p in ranges], "base_lr": qat.range_lr})
+    for group in groups:
+        group["lr"] = group["base_lr"]
+        if group is not groups[0]:
+            group["weight_decay"] = 0.0
     if qat.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=qat.lr, momentum=0.9, weight_decay=qat.weight_decay)
     return torch.optim.AdamW(groups, lr=qat.lr, weight_decay=qat.weight_decay)
 
 
-def agreement(student: torch.fx.GraphModule, x: np.ndarray, reference: np.ndarray, labels: Optional[np.ndarray],
-              device: torch.device, batch_size: int = 128) -> dict[str, float]:
-    """Top-1 agreement of the fake-quantized student with float (and top-1 if labelled), BN frozen."""
-    was_training = getattr(student, "_exported_training", False)  # torchao's flag for exported models
-    set_batchnorm_training(student, False)
+def student_logits(student: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """The fake-quantized student's logits (observers paused: evaluation images never move a range). Batches of
+    64 as `QuantizedModel.simulate`: a conv's float sums depend on the batch size, and one ulp can move an
+    activation to the next int8 step, so epoch 0 equals the PTQ simulation bit for bit only in the same batches."""
     with torch.no_grad(), _ObserversPaused(student):
-        logits = np.concatenate([student(model_input(x[i:i + batch_size]).to(device)).float().cpu().numpy()
-                                 for i in range(0, len(x), batch_size)])
-    if was_training:
-        set_batchnorm_training(student, True)
-    f = compare(logits, reference, labels)
-    out = {"images": int(f.images), "top1_agreement": float(f.top1_agreement), "sqnr_db": float(f.sqnr_db)}
-    if f.top1 is not None:  # plain floats: checkpoints must load with weights_only=True
-        out |= {"top1": float(f.top1), "float_top1": float(f.reference_top1)}
-    return out
+        return np.concatenate([student(model_input(x[i:i + batch_size]).to(device)).float().cpu().numpy()
+                               for i in range(0, len(x), batch_size)])
+
+
+def score(logits: np.ndarray, selection: Selection) -> tuple[dict[str, Any], np.ndarray]:
+    """Top-1 agreement with float (and top-1 when labelled) with 95% Wilson intervals, and the per-image
+    agreement the paired comparisons between epochs need. Plain floats: checkpoints load with weights_only."""
+    agree = logits.argmax(1) == selection.float_logits.argmax(1)
+    f = compare(logits, selection.float_logits, selection.labels)
+    n = len(agree)
+    out: dict[str, Any] = {"images": n, "top1_agreement": float(f.top1_agreement),
+                           "top1_agreement_ci95": _rounded(wilson_interval(int(agree.sum()), n)),
+                           "sqnr_db": float(f.sqnr_db)}
+    if selection.labels is not None and f.top1 is not None:
+        correct = int((logits.argmax(1) == selection.labels).sum())
+        out |= {"top1": float(f.top1), "top1_ci95": _rounded(wilson_interval(correct, n)),
+                "float_top1": float(f.reference_top1)}
+    return out, agree
+
+
+def paired_change(new: np.ndarray, old: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """Agreement of `new` minus that of `old` on the same images, and its paired 95% interval (Newcombe).
+
+    This interval is "the noise" of every keep-or-not decision here: a difference whose interval holds 0 is noise."""
+    both, new_only, old_only, neither = paired_counts(np.asarray(new, bool), np.asarray(old, bool))
+    n = max(len(new), 1)
+    return (new_only - old_only) / n, paired_difference_interval(both, new_only, old_only, neither)
+
+
+def _rounded(interval: tuple[float, float]) -> list[float]:
+    return [round(float(interval[0]), 5), round(float(interval[1]), 5)]
 
 
 @dataclass
@@ -255,19 +308,25 @@ class _State:
     epoch: int = 0
     batch_in_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Per-image agreement with float on the selection images: epoch 0's, the last scored state's, and the best
+    # state so far (its weights too: it may be the one that ships).
+    start_agree: Optional[torch.Tensor] = None
+    last_agree: Optional[torch.Tensor] = None
+    best: Optional[dict[str, Any]] = None  # {"epoch", "step", "agreement", "agree", "state"}
 
 
 def save_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer, state: _State,
                     model_name: str, recipe: Recipe, fallback: Optional[dict[str, Any]] = None) -> None:
     """Tensors and plain Python values only, so resuming can load it with weights_only=True.
 
-    A recipe fallback's choice is saved too: a resumed run removes the same quantizers rather than choosing again.
+    A recipe fallback's choice is saved too: a resumed run applies the same sites rather than choosing again.
     """
     payload = {
         "format": CHECKPOINT_FORMAT, "model": model_name, "recipe": recipe.name,
         "student": student.state_dict(), "optimizer": optimizer.state_dict(),
         "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "history": state.history,
         "fallback": fallback,
+        "selection": {"start_agree": state.start_agree, "last_agree": state.last_agree, "best": state.best},
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -286,12 +345,16 @@ def read_checkpoint(path: Path, model_name: str) -> dict[str, Any]:
     except TORCH_LOAD_ERRORS as exc:  # torch's own text advises weights_only=False: never pass that on
         raise UserError(f"--resume: '{path}' is not a QAT checkpoint written by mnv4-deploy qat "
                         f"({type(exc).__name__}); give OUT/qat/last.pt of an earlier run") from None
+    if isinstance(payload, dict) and payload.get("format") == "mnv4-deploy-qat/1":
+        raise UserError(f"--resume: '{path}' was written by an older mnv4-deploy qat, whose student is not the "
+                        f"PTQ model this one trains: start a new run")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--resume: '{path}' is not a QAT checkpoint written by mnv4-deploy qat")
     if payload["model"] != model_name:
         raise UserError(f"--resume: '{path}' was trained from {payload['model']}, not {model_name}: "
                         f"give the same --model/--weights as the run that wrote it")
     return payload
+
 
 
 def restore_checkpoint(payload: dict[str, Any], path: Path, student: nn.Module,
@@ -302,7 +365,9 @@ def restore_checkpoint(payload: dict[str, Any], path: Path, student: nn.Module,
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"--resume: '{path}' does not match this model/recipe "
                         f"({str(exc).splitlines()[0][:160]}): resume with the recipe that wrote it") from None
-    return _State(payload["step"], payload["epoch"], payload["batch_in_epoch"], list(payload["history"]))
+    sel = payload.get("selection") or {}
+    return _State(payload["step"], payload["epoch"], payload["batch_in_epoch"], list(payload["history"]),
+                  sel.get("start_agree"), sel.get("last_agree"), sel.get("best"))
 
 
 @dataclass
@@ -314,13 +379,16 @@ class _TrainingRun:
     teacher: nn.Module
     optimizer: torch.optim.Optimizer
     state: _State
-    fallback: Optional[dict[str, Any]]
-    algorithms: dict[str, Any]
+    ptq: QuantizedModel  # the start: the recipe's PTQ model (its quantizer, calibration record, fallback)
     dataset: TrainImages
     epochs: int
     steps_per_epoch: int
     total: int  # steps this invocation runs up to (--max-steps), <= epochs * steps_per_epoch
     started: float
+
+    @property
+    def fallback(self) -> Optional[dict[str, Any]]:
+        return self.ptq.calibration.get("fallback")
 
 
 def train(
@@ -331,44 +399,50 @@ def train(
     calibration: LoadedImages,
     recipe: Recipe,
     options: QatOptions,
-    evaluation: Optional[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = None,
+    selection: Optional[Selection] = None,
     dist: Optional[Distributed] = None,
 ) -> QuantizedModel:
-    """Fine-tune the fake-quantized model against the float teacher; return it ready to export.
+    """Fine-tune the PTQ model against the float teacher; return the epoch that ships, ready to export.
 
-    `evaluation` = (images, float logits, labels) scored after every epoch (on the main process).
+    `selection`: held-back images scored at epoch 0 and after every epoch (on the main process); they choose the
+    shipped epoch. Without them the last state ships.
     """
     dist = dist or Distributed()
-    _check_labels(train_images, recipe)
+    _check_recipe(train_images, recipe)
     torch.manual_seed(recipe.qat.seed)
     run = _start_run(teacher, model_name, train_images, preprocessing, calibration, recipe, options, dist)
     ckpt = Path(options.checkpoint_dir) / "last.pt"
+    if selection is not None and dist.main and run.state.step == 0 and run.state.start_agree is None:
+        _score_start(run, selection, dist)
     while run.state.step < run.total and run.state.epoch < run.epochs:
         running = _train_epoch(run, recipe, options, dist, ckpt, model_name)
-        _end_epoch(run, running, evaluation, recipe, dist, ckpt, model_name)
+        _end_epoch(run, running, selection, recipe, dist, ckpt, model_name)
+    shipped = _ship(run, options, dist) if dist.main else {}
     student = _finish(run.student, dist)
-    return QuantizedModel(student, recipe, _qat_info(run, train_images, calibration, recipe, dist, ckpt),
-                          build_quantizer(recipe.quantization, "fixed"))
+    return QuantizedModel(student, recipe, _qat_info(run, train_images, calibration, recipe, dist, ckpt, shipped,
+                                                     selection), run.ptq.quantizer)
 
 
-def _check_labels(train_images: ImageSet, recipe: Recipe) -> None:
-    """A label cross-entropy term needs labelled images: say so before any model is built."""
+def _check_recipe(train_images: ImageSet, recipe: Recipe) -> None:
+    """Refuse, before any model is built, what this recipe cannot do with these images."""
     if recipe.qat.distillation.alpha < 1.0 and not train_images.labelled:
         raise UserError(f"recipe {recipe.name}: qat.distillation.alpha < 1 mixes in label cross-entropy, but "
                         f"{train_images.source} has no class sub-folders: set alpha: 1.0 or give an ImageFolder")
+    if recipe.qat.freeze_bn_after > 0:
+        raise UserError(f"recipe {recipe.name}: qat.freeze_bn_after > 0 asks to train BatchNorm statistics, but QAT "
+                        f"starts from the PTQ model, whose BatchNorms are folded into the convs (as every target "
+                        f"deploys them): set freeze_bn_after: 0")
 
 
 def _start_run(teacher: nn.Module, model_name: str, train_images: ImageSet, preprocessing: Preprocessing,
                calibration: LoadedImages, recipe: Recipe, options: QatOptions, dist: Distributed) -> _TrainingRun:
-    """Calibrated student (fallback applied), frozen teacher, optimizer, and the state to start or resume from."""
+    """The PTQ start as a trainable student, frozen teacher, optimizer, and the state to start or resume from."""
     started = time.perf_counter()
     device = dist.device
     saved = read_checkpoint(options.resume, model_name) if options.resume is not None else None  # fail fast
-    start_model, algorithms = _start_model(teacher, calibration, recipe, dist)
-    student = build_student(start_model, recipe, torch.from_numpy(calibration.x[:2])).to(device)
+    ptq = _ptq_start(teacher, calibration, recipe, saved, dist)
+    student = student_from_ptq(ptq.prepared, recipe.qat.range_learning).to(device)
     teacher = _frozen(teacher, device)
-    calibrate(student, calibration, recipe.quantization.calibration.batch_size, device)
-    student, fallback = _recipe_fallback(student, start_model, calibration, recipe.quantization, saved, dist)
     make_ranges_trainable(student, recipe.qat.range_learning)
     optimizer = _optimizer(student, recipe.qat)
     state = _resume(saved, options, student, optimizer, dist)
@@ -379,23 +453,40 @@ def _start_run(teacher: nn.Module, model_name: str, train_images: ImageSet, prep
     dataset = TrainImages(train_images, preprocessing)
     epochs = options.epochs if options.epochs is not None else recipe.qat.epochs
     steps_per_epoch, total = _step_budget(len(dataset), recipe.qat, epochs, options, dist, train_images.source)
-    return _TrainingRun(student, model, teacher, optimizer, state, fallback, algorithms, dataset, epochs, steps_per_epoch,
-                total, started)
+    return _TrainingRun(student, model, teacher, optimizer, state, ptq, dataset, epochs, steps_per_epoch, total, started)
 
 
-def _start_model(teacher: nn.Module, calibration: LoadedImages, recipe: Recipe,
-                 dist: Distributed) -> tuple[nn.Module, dict[str, Any]]:
-    """The float model QAT starts from: the recipe's equalization applies (a float-model rewrite); the other
-    PTQ steps (AdaRound, bias correction, range learning) edit a calibrated graph that QAT trains anyway."""
-    from .ptq import transform_float_model
+def _ptq_start(teacher: nn.Module, calibration: LoadedImages, recipe: Recipe, saved: Optional[dict[str, Any]],
+               dist: Distributed) -> QuantizedModel:
+    """The PTQ model the recipe's quantization section makes, exactly as `convert` makes it.
 
+    A resumed run applies the checkpoint's fallback sites rather than choosing them again (the choice is the last
+    PTQ step, and the checkpoint's state_dict has exactly the quantizers it left)."""
     q = recipe.quantization
-    start_model, algorithms = transform_float_model(teacher, calibration.x, q)
-    skipped = [name for name, on in (("adaround", q.adaround.enabled), ("bias_correction", q.bias_correction.enabled),
-                                     ("range_learning", q.range_learning.steps > 0)) if on]
-    if skipped:
-        _log(dist, f"note: qat ignores the recipe's PTQ-only steps: {', '.join(skipped)} (training replaces them)")
-    return start_model, algorithms
+    fallback = saved.get("fallback") if saved else None
+    if fallback is not None:
+        recipe = dataclasses.replace(recipe, quantization=dataclasses.replace(
+            q, fallback=dataclasses.replace(q.fallback, max_layers=0)))
+    _log(dist, f"qat: starting from the PTQ model of recipe '{recipe.name}' ({_ptq_steps(recipe)})")
+    ptq = quantize(teacher, calibration, recipe)
+    if fallback is not None:
+        apply = widen_sites if fallback.get("precision") == "int16" else remove_sites
+        ptq.prepared = apply(ptq.prepared, fallback["sites"])
+        ptq.calibration["fallback"] = fallback
+    elif ptq.calibration.get("fallback"):
+        _log(dist, fallback_line(ptq.calibration["fallback"]))
+    return ptq
+
+
+def _ptq_steps(recipe: Recipe) -> str:
+    q = recipe.quantization
+    steps = [f"{q.activations.observer} ranges"]
+    if q.equalization.method != "none":
+        steps.insert(0, f"{q.equalization.method} equalization")
+    steps += [name for name, on in (("AdaRound", q.adaround.enabled), ("range learning", q.range_learning.steps > 0),
+                                    ("bias correction", q.bias_correction.enabled),
+                                    ("fallback", q.fallback.max_layers > 0)) if on]
+    return ", ".join(steps)
 
 
 def _frozen(teacher: nn.Module, device: torch.device) -> nn.Module:
@@ -404,20 +495,6 @@ def _frozen(teacher: nn.Module, device: torch.device) -> nn.Module:
         p.requires_grad_(False)
     return teacher
 
-
-def _recipe_fallback(student: torch.fx.GraphModule, start_model: nn.Module, calibration: LoadedImages,
-                     q: Quantization, saved: Optional[dict[str, Any]],
-                     dist: Distributed) -> tuple[torch.fx.GraphModule, Optional[dict[str, Any]]]:
-    """The recipe's fallback, chosen on the calibrated student; a resumed run removes the checkpoint's sites
-    rather than choosing again (its state_dict has no quantizers there)."""
-    if q.fallback.max_layers <= 0:
-        return student, None
-    fallback = saved.get("fallback") if saved else None
-    if fallback is not None:
-        return remove_sites(student, fallback["sites"]).to(dist.device), fallback
-    student, fallback = _float_fallback(student, start_model, calibration, q)
-    _log(dist, fallback_line(fallback))
-    return student, fallback
 
 
 def _resume(saved: Optional[dict[str, Any]], options: QatOptions, student: nn.Module,
@@ -443,6 +520,7 @@ def _step_budget(images: int, qat: Qat, epochs: int, options: QatOptions, dist: 
     return steps_per_epoch, total
 
 
+
 def _epoch_loader(dataset: TrainImages, state: _State, steps_per_epoch: int, qat: Qat,
                   dist: Distributed) -> torch.utils.data.DataLoader:
     """The rest of this epoch's batches for this process (from `batch_in_epoch` on, after a resume)."""
@@ -463,6 +541,7 @@ def _worker_context(workers: int) -> Optional[Any]:
 
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
 
 
 def _train_epoch(run: _TrainingRun, recipe: Recipe, options: QatOptions, dist: Distributed, ckpt: Path,
@@ -493,6 +572,7 @@ def _train_step(run: _TrainingRun, qat: Qat, x: torch.Tensor, labels: torch.Tens
     _set_learning_rates(run.optimizer, qat, state.step, run.epochs * run.steps_per_epoch)  # not --max-steps
     x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     labels = torch.where(ok.to(device), labels, torch.full_like(labels, -1))
+    x = x.contiguous(memory_format=torch.channels_last)  # as data.model_input: the fastest layout on CPU
     with torch.no_grad():
         target = run.teacher(x)
     loss = distillation_loss(run.model(x), target, labels, qat)
@@ -506,17 +586,53 @@ def _train_step(run: _TrainingRun, qat: Qat, x: torch.Tensor, labels: torch.Tens
     return loss.item()
 
 
-def _end_epoch(run: _TrainingRun, running: Optional[float],
-               evaluation: Optional[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]], recipe: Recipe,
+def _score_start(run: _TrainingRun, selection: Selection, dist: Distributed) -> None:
+    """Epoch 0: the PTQ model itself, scored like every epoch after it; the first candidate to ship."""
+    scores, agree = score(student_logits(run.student, selection.x, dist.device), selection)
+    record = {"epoch": 0, "step": run.state.step, "seconds": round(time.perf_counter() - run.started, 1),
+              "eval": scores}
+    run.state.history.append(record)
+    run.state.start_agree = run.state.last_agree = torch.from_numpy(agree)
+    run.state.best = _candidate(run, 0, scores, agree)
+    _log(dist, _epoch_line(record, run.epochs))
+
+
+def _candidate(run: _TrainingRun, epoch: int, scores: dict[str, Any], agree: np.ndarray) -> dict[str, Any]:
+    """A state that may ship: its scores, per-image agreement and a CPU copy of its weights and ranges."""
+    return {"epoch": epoch, "step": run.state.step, "agreement": scores["top1_agreement"],
+            "agree": torch.from_numpy(agree), "state": _cpu_state(run.student)}
+
+
+def _cpu_state(student: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the state_dict that keeps its `_metadata`: without the versions in it, torchao's observers
+    take a loaded state for a version-1 one and reset their `eps` (the loaded model then rounds differently)."""
+    from collections import OrderedDict
+
+    state = student.state_dict()
+    out = OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
+    out._metadata = copy.deepcopy(getattr(state, "_metadata", OrderedDict()))  # type: ignore[attr-defined]
+    return out
+
+
+def _end_epoch(run: _TrainingRun, running: Optional[float], selection: Optional[Selection], recipe: Recipe,
                dist: Distributed, ckpt: Path, model_name: str) -> None:
-    """Record the epoch (or the part of it this run did), evaluate and checkpoint on the main process."""
+    """Record the epoch (or the part of it this run did), score it and checkpoint on the main process."""
     state = run.state
     epoch_done = state.batch_in_epoch >= run.steps_per_epoch
     record: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step, "loss": float(running or 0.0),
                               "seconds": round(time.perf_counter() - run.started, 1)}
-    if dist.main and evaluation is not None:
-        x_eval, ref, labels_eval = evaluation
-        record |= {"eval": agreement(run.student, x_eval, ref, labels_eval, dist.device)}
+    if not epoch_done:
+        record["partial"] = True
+    if dist.main and selection is not None:
+        scores, agree = score(student_logits(run.student, selection.x, dist.device), selection)
+        if state.start_agree is not None:
+            change, ci = paired_change(agree, state.start_agree.numpy())
+            scores["agreement_change_vs_epoch0"] = round(change, 5)
+            scores["agreement_change_vs_epoch0_ci95"] = _rounded(ci)
+        record["eval"] = scores
+        state.last_agree = torch.from_numpy(agree)
+        if state.best is None or scores["top1_agreement"] > state.best["agreement"]:  # a tie keeps the earlier one
+            state.best = _candidate(run, record["epoch"], scores, agree)
     if epoch_done:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.history.append(record)
@@ -525,76 +641,77 @@ def _end_epoch(run: _TrainingRun, running: Optional[float],
         _log(dist, _epoch_line(record, run.epochs))
 
 
+def _ship(run: _TrainingRun, options: QatOptions, dist: Distributed) -> dict[str, Any]:
+    """Which state ships: the last, unless an earlier one agrees with float more often on the selection images
+    beyond the noise (the paired 95% interval of the difference excludes 0); then that one, unless `keep_last`.
+    Loads the shipped state into the student and logs one line saying which and why."""
+    state, best = run.state, run.state.best
+    last_epoch = state.history[-1]["epoch"] if state.history else 0
+    if best is None or state.last_agree is None:
+        return {"epoch": last_epoch, "reason": "the last state (no held-back images to choose on)"}
+    if best["step"] == state.step:
+        shipped = {"epoch": last_epoch, "reason": "the last state, which is also the best on the held-back images"}
+        _log(dist, f"shipping epoch {last_epoch}: {shipped['reason']}")
+        return shipped
+    change, ci = paired_change(best["agree"].numpy(), state.last_agree.numpy())
+    last_agreement = float(state.last_agree.float().mean())
+    compared = (f"epoch {best['epoch']} agrees with float on {100 * best['agreement']:.2f}% of "
+                f"{len(best['agree'])} held-back images, the last (epoch {last_epoch}) on {100 * last_agreement:.2f}%: "
+                f"{100 * change:+.2f} pt, 95% interval [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]")
+    record = {"best_epoch": best["epoch"], "agreement_change": round(change, 5), "agreement_change_ci95": _rounded(ci)}
+    if ci[0] <= 0:
+        shipped = {"epoch": last_epoch, "reason": f"the last state: {compared}, within noise"} | record
+        _log(dist, f"shipping epoch {last_epoch} (the last): {compared}, within noise")
+        return shipped
+    if options.keep_last:
+        logger.warning(f"note: shipping the last epoch ({last_epoch}) as --keep-last asks, although {compared}")
+        return {"epoch": last_epoch, "reason": f"--keep-last, although {compared}"} | record
+    run.student.load_state_dict(best["state"])
+    what = "the PTQ model (epoch 0)" if best["epoch"] == 0 else f"epoch {best['epoch']}"
+    logger.warning(f"note: shipping {what}, not the last epoch: {compared} (--keep-last ships the last)")
+    return {"epoch": best["epoch"], "reason": f"better than the last beyond noise: {compared}"} | record
+
+
 def _finish(student: torch.fx.GraphModule, dist: Distributed) -> torch.fx.GraphModule:
-    """The trained student on the CPU, BN and observers frozen, ready for convert_pt2e and every exporter."""
+    """The shipped student on the CPU, observers frozen, ready for convert_pt2e and every exporter."""
     if dist.enabled:
         import torch.distributed as tdist
 
         tdist.barrier()
     student = student.cpu()
-    set_batchnorm_training(student, False)
     set_observers(student, False)
-    _drop_batchnorm_counters(student)
     return student
 
 
 def _qat_info(run: _TrainingRun, train_images: ImageSet, calibration: LoadedImages, recipe: Recipe, dist: Distributed,
-              ckpt: Path) -> dict[str, Any]:
+              ckpt: Path, shipped: dict[str, Any], selection: Optional[Selection]) -> dict[str, Any]:
     """The manifest's `quantization` section for a QAT model."""
     q = recipe.quantization
+    ptq = run.ptq.calibration
     return {
         "method": "qat",
-        "source": f"{train_images.source} ({len(run.dataset)} train images), ranges initialised on "
-                  f"{len(calibration)} calibration images",
+        "source": f"{train_images.source} ({len(run.dataset)} train images), started from the PTQ model "
+                  f"calibrated on {len(calibration)} calibration images",
         "images": len(run.dataset),
         "weights": f"int{q.weights.bits} {q.weights.granularity} symmetric",
-        "activations": f"int{q.activations.bits} per_tensor affine, {q.activations.observer} observer init"
+        "activations": f"int{q.activations.bits} per_tensor affine, {q.activations.observer} observer start"
                        + (", learned ranges (LSQ)" if recipe.qat.range_learning else ""),
-        **({"algorithms": run.algorithms} if run.algorithms else {}),
+        "start": {"method": "ptq", "seconds": ptq.get("seconds")},
+        **({"algorithms": ptq["algorithms"]} if ptq.get("algorithms") else {}),
         **({"fallback": run.fallback} if run.fallback else {}),
         "qat": {"epochs": run.epochs, "steps": run.state.step, "processes": dist.world_size,
-                "device": str(dist.device), "history": run.state.history, "checkpoint": str(ckpt)},
+                "device": str(dist.device), "selection": selection.source if selection is not None else None,
+                "history": run.state.history, "shipped": shipped, "checkpoint": str(ckpt)},
         "seconds": round(time.perf_counter() - run.started, 2),
     }
 
 
-def _float_fallback(student: torch.fx.GraphModule, float_model: nn.Module, calibration: LoadedImages,
-                    q: Quantization) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
-    """The recipe's fallback, chosen on the calibrated student exactly as PTQ chooses it; QAT keeps the sites
-    float (an int16 fake-quantizer would need its own learned range), so `precision: int16` trains as float."""
-    from ..verify.fidelity import torch_logits
-
-    x = calibration.x[:q.fallback.images]
-    device = next(student.parameters()).device
-    chosen = choose_fallback(student, x, torch_logits(copy.deepcopy(float_model).cpu(), x),
-                             q.fallback.target_agreement, q.fallback.max_layers)
-    info = fallback_record(chosen, q.fallback.target_agreement, len(x), "float",
-                           "float (QAT trains the fallback sites float)")
-    return remove_sites(student, chosen["float_sites"]).to(device), info
-
-
-def _drop_batchnorm_counters(student: torch.fx.GraphModule) -> None:
-    """Remove the `num_batches_tracked += 1` updates a train-mode export leaves behind.
-
-    Frozen BatchNorm never reads them, but a graph that mutates buffers is a stateful model to converters
-    (coremltools then demands iOS18 `State` inputs).
-    """
-    for node in list(student.graph.nodes):
-        if (node.op == "call_function" and node.target == torch.ops.aten.add_.Tensor and not node.users
-                and getattr(node.args[0], "op", None) == "get_attr"
-                and str(node.args[0].target).endswith("num_batches_tracked")):
-            student.graph.erase_node(node)
-    student.graph.eliminate_dead_code()
-    student.recompile()
-
-
 def _apply_phase(student: torch.fx.GraphModule, qat: Qat, step: int) -> None:
-    """Switch BN and observers at the recipe's step boundaries (also right after a resume)."""
-    phase = (step < qat.freeze_bn_after, step < qat.freeze_observers_after)
+    """Switch observers off at the recipe's step boundary (also right after a resume)."""
+    phase = step < qat.freeze_observers_after
     if getattr(student, "_mnv4_phase", None) == phase:
         return
-    set_batchnorm_training(student, phase[0])
-    set_observers(student, phase[1])
+    set_observers(student, phase)
     student._mnv4_phase = phase  # type: ignore[attr-defined]
 
 
@@ -608,6 +725,7 @@ def _epoch_plan(n: int, seed: int, epoch: int, flip: bool) -> list[tuple[int, bo
     return list(zip(order, flips))
 
 
+
 def _bar(loader: Any, dist: Distributed, options: QatOptions, desc: str, total: int, done: int) -> Any:
     if not (options.progress and dist.main):
         return loader
@@ -616,14 +734,23 @@ def _bar(loader: Any, dist: Distributed, options: QatOptions, desc: str, total: 
     return tqdm(loader, desc=desc, total=total, initial=done, unit="step", file=console.stderr(), leave=False)
 
 
+
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    line = f"epoch {record['epoch']}/{epochs}: step {record['step']}, loss {record['loss']:.4g}"
+    head = (f"epoch 0/{epochs} (the PTQ start)" if record["epoch"] == 0 else
+            f"epoch {record['epoch']}/{epochs}{' (partial)' if record.get('partial') else ''}: step {record['step']}, "
+            f"loss {record['loss']:.4g}")
     if "eval" in record:
         ev = record["eval"]
-        line += f", val agreement with float {100 * ev['top1_agreement']:.2f}% ({ev['images']} images)"
+        lo, hi = ev["top1_agreement_ci95"]
+        head += (f", held-back agreement with float {100 * ev['top1_agreement']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+                 f" ({ev['images']} images")
+        if "agreement_change_vs_epoch0" in ev:
+            clo, chi = ev["agreement_change_vs_epoch0_ci95"]
+            head += f"; {100 * ev['agreement_change_vs_epoch0']:+.2f} pt vs epoch 0 [{100 * clo:+.2f}, {100 * chi:+.2f}]"
+        head += ")"
         if "top1" in ev:
-            line += f", top-1 {100 * ev['top1']:.2f}% (float {100 * ev['float_top1']:.2f}%)"
-    return line + f", {record['seconds']:.0f} s"
+            head += f", top-1 {100 * ev['top1']:.2f}% (float {100 * ev['float_top1']:.2f}%)"
+    return head + f", {record['seconds']:.0f} s"
 
 
 def _log(dist: Distributed, msg: str) -> None:
@@ -636,3 +763,32 @@ def without(images: ImageSet, held_back: ImageSet) -> ImageSet:
     """The train images minus the ones the pipeline holds back for verification."""
     held = set(held_back.paths)
     return images.subset([i for i, p in enumerate(images.paths) if p not in held])
+
+
+def split_train(images: ImageSet, verification: Optional[ImageSet], calibration: Optional[ImageSet], qat: Qat,
+                loaded: Any, workers: int = 0) -> tuple[ImageSet, Optional[Selection]]:
+    """(the images to train on, the selection images held back from them, with float logits).
+
+    Selection images are `qat.eval_images` train images (seeded) that are neither verification images nor
+    calibration images (PTQ fitted its ranges and biases on those, so epoch 0 would look better there); at most a
+    quarter of them, so that most images still train. The verification images are not trained on either."""
+    from ..load.images import load_images
+    from ..verify.fidelity import torch_logits
+
+    held = set(verification.paths) if verification is not None else set()
+    calibrated = set(calibration.paths) if calibration is not None else set()
+    candidates = images.subset([i for i, p in enumerate(images.paths) if p not in held and p not in calibrated])
+    n = min(qat.eval_images, len(candidates) // 4)
+    if n < qat.eval_images:
+        logger.info(f"note: {images.source}: {n} of qat.eval_images {qat.eval_images} held back to choose the "
+                    f"shipped epoch (a quarter of {len(candidates)} images)")
+    if n <= 0:
+        return without(images, verification) if verification is not None else images, None
+    chosen = candidates.sample(n, qat.seed)
+    held |= set(chosen.paths)
+    train = images.subset([i for i, p in enumerate(images.paths) if p not in held])
+    loaded_images = load_images(chosen, loaded.preprocessing, workers, "selection images")
+    selection = Selection(loaded_images.x, torch_logits(loaded.model, loaded_images.x), loaded_images.labels,
+                          f"{images.source} ({len(loaded_images)} train images held back from training, "
+                          f"not calibration or verification images)")
+    return train, selection
