@@ -112,3 +112,19 @@ def test_user_error_does_not_replay(capfd: pytest.CaptureFixture[str]) -> None:
         os.write(2, b"converter: noise\n")
         raise UserError("a user mistake")
     assert "noise" not in capfd.readouterr().err
+
+
+def test_an_interrupted_converter_is_not_reported_as_failed(caplog):
+    """Ctrl-C or SIGTERM inside a converter: its captured output goes to -v, with no 'failed' error line."""
+    from mnv4_deploy.infra.converter_output import captured
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(KeyboardInterrupt), captured("torch.onnx.export"):
+        print("[torch.onnx] Run decompositions...")
+        raise KeyboardInterrupt
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("interrupted; its output was" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG), pytest.raises(RuntimeError), captured("torch.onnx.export"):
+        print("[torch.onnx] Run decompositions...")
+        raise RuntimeError("boom")
+    assert any(r.levelno == logging.ERROR and "failed; its output was" in r.getMessage() for r in caplog.records)

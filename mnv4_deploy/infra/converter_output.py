@@ -64,11 +64,14 @@ def captured(what: str, env: Optional[Mapping[str, str]] = None) -> Iterator[io.
             finally:
                 for w in caught:
                     buffer.write(f"{w.category.__name__}: {w.message}\n")
-    except BaseException:
+    except BaseException as exc:
         root.handlers = saved_handlers
         text = buffer.getvalue().strip()
         if text:
-            logger.error("%s failed; its output was:\n%s", what, text)
+            # Ctrl-C or SIGTERM (a KeyboardInterrupt here) is not a converter failure: its output goes to -v only.
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            logger.log(logging.DEBUG if interrupted else logging.ERROR, "%s %s; its output was:\n%s", what,
+                       "interrupted" if interrupted else "failed", text)
         raise
     root.handlers = saved_handlers
     text = buffer.getvalue().strip()
