@@ -186,6 +186,7 @@ def test_reference_set_gives_identical_quantization(reference_checkpoint: Path, 
     assert len(params[0]) > 50 and params[0] == params[1]
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_manifest_names_the_set_and_flat_imagenet_val_is_scored(tiny_imagenet: Path, tmp_path: Path):
     pytest.importorskip("onnxruntime", reason="pip install 'mnv4-deploy[onnx]'")
     from .test_data import fake_imagenet_val

@@ -45,6 +45,7 @@ def test_int8_reference_checkpoint_keeps_accuracy(tmp_path: Path, reference_chec
     assert m["verification"]["held_back"]["vs_pytorch_simulation"]["top1_agreement"] >= 0.90
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_onnxruntime_baseline_method(tmp_path: Path, image_folder: Path):
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "ort-baseline.yaml"
     [r] = convert(ConvertSettings(out=tmp_path, targets="onnx", precision="int8", calib=image_folder,
@@ -111,6 +112,7 @@ def test_nan_in_the_artifact_fails_convert_with_one_line(tmp_path: Path, image_f
     assert (tmp_path / "onnx" / "model.onnx").is_file() and not (tmp_path / "onnx" / "manifest.failed.json").exists()
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_onnxruntime_defaults_fail_the_gate_on_the_reference(tmp_path: Path, reference_checkpoint: Path,
                                                              tiny_imagenet: Path, capsys) -> None:
     """onnxruntime's quantize_static defaults keep ~1% agreement with float on the reference: refused."""

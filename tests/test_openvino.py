@@ -114,6 +114,7 @@ def test_int8_pt2e_on_reference(reference, tmp_path: Path):
     assert abs(vs_float.top1 - vs_float.reference_top1) < 0.06, vs_float
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_int8_nncf_on_reference_keeps_ignored_layer_in_float(reference, tmp_path: Path):
     loaded, cal, val, float_logits, _ = reference
     keep = "blocks.1.0.conv"  # a PyTorch module path: its convolution stays in float

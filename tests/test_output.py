@@ -54,10 +54,14 @@ def _installed_targets() -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("command", ["convert", "report"])
+@pytest.mark.parametrize("command", ["convert", "report",
+                                     pytest.param("convert-every-target", marks=pytest.mark.slow)])
 def test_default_output_is_only_this_programs_lines(tmp_path: Path, command: str) -> None:
-    """Every installed converter runs (their import-time and conversion-time chatter included)."""
-    targets = ",".join(t for t in _installed_targets() if t != "qnn")  # qnn: its emulator takes minutes
+    """The README's commands' converters (coreml, onnx) by default; under -m slow every installed converter
+    (their import-time and conversion-time chatter included)."""
+    every = [t for t in _installed_targets() if t != "qnn"]  # qnn: its emulator takes minutes
+    targets = ",".join(every if command == "convert-every-target" else [t for t in every if t in ("onnx", "coreml")])
+    command = command.split("-")[0]
     if command == "convert":
         args = ["convert", *TINY, "--to", targets, "--int8", "--latency-runs", "2", "--out", str(tmp_path / "o")]
     else:

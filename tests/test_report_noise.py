@@ -253,6 +253,7 @@ def _comparable(cell: dict[str, Any]) -> dict[str, Any]:
     return cell
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_two_shards_merged_equal_one_unsharded_run(zoo_runs: dict[str, Any]):
     root = zoo_runs["root"]
     assert zoo_runs["codes"] == {"all": 0, "s1": 0, "s2": 0, "merged": 0}

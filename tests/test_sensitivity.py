@@ -117,6 +117,7 @@ def test_int16_fallback_widens_the_chosen_sites(calibrated):
     assert cosine.mean() > 0.99 and cosine.min() > 0.97
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_int16_fallback_deploys_per_target(tmp_path, image_folder):
     """ONNX carries the int16 sites as int16 QDQ (opset 21); OpenVINO gets them float; both match their simulation."""
     pytest.importorskip("onnxruntime")

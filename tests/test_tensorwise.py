@@ -194,6 +194,7 @@ def test_onnx_dropped_quantizer_is_reported(small, tmp_path):
 
 
 # ----------------------------------------------------------------------------- TFLite
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_tflite_faithful_and_requantized_layer(small, tmp_path):
     pytest.importorskip("ai_edge_litert")
     pytest.importorskip("litert_torch")

@@ -68,6 +68,7 @@ def test_fp32_structure_and_input_spec(small, tmp_path):
     assert spec["quantization"] is None and not spec["normalization"]["inside_model"]
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_fp16_weights(small, tmp_path):
     """float16 weights (half the size), dequantized at load: same answers as float."""
     loaded, images, reference = small
@@ -78,6 +79,7 @@ def test_fp16_weights(small, tmp_path):
     assert fid.cosine > 0.999 and fid.top1_agreement == 1.0, fid
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_nhwc_baked_normalization_float(small, tmp_path):
     loaded, images, reference = small
     opts = TfliteOptions(layout="nhwc", bake_normalization=True)
@@ -96,6 +98,7 @@ def test_nhwc_baked_normalization_float(small, tmp_path):
     assert fid.cosine > 0.9999 and fid.top1_agreement == 1.0, fid
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_int8_nhwc_baked_uint8_is_full_integer(small, tmp_path):
     """EdgeTPU-style: uint8 raw pixels in NHWC, uint8 logits out, no float op anywhere."""
     from mnv4_deploy.quantization.pt2e import quantize
@@ -118,6 +121,7 @@ def test_int8_nhwc_baked_uint8_is_full_integer(small, tmp_path):
     assert fid.cosine > 0.95, fid
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_full_integer_refuses_float_ops(small, tmp_path):
     """An artifact asked to be full-integer that still computes in float is refused, naming the ops."""
     loaded, _, _ = small
