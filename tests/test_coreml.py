@@ -66,7 +66,7 @@ def _assert_float(structure: dict[str, Any]) -> None:
     assert structure["float_conv_weights"] == structure["operators"]["conv"]  # the detector _assert_w8a8 relies on
 
 
-@pytest.mark.parametrize("conversion", ["export", "trace"])
+@pytest.mark.parametrize("conversion", ["export", pytest.param("trace", marks=pytest.mark.slow)])
 def test_conv_small_fp16_and_w8a8(tmp_path: Path, conversion: str) -> None:
     fp16 = _convert(tmp_path / "fp16", "mobilenetv4_conv_small", "fp16", conversion=conversion)
     _assert_float(fp16["structure"])

@@ -73,6 +73,7 @@ def test_options_from_recipe_and_mistakes():
         "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32"}
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_fp32_and_fp16_ir_structure(small, tmp_path: Path):
     """The IR's files, runtime precisions and fp16 weight compression (numbers: test_target_conformance.py)."""
     x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)

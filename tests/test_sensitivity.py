@@ -175,6 +175,7 @@ def test_full_integer_tflite_refuses_a_fallback(calibrated, tmp_path):
     assert not (tmp_path / "model.tflite").exists()
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_inspect_sensitivity_with_a_budget(tmp_path, capsys):
     """The CLI prints the table and, for a budget, the activations a fallback needs; JSON carries both."""
     import json

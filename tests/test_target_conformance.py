@@ -298,6 +298,7 @@ def test_recipe_section_and_defaults(name: str) -> None:
     assert target.name == name and target.precisions and target.artifact_name and target.extra
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_a_target_can_bring_its_own_quantizer(tmp_path: Path, image_folder: Path, recipe_file: Path) -> None:
     """`Target.build_quantizer`: a target with its own quantizer gets its own calibrated model; the others share."""
     from tests.torchexport_target import OwnQuantizerTarget

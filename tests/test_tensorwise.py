@@ -155,6 +155,7 @@ def test_a_runtime_tensor_with_the_quantizers_name_is_paired_by_name():
 
 
 # ----------------------------------------------------------------------------- ONNX
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_onnx_faithful_export_matches_layer_by_layer(small):
     target, request, path, x = _artifact(small, "onnx")
     result = tensorwise.check(target, path, request, x)

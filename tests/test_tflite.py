@@ -54,6 +54,7 @@ def small():
     return loaded, images, torch_logits(loaded.model, images.x)
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_fp32_structure_and_input_spec(small, tmp_path):
     """Ops, MACs and the input an app feeds (numbers vs PyTorch: test_target_conformance.py)."""
     loaded, images, reference = small
@@ -145,6 +146,7 @@ def test_recipe_validates_tflite_options():
         check_recipe_targets(parse_recipe("targets:\n  tflite:\n    io_dtype: int4\n"))
 
 
+@pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_int8_reference_checkpoint_full_integer(reference_checkpoint, tiny_imagenet, tmp_path):
     """The whole pipeline on the trained checkpoint: full-integer int8 agrees with float on real val images."""
     from mnv4_deploy.pipeline import ConvertSettings, convert
