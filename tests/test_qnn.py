@@ -217,27 +217,10 @@ def test_w8a16_boundaries_get_converts(tmp_path: Path) -> None:
     """An int16 fallback site between 8-bit tensors: the units on both sides mix 8 and 16 bits, which HTP
     refuses for a conv with per-channel weights; after QNN's convention (DQ -> Q converts at the boundary) the model is placed whole and computes
     the same values on the CPU."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from .test_pass_qnn_boundary_converts import w8a16_boundary_model
 
     qnn_or_skip()
-    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s8"), numpy_helper.from_array(np.array(128, np.uint8), "z8"),
-             numpy_helper.from_array(np.array(2e-4, np.float32), "s16"),
-             numpy_helper.from_array(np.array(32768, np.uint16), "z16")]
-    q = lambda x, s, z, y: [helper.make_node("QuantizeLinear", [x, s, z], [y + "q"], name=y + "_q"),  # noqa: E731
-                            helper.make_node("DequantizeLinear", [y + "q", s, z], [y], name=y + "_dq")]
-    w = np.random.default_rng(1).integers(-127, 128, size=(4, 4, 1, 1)).astype(np.int8)
-    inits += [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(4, 0.01, np.float32), "sw"),
-              numpy_helper.from_array(np.zeros(4, np.int8), "zw")]
-    nodes = (q("input", "s8", "z8", "a") + [
-        helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], name="w_dq", axis=0),
-        helper.make_node("Conv", ["a", "wd"], ["b0"], name="conv")]
-             + q("b0", "s16", "z16", "b") + [helper.make_node("Sigmoid", ["b"], ["c0"], name="sig2")]
-             + q("c0", "s8", "z8", "logits"))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
-    path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    path = w8a16_boundary_model(tmp_path / "m.onnx")
     x = np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)
     before = _cpu(path, x)
     refused = tmp_path / "refused"
