@@ -1,30 +1,38 @@
 """int8 vs float speed where users run: each model at its timm default (native) input size, batch 1.
 
 For every model x runtime (onnxruntime CPU, LiteRT/XNNPACK, OpenVINO CPU) x thread count, the fp32 and int8
-artifacts built by `mnv4-deploy convert` are loaded in their runtime and timed in alternating blocks (float,
-int8, int8, float, ...) in one process, so machine noise hits both; the table quotes medians, p90 and the
-int8/float ratio of medians. Beside each row: how many convolutions/matmuls the runtime executes in int8
-(manifest `structure.int8_compute`, read from the runtime's own executed graph) and the conversion time.
+artifacts built by `mnv4-deploy convert` are loaded in their runtime and timed in alternating blocks in one
+process (mnv4_deploy/verify/speed.py, the same code as the report's speed table), so machine noise hits all
+alike. int8 is quoted against two floats:
+
+  strict    int8 / fp32 with the float layers in f32 (how verification runs them)
+  default   int8 / the float the runtime runs when the user sets nothing (OpenVINO: bf16 on CPUs with bf16
+            support, read from the plugin); both sides under the runtime's default settings
+
+Beside ours, the runtimes' own tools time the same artifacts (`--tools`): OpenVINO's `benchmark_app` (default
+precision and `-infer_precision f32`) and LiteRT's `litert-benchmark` (its CompiledModel API). Those runs are
+sequential, not interleaved: a cross-check of ours, not the ratio of record (this VM's speed drifts by up to
+2x between runs a minute apart).
+Also: how many convolutions/matmuls the runtime executes in int8 (from its executed graph) and conversion time.
 
 Weights: the reference conv_small checkpoint where ../shared has it (trained at 64x64; run at 224 here, which
 only matters for accuracy, not speed), random weights otherwise. Calibration: the scikit-image photos.
 
   .venv/bin/python bench/bench_speed.py                                   # conv_small, conv_medium, hybrid_medium
-  .venv/bin/python bench/bench_speed.py --models mobilenetv4_conv_small --threads 2 --blocks 10
+  .venv/bin/python bench/bench_speed.py --models mobilenetv4_hybrid_medium --threads 2 --tools
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import statistics
+import re
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO.parent / "shared" / "models" / "mnv4_conv_small_tin202.pth"
@@ -62,44 +70,47 @@ def build(model: str, targets: list[str], out: Path, recipe: Path) -> dict[str, 
     return built
 
 
-def _runner(result: Any, threads: int) -> tuple[Any, np.ndarray]:
-    """The artifact loaded in its runtime with `threads` intra-op threads, and one input image."""
+def _request(result: Any, threads: int) -> tuple[Path, Any]:
+    """(artifact path, ExportRequest) that loads the artifact in its runtime with `threads` intra-op threads."""
     from mnv4_deploy.config.recipes import load_recipe
     from mnv4_deploy.load.models import load_model
-    from mnv4_deploy.targets import ExportRequest, get_target, options_for
+    from mnv4_deploy.targets import ExportRequest, options_for
 
-    m = result.manifest
-    target = get_target(result.target)
-    loaded = load_model(m["model"]["name"], "random", m["model"]["num_classes"],
-                        {"input_size": m["input"]["shape"][2:] if m["input"]["layout"] == "NCHW"
-                         else m["input"]["shape"][1:3], "crop_pct": 1.0})
+    loaded = load_model(result.manifest["model"]["name"], "random", result.manifest["model"]["num_classes"],
+                        {"input_size": _size(result.manifest), "crop_pct": 1.0})
     options = dataclasses.replace(options_for(load_recipe(None), result.target), threads=threads)
-    runner = target.load(result.path, ExportRequest(loaded, result.precision, options))
-    x = np.random.default_rng(0).standard_normal((1, 3, *loaded.preprocessing.input_size)).astype(np.float32)
-    return runner, x
+    return result.path, ExportRequest(loaded, result.precision, options)
 
 
-def interleaved(runners: dict[str, tuple[Any, np.ndarray]], blocks: int, per_block: int) -> dict[str, list[float]]:
-    """Milliseconds per call, fp32 and int8 alternating in blocks (ABBA order) after a warm-up."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for fn, x in runners.values():
-        for _ in range(10):
-            fn(x)
-    for b in range(blocks):
-        order = list(runners) if b % 2 == 0 else list(reversed(runners))
-        for key in order:
-            fn, x = runners[key]
-            for _ in range(per_block):
-                t0 = time.perf_counter()
-                fn(x)
-                times[key].append((time.perf_counter() - t0) * 1000.0)
-    return times
+def _size(manifest: dict[str, Any]) -> list[int]:
+    shape = manifest["input"]["shape"]
+    return shape[2:] if manifest["input"]["layout"] == "NCHW" else shape[1:3]
 
 
-def _stats(ms: list[float]) -> dict[str, float]:
-    ms = sorted(ms)
-    return {"median_ms": round(statistics.median(ms), 4), "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 4),
-            "runs": len(ms)}
+def _median(text: str, pattern: str) -> float | None:
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else None
+
+
+def tool_timings(target: str, pair: dict[str, Any], threads: int, size: list[int], seconds: int = 10) -> dict[str, Any]:
+    """The runtime's own benchmark tool on the same fp32 and int8 artifacts (median ms), one after the other."""
+    venv_bin = Path(sys.executable).parent
+    out: dict[str, Any] = {}
+    for precision, result in pair.items():
+        if target == "openvino":
+            base = [str(venv_bin / "benchmark_app"), "-m", str(Path(result.path) / "model.xml"), "-d", "CPU",
+                    "-hint", "none", "-nstreams", "1", "-nireq", "1", "-nthreads", str(threads), "-t", str(seconds),
+                    "-data_shape", f"[1,3,{size[0]},{size[1]}]"]
+            for label, extra in (("default precision", []), ("f32", ["-infer_precision", "f32"])):
+                run = subprocess.run(base + extra, capture_output=True, text=True)
+                out[f"benchmark_app {precision} ({label})"] = _median(run.stdout + run.stderr, r"Median:\s+([\d.]+) ms")
+        elif target == "tflite":
+            run = subprocess.run([str(venv_bin / "litert-benchmark"), "--model", str(result.path), "--num_threads",
+                                  str(threads), "--num_runs", "200", "--warmup_runs", "20"], capture_output=True, text=True)
+            text = run.stdout + run.stderr
+            out[f"litert-benchmark {precision}"] = (_median(text, r"[Mm]edian[^\d\n]*([\d.]+)")
+                                                    or _median(text, r"[Aa]verage[^\d\n]*([\d.]+)"))
+    return out
 
 
 def main() -> int:
@@ -108,10 +119,13 @@ def main() -> int:
                                                     "mobilenetv4_hybrid_medium"])
     ap.add_argument("--targets", nargs="+", default=["onnx", "tflite", "openvino"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--blocks", type=int, default=10, help="alternating blocks per precision")
-    ap.add_argument("--per-block", type=int, default=20, help="timed calls per block")
+    ap.add_argument("--runs", type=int, default=200, help="timed calls per variant (interleaved in blocks)")
+    ap.add_argument("--tools", action="store_true", help="also time with benchmark_app / litert-benchmark")
     ap.add_argument("--json-out", type=Path, default=REPO / "bench" / "results" / "speed.json")
     args = ap.parse_args()
+
+    from mnv4_deploy.targets import get_target
+    from mnv4_deploy.verify.speed import compare_int8_speed
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,31 +140,45 @@ def main() -> int:
                     log(f"  {target}: not built")
                     continue
                 for threads in args.threads:
-                    runners = {p: _runner(r, threads) for p, r in pair.items()}
-                    times = interleaved(runners, args.blocks, args.per_block)
-                    fp32, int8 = _stats(times["fp32"]), _stats(times["int8"])
+                    timed = compare_int8_speed(get_target(target), _request(pair["fp32"], threads),
+                                               _request(pair["int8"], threads), runs=args.runs)
                     m = pair["int8"].manifest
-                    rows.append({
-                        "model": model, "input": m["input"]["shape"], "weights": m["model"]["weights"],
-                        "target": target, "threads": threads, "fp32": fp32, "int8": int8,
-                        "ratio_int8_over_fp32": round(int8["median_ms"] / fp32["median_ms"], 3),
-                        "int8_compute": m["structure"].get("int8_compute"),
-                        "gate_passed": m["verification"]["gate"]["passed"],
-                        "convert_seconds": {p: built[p]["seconds"] for p in built},
-                    })
-                    log(f"  {target} x{threads}: {fp32['median_ms']:.2f} -> {int8['median_ms']:.2f} ms")
-    print(f"{'model':28} {'input':>9} {'runtime':9} {'thr':>3} {'fp32 ms':>8} {'int8 ms':>8} {'ratio':>6} "
-          f"{'int8 compute':>13}")
-    for r in rows:
-        c = r["int8_compute"]
-        compute = f"{c['int8']}/{c['total']}" if c else "-"
-        size = "x".join(str(d) for d in (r["input"][2:] if r["input"][1] == 3 else r["input"][1:3]))
-        print(f"{r['model']:28} {size:>9} {r['target']:9} {r['threads']:>3} {r['fp32']['median_ms']:8.2f} "
-              f"{r['int8']['median_ms']:8.2f} {r['ratio_int8_over_fp32']:6.2f} {compute:>13}")
+                    row = {"model": model, "input": _size(m), "weights": m["model"]["weights"], "target": target,
+                           "threads": threads, **{k: timed[k] for k in ("strict_f32", "runtime_default", "how")},
+                           "int8_compute": m["structure"].get("int8_compute"),
+                           "gate_passed": m["verification"]["gate"]["passed"],
+                           "convert_seconds": {p: built[p]["seconds"] for p in built}}
+                    if args.tools and target in ("openvino", "tflite"):
+                        log(f"  {target} x{threads}: the runtime's own benchmark tool")
+                        row["runtime_tool"] = tool_timings(target, pair, threads, _size(m))
+                    rows.append(row)
+                    s, d = row["strict_f32"], row["runtime_default"]
+                    log(f"  {target} x{threads}: int8/fp32 {s['int8_over_float']:.2f}, "
+                        f"int8/default float ({d['float_is'].split()[0]}) {d['int8_over_float']:.2f}")
+    print_table(rows)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({"rows": rows, "blocks": args.blocks, "per_block": args.per_block}, indent=2))
+    args.json_out.write_text(json.dumps({"rows": rows, "runs": args.runs}, indent=2))
     log(f"wrote {args.json_out}")
     return 0
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'model':28} {'input':>9} {'runtime':9} {'thr':>3} {'fp32 ms':>8} {'int8 ms':>8} {'int8/fp32':>9} "
+          f"{'default':>7} {'float ms':>8} {'int8 ms':>8} {'int8/def':>8} {'int8 compute':>13}")
+    for r in rows:
+        c, s, d = r["int8_compute"], r["strict_f32"], r["runtime_default"]
+        compute = f"{c['int8']}/{c['total']}" if c else "-"
+        dflt = d.get("float", d.get("fp32"))
+        print(f"{r['model']:28} {'x'.join(map(str, r['input'])):>9} {r['target']:9} {r['threads']:>3} "
+              f"{s['fp32']['median_ms']:8.2f} {s['int8']['median_ms']:8.2f} {s['int8_over_float']:9.2f} "
+              f"{d['float_is'].split()[0]:>7} {dflt['median_ms']:8.2f} {d['int8']['median_ms']:8.2f} "
+              f"{d['int8_over_float']:8.2f} {compute:>13}")
+    tools = [r for r in rows if r.get("runtime_tool")]
+    if tools:
+        print("\nthe runtimes' own tools (median ms, sequential runs):")
+        for r in tools:
+            print(f"  {r['model']} {r['target']} x{r['threads']}: " +
+                  ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in r["runtime_tool"].items()))
 
 
 if __name__ == "__main__":

@@ -27,10 +27,9 @@ from .verify import tensorwise
 from .verify.artifact_gate import gate_record
 from .verify.fidelity import compare, run_batched, torch_logits
 from .verify.latency import measure_latency
-from .verify.manifest import NUMBERS_KINDS, artifact_facts, build_manifest, tool_versions
+from .verify.manifest import NUMBERS_KINDS, PRECISIONS, artifact_facts, build_manifest, tool_versions
 from .verify.predictions import evaluation_record
 
-PRECISIONS = ("fp32", "fp16", "int8")
 FAILED_MANIFEST = "manifest.failed.json"  # beside the artifact path when the verification gate refused it
 logger = logging.getLogger(__name__)
 

@@ -171,3 +171,28 @@ def test_nncf_accuracy_control_on_labelled_calibration(reference, tmp_path: Path
     unlabelled = dataclasses.replace(cal, labels=None)
     with pytest.raises(UserError, match="labelled calibration images"):
         _export(ExportRequest(loaded, "int8", opts, None, unlabelled), tmp_path / "x")
+
+
+def test_bf16_is_the_float_ir_computed_in_bf16(reference, tmp_path: Path):
+    """Precision bf16: the float IR as the CPU plugin runs it by default on bf16 CPUs, verified against float
+    with its own gate thresholds; the executed graph proves which layers ran in bf16."""
+    from mnv4_deploy.targets.openvino.target import host_default_precision
+
+    loaded, _, val, float_logits, _ = reference
+    target = get_target("openvino")
+    path, runner, desc = _export(ExportRequest(loaded, "bf16", OpenVinoOptions()), tmp_path)
+    assert "bf16" in desc["export"]["weights"] and desc["fake_quantize"] == 0
+    vs_float = compare(runner(val.x), float_logits, val.labels)
+    limits = load_recipe(None).verification.bf16
+    assert vs_float.cosine >= limits.min_cosine and vs_float.top1_agreement >= limits.min_agreement, vs_float
+    executed = desc["runtime"]["layers_per_precision"]
+    if host_default_precision() != "bf16":
+        pytest.skip(f"this CPU computes float in {host_default_precision()}: no bf16 to check")
+    per_type = desc["runtime"]["layers_per_type"]
+    compute = {t: per_type[t] for t in ("Convolution", "GroupConvolution", "FullyConnected") if t in per_type}
+    assert compute and all(set(c) == {"bf16"} for c in compute.values()), compute
+    assert executed.get("bf16", 0) > 0, executed
+    # the runtime's default float is bf16 here: it is what int8 is compared with, beside strict f32
+    assert target.default_float() == "bf16"
+    assert target.default_options(OpenVinoOptions()).compile_config().get("INFERENCE_PRECISION_HINT") is None
+    assert vs_float.sqnr_db < 80, vs_float  # bf16, not a silent f32 run (f32 gives > 100 dB)

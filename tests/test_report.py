@@ -384,8 +384,15 @@ def test_build_writes_three_outputs_with_manifest_numbers(built: dict[str, Any])
     assert {layer["kind"] for layer in sens} == {"weight", "activation"} and sens[0]["sqnr_db"] > 0
     assert [layer["sqnr_db"] for layer in sens] == sorted(layer["sqnr_db"] for layer in sens)
     assert section["sensitivity"]["recipe"] == "tiny-test"
+    # int8 against float timed interleaved: onnxruntime's default float is its strict f32
+    [speed] = section["speed"]
+    assert speed["target"] == "onnx" and speed["strict_f32"]["fp32"]["runs"] >= 3
+    assert speed["strict_f32"]["int8_over_float"] == round(
+        speed["strict_f32"]["int8"]["median_ms"] / speed["strict_f32"]["fp32"]["median_ms"], 3)
+    assert speed["runtime_default"]["float_is"].startswith("fp32")
     md = (out / "report.md").read_text()
     assert "| onnx | int8 | built |" in md and "| onnx | fp16 | skipped |" in md
+    assert "int8 / default float" in md
     check_html((out / "report.html").read_text(), pareto=False)
 
 

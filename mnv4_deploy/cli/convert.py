@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from ..errors import UserError
 from ..infra import console
 from ..infra.console import echo
+from ..verify.manifest import PRECISIONS
 from .common import (add_model_command, add_target_option_flags, add_verify_gate_flag, preprocessing_overrides,
                      target_option_values)
 
@@ -70,7 +71,8 @@ def add_convert_command(sub: Any) -> None:
     g = conv.add_argument_group("what to build")
     g.add_argument("--to", default="onnx", metavar="TARGETS", help=_TO_HELP)
     g.add_argument("--int8", action="store_true", help="int8 quantization (same as --precision int8)")
-    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="artifact precision (default fp32)")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="artifact precision (default fp32); bf16: OpenVINO computing in bfloat16")
     g.add_argument("--recipe", metavar="NAME|FILE", help="a shipped recipe name (e.g. ptq-int8) or a YAML file")
     g.add_argument("--out", type=Path, default=Path("build"), metavar="DIR", help="output folder (default: build/)")
     add_target_option_flags(conv)

@@ -53,8 +53,9 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="merge the shards' report.json files into one report (builds nothing); gates with --baseline")
     g.add_argument("--targets", default="all", metavar="TARGETS", help="a target, a comma list, or 'all' (default)")
-    g.add_argument("--precisions", default="fp32,fp16,int8", metavar="LIST",
-                   help="comma list of fp32, fp16, int8 (default: all three); unsupported pairs are skipped with a note")
+    g.add_argument("--precisions", default="fp32,fp16,bf16,int8", metavar="LIST",
+                   help="comma list of fp32, fp16, bf16, int8 (default: all four); a target without a precision "
+                        "(bf16: OpenVINO only) skips it with a note")
     g.add_argument("--recipe", metavar="NAME|FILE", help="a shipped recipe name (e.g. ptq-int8) or a YAML file")
     g.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: reports/run/ when building)")
     g.add_argument("--no-reuse", action="store_true", help="rebuild artifacts even when a matching manifest exists")

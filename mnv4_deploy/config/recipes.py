@@ -129,6 +129,8 @@ class Verification:
     gate: bool = True
     fp32: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.99, min_cosine=0.9999))
     fp16: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.95, min_cosine=0.999))
+    # bf16 keeps 8 bits of mantissa (fp16: 11): looser than fp16, still far tighter than int8.
+    bf16: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.95, min_cosine=0.998))
     int8: Thresholds = field(default_factory=lambda: Thresholds(min_agreement=0.5, min_cosine=0.9))
     # Artifacts built from the shared PT2E model against its PyTorch simulation (same quantization). Integer
     # kernels round differently from the float simulation by up to 1 LSB per layer, and a fragile model amplifies

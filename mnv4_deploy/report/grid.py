@@ -271,9 +271,10 @@ def build_report(zoo: ReportSettings | Sequence[ReportSettings],
         parse_precisions(",".join(rs.precisions))
         if out is not None:
             rs = dataclasses.replace(rs, base=dataclasses.replace(rs.base, out=root / rs.name))
-        cells += GridBuilder(rs, convert_fn, only=wanted, root=root).run()
+        built = GridBuilder(rs, convert_fn, only=wanted, root=root).run()
+        cells += built
         if next(c for c in full if c[0] == rs.name) in mine:  # this shard owns the model's section
-            sections.append(_model_section(rs))
+            sections.append(_model_section(rs, built, root))
     extra: dict[str, str] = {}
     for name in target_names():
         extra.update(get_target(name).tool_versions())
@@ -288,8 +289,10 @@ def build_report(zoo: ReportSettings | Sequence[ReportSettings],
     return new_report(sections, cells, tool_versions(extra), shard_info)
 
 
-def _model_section(rs: ReportSettings) -> dict[str, Any]:
-    """Provenance, roofline estimates (at the artifacts' input size) and sensitivity of one zoo model."""
+def _model_section(rs: ReportSettings, cells: Optional[list[dict[str, Any]]] = None,
+                   root: Optional[Path] = None) -> dict[str, Any]:
+    """Provenance, roofline estimates (at the artifacts' input size), sensitivity, and int8 against float timed
+    interleaved per runtime (for the targets whose fp32 and int8 cells `cells` holds) of one zoo model."""
     from ..load.models import load_model
     from ..preparation.prepare import prepare
 
@@ -319,7 +322,13 @@ def _model_section(rs: ReportSettings) -> dict[str, Any]:
         "precisions": rs.precisions, "calib": str(base.calib) if base.calib else None,
         "val": str(base.val) if base.val else None, "val_limit": base.val_limit, "latency_runs": base.latency_runs,
     }
-    return model_section(rs.name, model, settings, roof, sens)
+    speed = None
+    if cells and root is not None:
+        from ..config.recipes import load_recipe
+        from .speed_section import speed_rows
+
+        speed = speed_rows(cells, root, loaded, load_recipe(base.recipe), base.target_options, base.latency_runs)
+    return model_section(rs.name, model, settings, roof, sens, speed)
 
 
 def run_settings(rs: ReportSettings) -> dict[str, Any]:

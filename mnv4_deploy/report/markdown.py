@@ -7,6 +7,7 @@ from ..verify.manifest import NUMBERS_KINDS
 from .regression_gate import GateResult
 from .roofline import DEVICES
 from .schema import interval, section, value
+from .speed_section import SPEED_NOTE, speed_table
 
 
 def _pct(v: Optional[float], digits: int = 2) -> str:
@@ -189,9 +190,17 @@ def model_lines(report: dict[str, Any], sec: dict[str, Any], level: str = "###")
     lines = [f"{level} {sec['key']}" + (f" (`{model['name']}`)" if model.get("name") not in (None, sec["key"]) else ""),
              "", "; ".join(facts) + ".", ""]
     lines += cells_table(report, sec["key"])
+    lines += speed_lines(sec)
     lines += roofline_table(sec.get("roofline"))
     lines += sensitivity_lines(sec)
     return lines
+
+
+def speed_lines(sec: dict[str, Any]) -> list[str]:
+    """int8 against strict f32 and against the runtime's default float, timed interleaved (speed_section.py)."""
+    if not sec.get("speed"):
+        return []
+    return ["", SPEED_NOTE, ""] + _table(*speed_table(sec["speed"]))
 
 
 def model_keys(report: dict[str, Any]) -> list[str]:

@@ -10,6 +10,7 @@ from .markdown import GATE_HEADER, cells_rows, gate_lines, gate_row, model_keys
 from .regression_gate import GateResult
 from .roofline import DEVICES, OP_TYPES
 from .schema import interval, section, value
+from .speed_section import SPEED_NOTE, speed_table
 
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
@@ -104,6 +105,10 @@ def model_html(report: dict[str, Any], sec: dict[str, Any]) -> list[str]:
                              "and more accurate). The y-axis is never zoomed so far that the intervals fill it. "
                              "Only cells timed in the target's real runtime on this host are shown (not simulated, executed or emulated ones)."))
         parts.append(_figure(size_plot(report, key), "Artifact size on disk."))
+    if sec.get("speed"):
+        header, rows = speed_table(sec["speed"])
+        parts += ["<h3>int8 against the float each runtime runs (measured, interleaved)</h3>",
+                  f"<p>{escape(SPEED_NOTE)}</p>", _table(header, [[c.strip("*") for c in r] for r in rows])]
     roof = sec.get("roofline")
     parts.append('<h3 class="est">Estimated latency on the paper\'s hardware (not measured)</h3>')
     if roof:

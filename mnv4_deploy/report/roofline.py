@@ -13,7 +13,7 @@ bmm, SDPA) with its real operand shapes. These are the same layers and shapes to
 target's graph (BatchNorm is folded into the convolutions by every exporter, so it is not counted; element-wise
 ops such as activations, adds and pooling are memory traffic the paper's model also leaves out).
 Bytes = weights (+bias) + input activations + output activations at the artifact's precision
-(fp32: 4 bytes, fp16: 2, int8: 1 with int32 bias).
+(fp32: 4 bytes, fp16 and bf16: 2, int8: 1 with int32 bias).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ DEVICES: dict[str, tuple[str, float]] = {
 }
 
 # (weight, activation, bias) bytes per element.
-ELEMENT_BYTES: dict[str, tuple[int, int, int]] = {"fp32": (4, 4, 4), "fp16": (2, 2, 2), "int8": (1, 1, 4)}
+ELEMENT_BYTES: dict[str, tuple[int, int, int]] = {"fp32": (4, 4, 4), "fp16": (2, 2, 2), "bf16": (2, 2, 2), "int8": (1, 1, 4)}
 
 OP_TYPES = ("full conv", "pointwise conv", "depthwise conv", "fully connected", "attention matmul")
 

@@ -158,9 +158,12 @@ def cell_id(cell: dict[str, Any]) -> str:
 
 
 def model_section(key: str, model: dict[str, Any], settings: dict[str, Any], roofline: Optional[dict[str, Any]],
-                  sensitivity: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """One model of the zoo: what it is, how it was asked for, and its estimated (roofline) costs."""
-    return {"key": key, "model": model, "settings": settings, "roofline": roofline, "sensitivity": sensitivity}
+                  sensitivity: Optional[dict[str, Any]] = None,
+                  speed: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    """One model of the zoo: what it is, how it was asked for, its estimated (roofline) costs, and int8 against
+    float timed interleaved per runtime (report/speed_section.py)."""
+    return {"key": key, "model": model, "settings": settings, "roofline": roofline, "sensitivity": sensitivity,
+            "speed": speed}
 
 
 def new_report(models: list[dict[str, Any]], cells: list[dict[str, Any]], tools: dict[str, str],
@@ -253,8 +256,14 @@ ROOFLINE = Obj({"method": STR, "macs": Obj({"value": Num(0, 1e18)}),
                 "precisions": MapOf(PRECISION_COSTS, min_len=1)},
                {"input_size": Type(dict)}, _roofline_rule)
 SENSITIVITY = Obj({"method": STR, "layers": ListOf(Obj({"name": STR, "sqnr_db": NUMBER, "top1_agreement": Num(0, 1)}))})
+_TIMING = Obj({"median_ms": Num(0, 1e7), "p90_ms": Num(0, 1e7), "runs": COUNT}, {"computes_in": STR, "threads": ANY})
+SPEED_ROW = Obj({"target": STR, "strict_f32": Obj({"fp32": _TIMING, "int8": _TIMING, "int8_over_float": Num(0, 1e4)}),
+                 "runtime_default": Obj({"int8": _TIMING, "int8_over_float": Num(0, 1e4), "float_is": STR},
+                                        {"float": _TIMING, "fp32": _TIMING})},
+                {"batch": COUNT, "input_shape": ANY, "how": STR})
 MODEL_SECTION = Obj({"key": STR, "model": Type(dict), "settings": Type(dict)},
-                    {"roofline": Nullable(ROOFLINE), "sensitivity": Nullable(SENSITIVITY)})
+                    {"roofline": Nullable(ROOFLINE), "sensitivity": Nullable(SENSITIVITY),
+                     "speed": Nullable(ListOf(SPEED_ROW))})
 
 
 def _shard_rule(shard: dict[str, Any], path: str) -> None:

@@ -40,7 +40,7 @@ class ExportRequest:
     """Everything a target may need to write one artifact."""
 
     loaded: "LoadedModel"
-    precision: str  # 'fp32' | 'fp16' | 'int8'
+    precision: str  # 'fp32' | 'fp16' | 'bf16' | 'int8'
     options: Any  # the target's own Options dataclass, from the recipe
     quantized: Optional["QuantizedModel"] = None  # the PT2E int8 model (precision int8)
     calibration: Optional["LoadedImages"] = None  # for target-native quantizers (baselines)
@@ -145,6 +145,16 @@ class Target(ABC):
         """The integer arithmetic the runtime's int8 numbers are compared against: PyTorch's exact quantize/
         dequantize unless the runtime's own rounding is known and modelled (QNN's: targets/qnn/htp_semantics.py)."""
         return EXACT
+
+    def default_float(self) -> str:
+        """The precision (a key of `precisions`) the runtime computes a float model in on this host when the
+        user sets nothing: the float baseline int8 must beat. fp32 unless the runtime picks otherwise."""
+        return "fp32"
+
+    def default_options(self, options: Any) -> Any:
+        """`options` with the float precision the runtime picks by itself, where the recipe pins one for
+        verification (OpenVINO's f32 hint): how a user who sets nothing runs the artifact."""
+        return options
 
     def tool_versions(self) -> dict[str, str]:
         out = {}

@@ -12,7 +12,9 @@ from ..infra.fileio import read_json, sha256_of, size_of
 from ..infra.json_check import BOOL, COUNT, STR, Invalid, Nullable, Obj, OneOf, Spec, Type, check
 
 SCHEMA_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
+# bf16: a float artifact whose runtime computes in bfloat16 (OpenVINO CPU: the float it runs by default on CPUs
+# with bf16 support).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 # Where a runner's numbers come from. Manifests and reports carry the kind beside every number, and only
 # "measured" runners are timed: an executor's or an emulator's wall clock says nothing about the device.

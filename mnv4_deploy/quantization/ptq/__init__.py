@@ -30,15 +30,20 @@ if TYPE_CHECKING:  # annotations only: config.recipes imports this package's sec
 
 
 def transform_float_model(model: nn.Module, x: np.ndarray, q: Quantization) -> tuple[nn.Module, dict[str, Any]]:
-    """The float model the quantizer should see (equalized copy, or the model itself) and what was done."""
+    """The float model the quantizer should see (a copy with layer scales folded and channels equalized, or the
+    model itself) and what was done."""
+    from ...preparation.layer_scale import fold_layer_scales
+
+    model, folded = fold_layer_scales(model)
+    done: dict[str, Any] = {"layer_scale_folding": {"folded": folded}} if folded else {}
     if q.equalization.method == "none":
-        return model, {}
+        return model, done
     from .equalize import equalize
 
     with stage("equalization", f"equalizing ({q.equalization.method})"):
         start = time.perf_counter()
         out, info = equalize(model, q.equalization.method, x, q.equalization.alpha, q.equalization.iterations)
-    return out, {"equalization": info | {"seconds": round(time.perf_counter() - start, 2)}}
+    return out, done | {"equalization": info | {"seconds": round(time.perf_counter() - start, 2)}}
 
 
 def refine(prepared: fx.GraphModule, float_model: nn.Module, x: np.ndarray, q: Quantization) -> dict[str, Any]:

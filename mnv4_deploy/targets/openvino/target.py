@@ -9,12 +9,16 @@ int8 comes from one of two quantizers, chosen in the recipe (`targets: openvino:
 The artifact is a directory (`model/` holding model.xml and model.bin): the pipeline renames one path into place
 atomically, and an IR is two files that must never be split.
 
-The CPU plugin runs float layers in bf16 by default on CPUs that support it; the runner asks for f32 unless the
-recipe says otherwise (`inference_precision`), so verification measures the artifact rather than a bf16 rewrite.
+The CPU plugin runs float layers in bf16 by default on CPUs that support it. An fp32 or int8 artifact is verified
+with f32 (`inference_precision`), so verification judges the artifact rather than a bf16 rewrite; precision
+`bf16` is the float IR verified as the plugin runs it by default on such CPUs (its own gate thresholds), so
+reports can weigh int8 against the float users actually get. The hint is a compile setting, not part of the IR:
+the manifest records it (`runtime.inference_precision`).
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +95,7 @@ class OpenVinoTarget(Target):
     title = "OpenVINO"
     extra = "openvino"
     artifact_name = "model"  # a directory: model.xml + model.bin
-    precisions = ("fp32", "fp16", "int8")
+    precisions = ("fp32", "fp16", "bf16", "int8")
     requires = ("openvino", "nncf")
     Options = OpenVinoOptions
 
@@ -116,19 +120,27 @@ class OpenVinoTarget(Target):
                     model, nncf_info = nncf_quantize(model, request, opts)
                 info.update(nncf_info)
         compress = request.precision == "fp16"
-        info["weights"] = {"fp32": "f32", "fp16": "f16 (compressed; decompressed at load)", "int8": "int8"}[request.precision]
+        info["weights"] = {"fp32": "f32", "fp16": "f16 (compressed; decompressed at load)",
+                           "bf16": "f32 (the CPU plugin computes in bf16: INFERENCE_PRECISION_HINT bf16)",
+                           "int8": "int8"}[request.precision]
         path.mkdir(parents=True, exist_ok=True)
         ov.save_model(model, str(path / XML), compress_to_fp16=compress)
         return info
 
     def load(self, path: Path, request: ExportRequest) -> Runner:
-        return OpenVinoRunner(path, request.options)
+        return OpenVinoRunner(path, runtime_options(request))
 
     def deploys_simulated_model(self, request: ExportRequest) -> bool:
         return super().deploys_simulated_model(request) and request.options.method == "pt2e"
 
+    def default_float(self) -> str:
+        return host_default_precision()
+
+    def default_options(self, options: OpenVinoOptions) -> OpenVinoOptions:
+        return dataclasses.replace(options, inference_precision="auto")
+
     def quantized_tensors(self, path: Path, request: ExportRequest, x: np.ndarray) -> RuntimeTensors:
-        return runtime_quantized_tensors(Path(path), x, request.options)
+        return runtime_quantized_tensors(Path(path), x, runtime_options(request))
 
     def describe(self, path: Path, request: ExportRequest) -> dict[str, Any]:
         import openvino as ov
@@ -136,7 +148,7 @@ class OpenVinoTarget(Target):
         core = ov.Core()
         model = core.read_model(str(Path(path) / XML))
         ops = collections.Counter(op.get_type_name() for op in model.get_ops())
-        compiled = core.compile_model(model, "CPU", request.options.compile_config())
+        compiled = core.compile_model(model, "CPU", runtime_options(request).compile_config())
         return {
             "operators": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
             "fake_quantize": ops.get("FakeQuantize", 0),
@@ -145,6 +157,21 @@ class OpenVinoTarget(Target):
             "runtime": (runtime := runtime_precisions(compiled)),
             "int8_compute": int8_compute(runtime),
         }
+
+
+def runtime_options(request: ExportRequest) -> OpenVinoOptions:
+    """The recipe's options, with bf16 inference for a bf16 artifact (whatever `inference_precision` says)."""
+    if request.precision == "bf16":
+        return dataclasses.replace(request.options, inference_precision="bf16")
+    return request.options
+
+
+def host_default_precision() -> str:
+    """The precision the CPU plugin computes a float model in when not told (bf16 on CPUs with bf16 support)."""
+    import openvino as ov
+
+    hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # 'bf16', 'f16', 'f32'
+    return {"bf16": "bf16", "f16": "fp16"}.get(hint, "fp32")
 
 
 def decline_telemetry() -> None:
