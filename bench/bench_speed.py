@@ -6,8 +6,10 @@ process (mnv4_deploy/verify/speed.py, the same code as the report's speed table)
 alike. int8 is quoted against two floats:
 
   strict    int8 / fp32 with the float layers in f32 (how verification runs them)
-  default   int8 / the float the runtime runs when the user sets nothing (OpenVINO: bf16 on CPUs with bf16
-            support, read from the plugin); both sides under the runtime's default settings
+  default   int8 as shipped (its manifest's runtime settings) / the float the runtime runs when the user sets
+            nothing (OpenVINO: bf16 on CPUs with bf16 support, read from the plugin)
+  rt-def    int8 under the runtime's default settings / that float (OpenVINO: the int8 IR's float layers in
+            bf16), where those differ from the shipped settings
 
 Beside ours, the runtimes' own tools time the same artifacts (`--tools`): OpenVINO's `benchmark_app` (default
 precision and `-infer_precision f32`) and LiteRT's `litert-benchmark` (its CompiledModel API). Those runs are
@@ -144,7 +146,7 @@ def main() -> int:
                                                _request(pair["int8"], threads), runs=args.runs)
                     m = pair["int8"].manifest
                     row = {"model": model, "input": _size(m), "weights": m["model"]["weights"], "target": target,
-                           "threads": threads, **{k: timed[k] for k in ("strict_f32", "runtime_default", "how")},
+                           "threads": threads, **{k: v for k, v in timed.items() if k not in ("target", "batch")},
                            "int8_compute": m["structure"].get("int8_compute"),
                            "gate_passed": m["verification"]["gate"]["passed"],
                            "convert_seconds": {p: built[p]["seconds"] for p in built}}
@@ -164,15 +166,16 @@ def main() -> int:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'model':28} {'input':>9} {'runtime':9} {'thr':>3} {'fp32 ms':>8} {'int8 ms':>8} {'int8/fp32':>9} "
-          f"{'default':>7} {'float ms':>8} {'int8 ms':>8} {'int8/def':>8} {'int8 compute':>13}")
+          f"{'default':>7} {'float ms':>8} {'int8 ms':>8} {'int8/def':>8} {'rt-def':>6} {'int8 compute':>13}")
     for r in rows:
         c, s, d = r["int8_compute"], r["strict_f32"], r["runtime_default"]
         compute = f"{c['int8']}/{c['total']}" if c else "-"
         dflt = d.get("float", d.get("fp32"))
+        rt = f"{r['int8_runtime_defaults']['int8_over_float']:.2f}" if r.get("int8_runtime_defaults") else "same"
         print(f"{r['model']:28} {'x'.join(map(str, r['input'])):>9} {r['target']:9} {r['threads']:>3} "
               f"{s['fp32']['median_ms']:8.2f} {s['int8']['median_ms']:8.2f} {s['int8_over_float']:9.2f} "
               f"{d['float_is'].split()[0]:>7} {dflt['median_ms']:8.2f} {d['int8']['median_ms']:8.2f} "
-              f"{d['int8_over_float']:8.2f} {compute:>13}")
+              f"{d['int8_over_float']:8.2f} {rt:>6} {compute:>13}")
     tools = [r for r in rows if r.get("runtime_tool")]
     if tools:
         print("\nthe runtimes' own tools (median ms, sequential runs):")

@@ -196,3 +196,27 @@ def test_bf16_is_the_float_ir_computed_in_bf16(reference, tmp_path: Path):
     assert target.default_float() == "bf16"
     assert target.default_options(OpenVinoOptions()).compile_config().get("INFERENCE_PRECISION_HINT") is None
     assert vs_float.sqnr_db < 80, vs_float  # bf16, not a silent f32 run (f32 gives > 100 dB)
+
+
+def test_int8_is_timed_against_the_default_float_and_strict_f32(reference, tmp_path: Path):
+    """verify/speed.py on OpenVINO: int8 as shipped against strict f32 and against the plugin's own default
+    float (bf16 on bf16 CPUs), plus int8 under the plugin's defaults; the manifest says how int8 is meant to run."""
+    from mnv4_deploy.verify.speed import compare_int8_speed
+
+    loaded, cal, _, _, quantized = reference
+    target = get_target("openvino")
+    fp32 = ExportRequest(loaded, "fp32", OpenVinoOptions())
+    int8 = ExportRequest(loaded, "int8", OpenVinoOptions(), quantized, cal)
+    fp32_path, _, _ = _export(fp32, tmp_path / "fp32")
+    int8_path, _, desc = _export(int8, tmp_path / "int8")
+    assert desc["export"]["runtime_settings"]["compile_config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    row = compare_int8_speed(target, (fp32_path, fp32), (int8_path, int8), runs=6)
+    strict, default = row["strict_f32"], row["runtime_default"]
+    assert strict["fp32"]["runs"] >= 6 and strict["int8"]["computes_in"] == "fp32"
+    assert default["int8"] == strict["int8"]  # int8 as shipped, against the other float
+    assert default["float_is"].startswith(target.default_float())
+    if target.default_float() == "fp32":
+        assert "int8_runtime_defaults" not in row
+    else:
+        assert default["float"]["computes_in"] == target.default_float()
+        assert row["int8_runtime_defaults"]["int8_over_float"] > 0

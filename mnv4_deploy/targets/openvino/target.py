@@ -119,6 +119,11 @@ class OpenVinoTarget(Target):
                 with captured("nncf.quantize"):  # progress bars on stdout: keep it for the CLI's table or --json
                     model, nncf_info = nncf_quantize(model, request, opts)
                 info.update(nncf_info)
+        info["runtime_settings"] = {
+            "compile_config": runtime_options(request).compile_config(),
+            "why": "bf16: the precision verified; int8: the float layers left around attention run in f32 (in bf16 "
+                   "their layout changes make the int8 model slower than bf16 float on bf16 CPUs; bench_speed.py)"
+            if request.precision in ("bf16", "int8") else "f32: the precision verified"}
         compress = request.precision == "fp16"
         info["weights"] = {"fp32": "f32", "fp16": "f16 (compressed; decompressed at load)",
                            "bf16": "f32 (the CPU plugin computes in bf16: INFERENCE_PRECISION_HINT bf16)",
