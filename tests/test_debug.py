@@ -198,3 +198,25 @@ def test_cli_writes_table_json_and_html(built, tmp_path, capfd):
     parser.close()
     assert "script" not in parser.tags and not parser.external
     assert parser.tags.count("svg") >= 2 and text.count("<polyline") >= 2 and "runtime vs float" in text
+
+
+def test_rebuilt_model_from_the_cache_is_the_same_model(built):
+    """A second rebuild into the same folder loads the saved calibrated state: the same graph (node names, module
+    paths), the same int8 simulation bit for bit, the same calibration record."""
+    import torch
+
+    out, rb, x = built
+    assert list((out / "work" / "rebuilt").glob("*.pt"))
+    again = rebuild([out / "onnx"], out / "work")
+    q0, q1 = rb.artifacts[0].request.quantized, again.artifacts[0].request.quantized
+    assert q1 is not q0 and q1.calibration == q0.calibration
+    p0, p1 = q0.prepared.state_dict(), q1.prepared.state_dict()
+    assert p0.keys() == p1.keys() and [(k, p0[k], p1[k]) for k in p0 if not torch.equal(p0[k], p1[k])][:3] == []
+    g0, g1 = q0.converted(), q1.converted()
+    assert [n.name for n in g1.graph.nodes] == [n.name for n in g0.graph.nodes]
+    assert [(n.name, n.args[1:]) for n in g1.graph.nodes if "quantize_per_tensor" in str(n.target)] == \
+        [(n.name, n.args[1:]) for n in g0.graph.nodes if "quantize_per_tensor" in str(n.target)]
+    s0, s1 = g0.state_dict(), g1.state_dict()
+    assert s0.keys() == s1.keys() and [k for k in s0 if not torch.equal(s0[k], s1[k])] == []
+    np.testing.assert_array_equal(q1.simulate(x), q0.simulate(x))
+    assert L.FloatGraph(q1).modules == L.FloatGraph(q0).modules

@@ -79,20 +79,21 @@ def read_artifact(folder: Path) -> Artifact:
     return Artifact(folder, m, target, folder / m["artifact"]["file"], m["target"])
 
 
+def facts(a: Artifact) -> dict[str, Any]:
+    """What the convert's int8 model depends on, as its manifest records it."""
+    m = a.manifest
+    inp = m.get("input") or {}
+    recipe = {k: v for k, v in m["recipe"].items() if k not in ("source", "targets")}
+    return {"model": m["model"].get("name"), "weights": m["model"].get("weights_sha256") or m["model"].get("weights"),
+            "classes": m["model"].get("num_classes"), "recipe": recipe,
+            "calibration set": m["quantization"]["calibration_set"].get("digest"),
+            "normalization": inp.get("normalization"), "resize": inp.get("resize"),
+            "input size": _input_size(m)}
+
+
 def _same_convert(artifacts: Sequence[Artifact]) -> None:
     """Every artifact from one convert: same model, weights, recipe, calibration set and preprocessing."""
     first = artifacts[0]
-
-    def facts(a: Artifact) -> dict[str, Any]:
-        m = a.manifest
-        inp = m.get("input") or {}
-        recipe = {k: v for k, v in m["recipe"].items() if k not in ("source", "targets")}
-        return {"model": m["model"].get("name"), "weights": m["model"].get("weights_sha256") or m["model"].get("weights"),
-                "classes": m["model"].get("num_classes"), "recipe": recipe,
-                "calibration set": m["quantization"]["calibration_set"].get("digest"),
-                "normalization": inp.get("normalization"), "resize": inp.get("resize"),
-                "input size": _input_size(m)}
-
     ref = facts(first)
     for a in artifacts[1:]:
         got = facts(a)
@@ -186,7 +187,8 @@ def rebuild(folders: Sequence[Path], work: Path, calib: Optional[Path] = None, c
 
     import yaml
 
-    from ..pipeline import ConvertSettings, export_request, ptq_for, start_run
+    from ..pipeline import ConvertSettings, export_request, start_run
+    from .cache import cached_ptq
 
     if not folders:
         raise UserError("give at least one artifact folder (OUT/<target>)")
@@ -229,7 +231,7 @@ def rebuild(folders: Sequence[Path], work: Path, calib: Optional[Path] = None, c
                         "of the original images")
     checks.append(f"calibration set '{want.get('name')}' digest {want.get('digest', '')[:19]}")
     checks += _check_float_predictions(run, m)
-    quantized_for = ptq_for(run)
+    quantized_for = cached_ptq(run, work, facts(artifacts[0]))
     for a in artifacts:
         a.request = export_request(run, a.target, quantized_for(a.target))
         if not a.target.deploys_simulated_model(a.request):

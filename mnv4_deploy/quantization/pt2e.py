@@ -6,6 +6,7 @@ simulation each target's runtime output is compared against.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -278,6 +279,55 @@ def quantize(
         with stage("fallback", "choosing fallback sites"):
             prepared, info["fallback"] = _apply_fallback(prepared, model, calibration, q)
         info["seconds"] = round(time.perf_counter() - start, 2)
+    return QuantizedModel(prepared, recipe, info, quantizer)
+
+
+_SCALARS = (bool, int, float, str, torch.dtype)
+
+
+def saved_state(quantized: QuantizedModel) -> dict[str, Any]:
+    """What `restore` needs to give the same calibrated model again without calibrating: every parameter and
+    buffer of the calibrated graph (equalized weights, corrected biases, observer statistics), the observers'
+    plain attributes (an int16-widened range, a fitted KL threshold) and the calibration record."""
+    attrs = {name: {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, _SCALARS)}
+             for name, m in quantized.prepared.named_modules()}
+    state = quantized.prepared.state_dict()
+    # the per-module versions: without them observers load as version 1 and reset their eps
+    meta = {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()}
+    return {"state": {k: v.detach().clone() for k, v in state.items()}, "metadata": meta,
+            "attributes": attrs, "calibration": copy.deepcopy(quantized.calibration)}
+
+
+def restore(model: nn.Module, calibration: LoadedImages, recipe: Recipe, saved: dict[str, Any],
+            quantizer: Any = None) -> QuantizedModel:
+    """The calibrated model `saved_state` recorded, rebuilt in seconds: the same export and observer insertion
+    as `quantize` (the graph, its node names and module paths), the recorded fallback sites applied, then the
+    recorded state loaded (strict: any difference in structure raises)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from . import ptq
+    from .quantizer_sites import remove_sites, widen_sites
+
+    q = recipe.quantization
+    example = torch.from_numpy(calibration.x[:2])
+    float_model = ptq.float_model_structure(model, q)
+    quantizer = quantizer if quantizer is not None else build_quantizer(q)
+    with stage("insert_observers", "inserting observers (torch.export + prepare_pt2e)"):
+        prepared = prepare_pt2e(tag_adds(export_program(float_model, example).module()), quantizer)
+    info = copy.deepcopy(saved["calibration"])
+    fallback = info.get("fallback")
+    if fallback:
+        widen = fallback["precision"] == "int16"
+        prepared = widen_sites(prepared, fallback["sites"]) if widen else remove_sites(prepared, fallback["sites"])
+    modules = dict(prepared.named_modules())
+    if set(modules) != set(saved["attributes"]):
+        raise ValueError("the calibrated graph's modules differ from the recorded ones")
+    state = collections.OrderedDict(saved["state"])
+    state._metadata = collections.OrderedDict(saved["metadata"])  # type: ignore[attr-defined]
+    prepared.load_state_dict(state, strict=True)
+    for name, attrs in saved["attributes"].items():
+        for k, v in attrs.items():
+            setattr(modules[name], k, v)
     return QuantizedModel(prepared, recipe, info, quantizer)
 
 

@@ -46,6 +46,16 @@ def transform_float_model(model: nn.Module, x: np.ndarray, q: Quantization) -> t
     return out, done | {"equalization": info | {"seconds": round(time.perf_counter() - start, 2)}}
 
 
+def float_model_structure(model: nn.Module, q: Quantization) -> nn.Module:
+    """A model with the structure `transform_float_model` gives (BatchNorm folded where it equalizes), without
+    computing anything from images: what `pt2e.restore` exports before loading the calibrated state."""
+    if q.equalization.method == "none":
+        return model
+    from .equalize import fold_batchnorm
+
+    return fold_batchnorm(copy.deepcopy(model))
+
+
 def refine(prepared: fx.GraphModule, float_model: nn.Module, x: np.ndarray, q: Quantization) -> dict[str, Any]:
     """Run the enabled graph-level algorithms on the calibrated graph, in place; their reports by name."""
     info: dict[str, Any] = {}
@@ -80,4 +90,4 @@ def _timed(name: str, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return report | {"seconds": round(time.perf_counter() - start, 2)}
 
 
-__all__ = ["transform_float_model", "refine"]
+__all__ = ["transform_float_model", "float_model_structure", "refine"]
