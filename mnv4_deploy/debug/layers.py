@@ -212,11 +212,9 @@ def _sqnr(signal: float, noise: float) -> Optional[float]:
     return 99.0 if noise <= 0 else round(10 * math.log10(signal / noise), 2)
 
 
-def _lsb(reference: tensorwise.QTensor, values: np.ndarray, runtime: Optional[tensorwise.QTensor]) -> np.ndarray:
-    """|values - reference| in steps, as tensorwise counts them (each side's own scale on the same grid)."""
-    if runtime is not None and tensorwise._same_qparams(reference, runtime):
-        return np.abs(values / runtime.scale - reference.dequantized() / reference.scale)
-    return np.abs(values - reference.dequantized()) / reference.scale
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """sum(a * b) over all elements, in float64, without the product's temporary."""
+    return float(np.dot(a.reshape(-1), b.reshape(-1)))
 
 
 @dataclass
@@ -253,25 +251,27 @@ class ArtifactLayers:
                 a.reasons = [r for r in row["reasons"] if FRAC_REASON not in r]
                 a.allowed = p.layouts
             self.layouts[p.layout] += 1
-            lsb = _lsb(p.torch, p.aligned, p.runtime)
-            loc = _lsb(local[p.torch.name], p.aligned, p.runtime)
-            a.n += lsb.size
-            a.sum_lsb += float(lsb.sum())
-            a.max_lsb = max(a.max_lsb, float(lsb.max()))
-            a.over1 += int((lsb > 1.0 + 1e-6).sum())
-            a.differ += int((lsb > 0.5).sum())
-            a.local_sum += float(loc.sum())
-            a.local_max = max(a.local_max, float(loc.max()))
-            a.local_over1 += int((loc > 1.0 + 1e-6).sum())
-            f = floats[pos].astype(np.float64) if pos < len(floats) else None
+            # the LSB sums the check itself computed on this chunk (tensorwise.lsb_sums): one implementation
+            acc_sums, loc_sums = p.stats["accumulated"], p.stats["local"]
+            a.n += acc_sums["n"]
+            a.sum_lsb += acc_sums["sum"]
+            a.max_lsb = max(a.max_lsb, acc_sums["max"])
+            a.over1 += acc_sums["over1"]
+            a.differ += acc_sums["differ"]
+            a.local_sum += loc_sums["sum"]
+            a.local_max = max(a.local_max, loc_sums["max"])
+            a.local_over1 += loc_sums["over1"]
+            f = floats[pos] if pos < len(floats) else None
             if f is not None and f.shape == p.aligned.shape:
-                r = p.aligned.astype(np.float64)
-                sim = p.torch.dequantized()
-                a.ff += float((f * f).sum())
-                a.ee += float(((r - f) ** 2).sum())
-                a.rr += float((r * r).sum())
-                a.rf += float((r * f).sum())
-                a.sim_ee += float(((sim - f) ** 2).sum())
+                f = f.astype(np.float64)
+                r = np.asarray(p.aligned, np.float64)
+                e = r - f
+                a.ff += _dot(f, f)
+                a.ee += _dot(e, e)
+                a.rr += _dot(r, r)
+                a.rf += _dot(r, f)
+                np.subtract(p.torch.dequantized(), f, out=e)
+                a.sim_ee += _dot(e, e)
             aligned[pos] = p.aligned.astype(np.float32)
         for t in result["lost"]:
             pos = position_of.get(t.name)
@@ -458,10 +458,15 @@ def alone_sqnr(floats: list[np.ndarray], qparams: dict[int, tuple[float, int, in
             continue
         scale, zero, lo, hi = qparams[pos]
         f64 = f.astype(np.float64)
-        q = (np.clip(np.round(f64 / scale) + zero, lo, hi) - zero) * scale
+        q = np.round(f64 / scale)
+        q += zero
+        np.clip(q, lo, hi, out=q)
+        q -= zero
+        q *= scale
+        q -= f64
         s = sums.setdefault(pos, [0.0, 0.0])
-        s[0] += float((f64 * f64).sum())
-        s[1] += float(((q - f64) ** 2).sum())
+        s[0] += _dot(f64, f64)
+        s[1] += _dot(q, q)
 
 
 # ----------------------------------------------------------------------------- diagnosis
@@ -509,6 +514,6 @@ def diagnose_transposed(artifact: Any, x: np.ndarray, pos: int, threshold: float
         trial[by_order[j]] = np.ascontiguousarray(np.swapaxes(v, -1, -2))
         local = {t.name: t for t in tensorwise.torch_quantized(gm, x, trial)}[by_order[pos]]
         p = pairs[pos]
-        if tensorwise._lsb_stats(local, p.aligned, runtime=p.runtime)["frac_over_1lsb"] <= threshold:
+        if tensorwise._lsb_stats(local, p.aligned, p.runtime)["frac_over_1lsb"] <= threshold:
             return j
     return None

@@ -63,7 +63,12 @@ class QTensor:
         return int(np.prod(self.values.shape[1:]))
 
     def dequantized(self) -> np.ndarray:
-        return (self.values.astype(np.float64) - self.zero_point) * self.scale
+        """(values - zero point) * scale in float64, computed once (matching and every statistic read it;
+        callers must not change it in place)."""
+        d = self.__dict__.get("_dequantized")
+        if d is None:
+            d = self.__dict__["_dequantized"] = (self.values.astype(np.float64) - self.zero_point) * self.scale
+        return d
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Pair:
     runtime: QTensor
     aligned: np.ndarray  # runtime values dequantized, in the PyTorch tensor's shape
     how: str  # 'qparams' or 'values (re-quantized)'
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # `lsb_sums`: 'accumulated' and 'local' (compare)
     layout: str = "as is"  # how the runtime tensor was rearranged to PyTorch's shape (`_alignments`)
     layouts: tuple[str, ...] = ()  # every rearrangement the shapes allowed
 
@@ -111,9 +116,12 @@ def torch_quantized(gm: Any, x: np.ndarray, forced: Optional[dict[str, np.ndarra
     ops = torch.ops.quantized_decomposed
     dequantize = (ops.dequantize_per_tensor.default, ops.dequantize_per_tensor.tensor)
     found: list[QTensor] = []
+    constants = _constant_values(gm)
 
     class Capture(torch.fx.Interpreter):
         def run_node(self, n: Any) -> Any:
+            if n.name in constants:
+                return constants[n.name]
             out = super().run_node(n)
             if n.op == "call_function" and n.target in targets:
                 args, _ = self.fetch_args_kwargs_from_env(n)
@@ -125,9 +133,74 @@ def torch_quantized(gm: Any, x: np.ndarray, forced: Optional[dict[str, np.ndarra
                 out = torch.from_numpy(forced[n.args[0].name]).to(out.dtype)
             return out
 
+        def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+            fast = _FAST.get(target)
+            if fast is not None and not kwargs and isinstance(args[0], torch.Tensor) \
+                    and args[0].dtype == _FAST_INPUT[target] and all(isinstance(a, (int, float)) for a in args[1:5]):
+                return fast(*args)
+            return super().call_function(target, args, kwargs)
+
+    _fast_ops()
     with torch.no_grad():
         Capture(gm).run(model_input(x))
     return found
+
+
+_FAST: dict[Any, Any] = {}
+_FAST_INPUT: dict[Any, Any] = {}
+
+
+def _fast_ops() -> None:
+    """PyTorch's decomposed per-tensor quantize/dequantize (torch/ao/quantization/fx/_decomposed.py), the same
+    arithmetic in the same order with in-place steps: the same values, without four temporaries per tensor."""
+    import torch
+
+    if _FAST:
+        return
+    ops = torch.ops.quantized_decomposed
+
+    def quantize(x: Any, scale: float, zero: int, qmin: int, qmax: int, dtype: Any) -> Any:
+        return torch.round(x * (1.0 / scale)).add_(zero).clamp_(qmin, qmax).to(dtype)
+
+    def dequantize(x: Any, scale: float, zero: int, qmin: int, qmax: int, dtype: Any) -> Any:
+        return x.to(torch.float32).sub_(zero).mul_(scale)
+
+    _FAST_INPUT.update({ops.quantize_per_tensor.default: torch.float32, ops.dequantize_per_tensor.default: torch.int8})
+    _FAST.update({ops.quantize_per_tensor.default: quantize, ops.dequantize_per_tensor.default: dequantize})
+
+
+def _constant_values(gm: Any) -> dict[str, Any]:
+    """The values of the graph's nodes computed from weights only (a folded int8 weight's per-channel
+    dequantize), computed once per graph: every run would otherwise redo them."""
+    import torch
+
+    cached = gm.__dict__.get("_mnv4_constants")
+    if cached is not None and cached[0] is gm.graph:  # a deep copy (then perhaps rewritten) computes its own
+        return cached[1]
+    names: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes
+                                  and all(a.name in names for a in n.all_input_nodes)):
+            names.add(n.name)
+    wanted = {n.name for n in gm.graph.nodes if n.name in names and n.op == "call_function"
+              and any(u.name not in names for u in n.users)}
+    values: dict[str, Any] = {}
+
+    class Constants(torch.fx.Interpreter):
+        def run_node(self, n: Any) -> Any:
+            return super().run_node(n) if n.name in names else None
+
+    env: dict[Any, Any] = {}
+    interp = Constants(gm)
+    with torch.no_grad():
+        for n in gm.graph.nodes:
+            if n.name in names:
+                interp.env = env
+                env[n] = interp.run_node(n)
+                if n.name in wanted:
+                    values[n.name] = env[n]
+    gm.__dict__["_mnv4_constants"] = (gm.graph, values)
+    return values
 
 
 # ----------------------------------------------------------------------------- helpers for targets
@@ -241,17 +314,29 @@ def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple
     return pairs, lost, left
 
 
-def _lsb_stats(reference: QTensor, aligned: np.ndarray, observed: Optional[np.ndarray] = None,
-               runtime: Optional[QTensor] = None) -> dict[str, Any]:
-    ref = reference.dequantized() if observed is None else observed
+def lsb(reference: QTensor, aligned: np.ndarray, runtime: Optional[QTensor] = None) -> np.ndarray:
+    """|aligned - reference| in steps of the reference's scale, element by element."""
+    ref = reference.dequantized()
     if runtime is not None and _same_qparams(reference, runtime):
         # Same grid up to the scale's storage precision (a float16 scale in CoreML): count integer steps on each
         # side's own scale, or a 1-step difference at q = 127 would read as 1.12 steps and be flagged.
-        lsb = np.abs(aligned / runtime.scale - ref / reference.scale)
-    else:
-        lsb = np.abs(aligned - ref) / reference.scale
-    return {"max_lsb": round(float(lsb.max()), 3), "mean_lsb": round(float(lsb.mean()), 5),
-            "frac_over_1lsb": round(float((lsb > 1.0 + 1e-6).mean()), 6)}
+        return np.abs(aligned / runtime.scale - ref / reference.scale)
+    return np.abs(aligned - ref) / reference.scale
+
+
+def lsb_sums(reference: QTensor, aligned: np.ndarray, runtime: Optional[QTensor] = None) -> dict[str, Any]:
+    """The LSB differences as sums over elements (`mnv4-deploy debug` adds them up over image chunks): elements,
+    sum, max, elements more than 1 LSB apart, elements that differ at all (more than half a step)."""
+    d = lsb(reference, aligned, runtime)
+    return {"n": int(d.size), "sum": float(d.sum()), "max": float(d.max()), "over1": int((d > 1.0 + 1e-6).sum()),
+            "differ": int((d > 0.5).sum())}
+
+
+def _lsb_stats(reference: QTensor, aligned: np.ndarray, runtime: Optional[QTensor] = None,
+               sums: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    s = sums if sums is not None else lsb_sums(reference, aligned, runtime)
+    return {"max_lsb": round(s["max"], 3), "mean_lsb": round(s["sum"] / s["n"], 5),
+            "frac_over_1lsb": round(s["over1"] / s["n"], 6)}
 
 
 # ----------------------------------------------------------------------------- the check
@@ -270,8 +355,10 @@ def compare(gm: Any, x: np.ndarray, runtime: Sequence[QTensor], threshold: float
     local = {t.name: t for t in torch_quantized(gm, x, forced)}
     rows = []
     for p in pairs:
-        acc = _lsb_stats(p.torch, p.aligned, runtime=p.runtime)
-        loc = _lsb_stats(local[p.torch.name], p.aligned, runtime=p.runtime)
+        p.stats = {"accumulated": lsb_sums(p.torch, p.aligned, p.runtime),
+                   "local": lsb_sums(local[p.torch.name], p.aligned, p.runtime)}
+        acc = _lsb_stats(p.torch, p.aligned, sums=p.stats["accumulated"])
+        loc = _lsb_stats(local[p.torch.name], p.aligned, sums=p.stats["local"])
         reasons = []
         if not _same_qparams(p.torch, p.runtime):
             reasons.append(f"re-quantized: scale {p.runtime.scale:.6g} zero point {p.runtime.zero_point} "

@@ -2,6 +2,7 @@
 from the graph onnxruntime's CPU provider executes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -35,18 +36,53 @@ def runtime_quantized_tensors(path: Path, x: np.ndarray) -> tuple[list[QTensor],
     those of the fused integer kernels (its logits are checked against the deployed session's).
     """
     feed_x = np.ascontiguousarray(x, np.float32)
-    deployed = OnnxRunner(path)(feed_x)
-    model = optimized_graph(path)
-    tensors, notes = _quantized_tensor_params(model.graph)
-    values, logits = _run_exposed(model, tensors, feed_x)
+    ex = _exposed(path)
+    deployed = ex.deployed(feed_x)
+    values = dict(zip(ex.outputs, ex.session.run(None, {ex.input_name: feed_x})))
+    logits = values[ex.logits]
     out = [QTensor(name, scale, signed_zero_point(int(zero), zero.dtype), signed_values(values[name], zero.dtype), i,
-                   op=op, note=notes.get(name, "")) for i, (name, (scale, zero, op)) in enumerate(tensors.items())]
-    nodes = model.graph.node
-    info = {"runtime": "onnxruntime CPUExecutionProvider: its optimized (QDQ-fused) graph, 8-bit tensors exposed",
-            "runtime_integer_ops": sum(1 for n in nodes if n.op_type.startswith("QLinear") or n.op_type == "QGemm"),
-            "runtime_float_ops_between_dq_q": sum(1 for n in nodes if n.op_type in ("Conv", "Gemm", "MatMul", "Add")),
-            "exposed_run_vs_deployed_logits_max_abs": float(np.abs(logits - deployed).max())}
+                   op=op, note=ex.notes.get(name, "")) for i, (name, (scale, zero, op)) in enumerate(ex.tensors.items())]
+    info = ex.info | {"exposed_run_vs_deployed_logits_max_abs": float(np.abs(logits - deployed).max())}
     return out, info
+
+
+@dataclass
+class _Exposed:
+    """One artifact's two sessions (as deployed; its optimized graph with the 8-bit tensors exposed)."""
+
+    deployed: OnnxRunner
+    session: Any
+    input_name: str
+    outputs: list[str]
+    logits: str
+    tensors: dict[str, tuple[float, np.ndarray, str]]
+    notes: dict[str, str]
+    info: dict[str, Any]
+
+
+_SESSIONS: dict[tuple[str, int, int], _Exposed] = {}
+_KEEP = 4
+
+
+def _exposed(path: Path) -> _Exposed:
+    """The sessions of the artifact at `path`, opened once per file (by path, size and modification time):
+    `mnv4-deploy debug` reads it on image chunk after chunk, and opening costs more than running a chunk."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SESSIONS:
+        while len(_SESSIONS) >= _KEEP:
+            _SESSIONS.pop(next(iter(_SESSIONS)))
+        model = optimized_graph(path)
+        tensors, notes = _quantized_tensor_params(model.graph)
+        nodes = model.graph.node
+        info = {"runtime": "onnxruntime CPUExecutionProvider: its optimized (QDQ-fused) graph, 8-bit tensors exposed",
+                "runtime_integer_ops": sum(1 for n in nodes if n.op_type.startswith("QLinear") or n.op_type == "QGemm"),
+                "runtime_float_ops_between_dq_q": sum(1 for n in nodes if n.op_type in ("Conv", "Gemm", "MatMul", "Add"))}
+        logits = model.graph.output[0].name
+        session = _exposed_session(model, tensors)
+        _SESSIONS[key] = _Exposed(OnnxRunner(path), session, session.get_inputs()[0].name,
+                                  [o.name for o in session.get_outputs()], logits, tensors, notes, info)
+    return _SESSIONS[key]
 
 
 def _constants(graph: Any) -> dict[str, np.ndarray]:
@@ -106,9 +142,8 @@ def _quantized_tensor_params(graph: Any) -> tuple[dict[str, tuple[float, np.ndar
     return tensors, notes
 
 
-def _run_exposed(model: Any, tensors: dict[str, tuple[float, np.ndarray, str]],
-                 x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Run the optimized graph unoptimized, with `tensors` added as outputs: their values, and the logits."""
+def _exposed_session(model: Any, tensors: dict[str, tuple[float, np.ndarray, str]]) -> Any:
+    """A session of the optimized graph, unoptimized, with `tensors` added as outputs."""
     import onnx
     import onnxruntime as ort
 
@@ -120,6 +155,4 @@ def _run_exposed(model: Any, tensors: dict[str, tuple[float, np.ndarray, str]],
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: x})))
-    return values, values[outputs[0]]
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
