@@ -213,8 +213,10 @@ def _sqnr(signal: float, noise: float) -> Optional[float]:
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """sum(a * b) over all elements, in float64, without the product's temporary."""
-    return float(np.dot(a.reshape(-1), b.reshape(-1)))
+    """sum(a * b) over all elements (float64), without the product's temporary or a copy of a strided view;
+    einsum's own loop, not BLAS (whose threads spin against PyTorch's on a busy machine)."""
+    subscripts = "".join(chr(97 + i) for i in range(a.ndim))
+    return float(np.einsum(f"{subscripts},{subscripts}->", a, b))
 
 
 @dataclass
