@@ -220,3 +220,33 @@ def test_rebuilt_model_from_the_cache_is_the_same_model(built):
     assert s0.keys() == s1.keys() and [k for k in s0 if not torch.equal(s0[k], s1[k])] == []
     np.testing.assert_array_equal(q1.simulate(x), q0.simulate(x))
     assert L.FloatGraph(q1).modules == L.FloatGraph(q0).modules
+
+
+def test_debug_html_in_a_headless_browser(built, tmp_path):
+    """debug.html of a faithful and a broken artifact, rendered by a real browser: one line per runtime in its
+    colour, the broken one's first divergence drawn as a dashed marker (the faithful one has none)."""
+    import hashlib
+
+    from mnv4_deploy.report.svg import PALETTE
+
+    from .browser import colour_mask, dashed_columns, not_blank, screenshot
+
+    out, rb, x = built
+    broken = tmp_path / "broken" / "onnx"
+    shutil.copytree(out / "onnx", broken)
+    onnx_scale_defect(out / "onnx" / "model.onnx", broken / "model.onnx", index=15, consistent=False)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["artifact"]["sha256"] = hashlib.sha256((broken / "model.onnx").read_bytes()).hexdigest()
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    dest = out / "work"  # the fixture's rebuild folder: the rebuilt model is read back, not calibrated again
+    assert main(["debug", str(out / "onnx"), str(broken), "--max-images", "8", "--advice", "1", "--out", str(dest),
+                 "--no-progress"]) == 0
+    report = json.loads((dest / "debug.json").read_text())
+    good, bad = (a["first_divergence"] for a in report["artifacts"])
+    assert good is None and bad is not None and bad["position"] == 15
+    img = screenshot(dest / "debug.html", tmp_path / "debug.png")
+    assert not_blank(img) > 0.03, "the page came out (nearly) blank"
+    blue, orange = (colour_mask(img, c) for c in PALETTE[:2])  # the two runtimes' lines, in report order
+    assert blue.sum() > 300 and orange.sum() > 300, (blue.sum(), orange.sum())
+    assert len(dashed_columns(orange, min_length=100, min_dashes=8)) >= 1, "no divergence marker for the broken one"
+    assert dashed_columns(blue, min_length=100, min_dashes=8) == [], "a divergence marker for the faithful one"

@@ -251,6 +251,22 @@ def test_html_parses_and_holds_the_plots():
     assert "Pareto" in text and "ESTIMATED" in text
 
 
+def test_html_in_a_headless_browser(tmp_path):
+    """report.html rendered by a real browser: not blank, the plots drawn (their points in the series colours,
+    axis frames), not only parsed."""
+    from .browser import colour_mask, not_blank, screenshot
+
+    report = fake_report()
+    html = tmp_path / "report.html"
+    html.write_text(page.render(report, compare_reports(report, report, RegressionThresholds())))
+    img = screenshot(html, tmp_path / "report.png")
+    assert not_blank(img) > 0.03, "the page came out (nearly) blank"
+    # the size and estimated-cost bars and the op-share strips fill areas in the first three series colours
+    # (only the SVG plots use them: tables and text are black and grey)
+    drawn = {c: int(colour_mask(img, c).sum()) for c in svg.PALETTE[:3]}
+    assert all(n > 1000 for n in drawn.values()), f"plot colours drawn (pixels): {drawn}"
+
+
 def test_pareto_front():
     assert pareto_front([(1, 50), (2, 60), (3, 55), (0.5, 10)]) == [(0.5, 10), (1, 50), (2, 60)]
 

@@ -52,9 +52,11 @@ def depth_chart(report: dict[str, Any], key: str, title: str, ylabel: str, log: 
                  f'transform="rotate(-90 14 {(TOP + H - BOTTOM) / 2})">{escape(ylabel)}</text>')
     first = {a["label"]: a.get("first_divergence") for a in report["artifacts"]}
     for k, (label, color, pts) in enumerate(series):
-        if len(pts) > 1:
+        if len(pts) > 1:  # earlier lines wider: where runtimes agree, each still shows beside the one on top
             d = " ".join(f"{sx(p):.1f},{sy(v):.1f}" for p, v in pts)
-            parts.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+            width = 1.6 + 1.6 * (len(series) - 1 - k)
+            parts.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="{width:.1f}" '
+                         f'stroke-linejoin="round"/>')
         y = TOP + 8 + 16 * k
         parts.append(f'<line x1="{W - RIGHT + 10}" y1="{y}" x2="{W - RIGHT + 30}" y2="{y}" stroke="{color}" '
                      f'stroke-width="2"/><text x="{W - RIGHT + 34}" y="{y + 4}">{escape(label)}</text>')
@@ -70,8 +72,12 @@ def depth_chart(report: dict[str, Any], key: str, title: str, ylabel: str, log: 
 
 
 def _lin_ticks(lo: float, hi: float) -> Sequence[float]:
-    step = (hi - lo) / 5
-    return [lo + i * step for i in range(6)]
+    """Round ticks (a 1, 2 or 5 step) covering about five intervals of [lo, hi]."""
+    raw = (hi - lo) / 5
+    mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
 def _value(r: dict[str, Any], key: str) -> Optional[float]:
