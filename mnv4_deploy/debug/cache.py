@@ -3,7 +3,7 @@
 Rebuilding replays the convert's quantization (equalization, calibration, bias correction: most of a minute at
 224x224). Its result is saved as `pt2e.saved_state` under OUT/debug/rebuilt/, named by a digest of everything
 it depends on: the manifest's model, weights sha256, classes, recipe, calibration set digest and input spec,
-the quantizer, and the versions and source of the quantization code. A file whose name matches is loaded
+the quantizer, and the versions and source of the preparation and quantization code. A file whose name matches is loaded
 with `pt2e.restore`, which re-exports the graph and loads the state strictly; anything unreadable is rebuilt.
 """
 from __future__ import annotations
@@ -20,14 +20,16 @@ FOLDER = "rebuilt"
 
 
 def _code_digest() -> str:
-    """sha256 of the quantization package's source: a changed algorithm is a changed model."""
-    from .. import quantization
+    """sha256 of the source of the packages that make the int8 model (model preparation, quantization): a
+    changed algorithm is a changed model."""
+    from .. import preparation, quantization
 
     h = hashlib.sha256()
-    root = Path(quantization.__file__).parent
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(f.read_bytes())
+    for package in (preparation, quantization):
+        root = Path(package.__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(f"{package.__name__}/{f.relative_to(root)}".encode())
+            h.update(f.read_bytes())
     return h.hexdigest()
 
 

@@ -47,8 +47,12 @@ def transform_float_model(model: nn.Module, x: np.ndarray, q: Quantization) -> t
 
 
 def float_model_structure(model: nn.Module, q: Quantization) -> nn.Module:
-    """A model with the structure `transform_float_model` gives (BatchNorm folded where it equalizes), without
-    computing anything from images: what `pt2e.restore` exports before loading the calibrated state."""
+    """A model with the structure `transform_float_model` gives (layer scales folded; BatchNorm folded where it
+    equalizes), without computing anything from images: what `pt2e.restore` exports before loading the
+    calibrated state."""
+    from ...preparation.layer_scale import fold_layer_scales
+
+    model, _ = fold_layer_scales(model)
     if q.equalization.method == "none":
         return model
     from .equalize import fold_batchnorm
