@@ -2,6 +2,7 @@
 from each other.
 
     rebuild.py  the convert's PyTorch int8 model, rebuilt from the manifests (or a one-line refusal)
+    cache.py    the rebuilt model kept in OUT/debug/rebuilt/: a second run skips calibration
     layers.py   per quantized tensor: runtime vs simulation, vs float, local vs accumulated; divergences
     trace.py    one image: the layer where its top-1 flips against float
     advice.py   what an int16 or float fallback of a site recovers, and the recipe snippet
