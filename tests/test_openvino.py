@@ -6,6 +6,7 @@ Small models at 64x64 keep conversions to seconds; int8 accuracy is judged on th
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,27 @@ def test_nncf_accuracy_control_on_labelled_calibration(reference, tmp_path: Path
         _export(ExportRequest(loaded, "int8", opts, None, unlabelled), tmp_path / "x")
 
 
+OWN_PROCESS = "MNV4_TEST_OWN_PROCESS"
+# bf16 compilation on this AMX CPU leaves the pytest process in a state where it is later killed by SIGSEGV while
+# a later test waits on a child process (no faulthandler output; seen twice at tests/test_output.py, never with
+# these two tests deselected). Until that is understood they run in a child pytest of their own.
+own_process = pytest.mark.skipif(os.environ.get(OWN_PROCESS) != "1",
+                                 reason="runs in its own process: test_bf16_and_speed_tests_in_their_own_process")
+
+
+def test_bf16_and_speed_tests_in_their_own_process(tmp_path: Path):
+    import subprocess
+    import sys
+
+    names = ["test_bf16_is_the_float_ir_computed_in_bf16", "test_int8_is_timed_against_the_default_float_and_strict_f32"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                           "--basetemp", str(tmp_path / "child"), *[f"{__file__}::{n}" for n in names]],
+                          capture_output=True, text=True, env={**os.environ, OWN_PROCESS: "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "2 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+@own_process
 def test_bf16_is_the_float_ir_computed_in_bf16(reference, tmp_path: Path):
     """Precision bf16: the float IR as the CPU plugin runs it by default on bf16 CPUs, verified against float
     with its own gate thresholds; the executed graph proves which layers ran in bf16."""
@@ -198,6 +220,7 @@ def test_bf16_is_the_float_ir_computed_in_bf16(reference, tmp_path: Path):
     assert vs_float.sqnr_db < 80, vs_float  # bf16, not a silent f32 run (f32 gives > 100 dB)
 
 
+@own_process
 def test_int8_is_timed_against_the_default_float_and_strict_f32(reference, tmp_path: Path):
     """verify/speed.py on OpenVINO: int8 as shipped against strict f32 and against the plugin's own default
     float (bf16 on bf16 CPUs), plus int8 under the plugin's defaults; the manifest says how int8 is meant to run."""
