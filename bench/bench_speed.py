@@ -170,11 +170,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         c, s, d = r["int8_compute"], r["strict_f32"], r["runtime_default"]
         compute = f"{c['int8']}/{c['total']}" if c else "-"
-        dflt = d.get("float", d.get("fp32"))
         rt = f"{r['int8_runtime_defaults']['int8_over_float']:.2f}" if r.get("int8_runtime_defaults") else "same"
         print(f"{r['model']:28} {'x'.join(map(str, r['input'])):>9} {r['target']:9} {r['threads']:>3} "
               f"{s['fp32']['median_ms']:8.2f} {s['int8']['median_ms']:8.2f} {s['int8_over_float']:9.2f} "
-              f"{d['float_is'].split()[0]:>7} {dflt['median_ms']:8.2f} {d['int8']['median_ms']:8.2f} "
+              f"{d['float_is'].split()[0]:>7} {d['float']['median_ms']:8.2f} {d['int8']['median_ms']:8.2f} "
               f"{d['int8_over_float']:8.2f} {rt:>6} {compute:>13}")
     tools = [r for r in rows if r.get("runtime_tool")]
     if tools:

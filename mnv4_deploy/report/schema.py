@@ -258,8 +258,8 @@ ROOFLINE = Obj({"method": STR, "macs": Obj({"value": Num(0, 1e18)}),
 SENSITIVITY = Obj({"method": STR, "layers": ListOf(Obj({"name": STR, "sqnr_db": NUMBER, "top1_agreement": Num(0, 1)}))})
 _TIMING = Obj({"median_ms": Num(0, 1e7), "p90_ms": Num(0, 1e7), "runs": COUNT}, {"computes_in": STR, "threads": ANY})
 SPEED_ROW = Obj({"target": STR, "strict_f32": Obj({"fp32": _TIMING, "int8": _TIMING, "int8_over_float": Num(0, 1e4)}),
-                 "runtime_default": Obj({"int8": _TIMING, "int8_over_float": Num(0, 1e4), "float_is": STR},
-                                        {"float": _TIMING, "fp32": _TIMING})},
+                 "runtime_default": Obj({"float": _TIMING, "int8": _TIMING, "int8_over_float": Num(0, 1e4),
+                                         "float_is": STR})},
                 {"batch": COUNT, "input_shape": ANY, "how": STR, "int8_runtime_defaults": Type(dict)})
 MODEL_SECTION = Obj({"key": STR, "model": Type(dict), "settings": Type(dict)},
                     {"roofline": Nullable(ROOFLINE), "sensitivity": Nullable(SENSITIVITY),

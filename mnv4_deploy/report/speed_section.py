@@ -48,7 +48,7 @@ def speed_table(rows: Optional[list[dict[str, Any]]]) -> tuple[list[str], list[l
         s, d = r["strict_f32"], r["runtime_default"]
         out.append([r["target"], str(s["fp32"].get("threads")), f"{s['fp32']['median_ms']:.2f}",
                     f"{s['int8']['median_ms']:.2f}", f"{s['int8_over_float']:.2f}", d["float_is"].split(" ")[0],
-                    f"{d['float']['median_ms']:.2f}" if "float" in d else f"{d['fp32']['median_ms']:.2f}",
+                    f"{d['float']['median_ms']:.2f}",
                     f"{d['int8']['median_ms']:.2f}", f"**{d['int8_over_float']:.2f}**",
                     f"{r['int8_runtime_defaults']['int8_over_float']:.2f}" if r.get("int8_runtime_defaults") else "same"])
     return header, out
