@@ -21,7 +21,6 @@ from .load.images import LoadedImages, load_images, scan_folder
 from .load.models import LoadedModel, load_model
 from .preparation.prepare import prepare
 from .quantization.pt2e import QuantizedModel, quantize
-from .quantization.simulation_semantics import Semantics
 from .targets import ExportRequest, check_recipe_targets, get_target, options_for, parse_targets, target_names
 from .verify import tensorwise
 from .verify.artifact_gate import gate_record
@@ -29,6 +28,7 @@ from .verify.fidelity import compare, run_batched, torch_logits
 from .verify.latency import measure_latency
 from .verify.manifest import NUMBERS_KINDS, PRECISIONS, artifact_facts, build_manifest, tool_versions
 from .verify.predictions import evaluation_record
+from .verify.simulations import Simulations
 
 FAILED_MANIFEST = "manifest.failed.json"  # beside the artifact path when the verification gate refused it
 logger = logging.getLogger(__name__)
@@ -261,38 +261,30 @@ def deploy(run: LoadedRun, quantized_for: Callable[[Any], Optional[QuantizedMode
     `quantized_for(target)` gives the int8 model a target deploys (None for float artifacts).
     """
     settings, recipe = run.settings, run.recipe
-    simulations: dict[tuple[int, str, int], np.ndarray] = {}
+    # The PyTorch simulation's logits on the held-back images (they suffice to catch a runtime that re-quantizes
+    # or drops a quantizer), computed while each target exports and shared by the targets deploying one model.
+    simulations = Simulations(recipe.verification.batch_size)
     results = []
-    for target in run.targets:
-        try:
-            request = export_request(run, target, quantized_for(target))
-            deployed = request.quantized
-            simulated = None
-            if deployed is not None and target.deploys_simulated_model(request):
-                simulated = _simulation(deployed, target.simulation_semantics(request), simulations,
-                                        recipe.verification.batch_size)
-            with stage(target.name, shown=False):
-                results.append(export_and_verify(target, request, recipe, run.evals, settings, simulated))
-        except Exception as exc:
-            if on_target_error is None or isinstance(exc, UserError):
-                raise
-            on_target_error(target.name, exc)
+    try:
+        for target in run.targets:
+            try:
+                request = export_request(run, target, quantized_for(target))
+                deployed = request.quantized
+                simulated = None
+                if deployed is not None and target.deploys_simulated_model(request):
+                    semantics = target.simulation_semantics(request)
+                    if target.verifies_every_image(request):
+                        simulations.start(deployed, semantics, run.evals[0].images.x)
+                    simulated = simulations.reference(deployed, semantics)
+                with stage(target.name, shown=False):
+                    results.append(export_and_verify(target, request, recipe, run.evals, settings, simulated))
+            except Exception as exc:
+                if on_target_error is None or isinstance(exc, UserError):
+                    raise
+                on_target_error(target.name, exc)
+    finally:
+        simulations.close()
     return results
-
-
-def _simulation(deployed: QuantizedModel, semantics: Semantics, cache: dict[tuple[int, str, int], np.ndarray],
-                batch: int) -> Callable[[np.ndarray], np.ndarray]:
-    """The PyTorch simulation's logits on the held-back images a runner is verified on, computed when first
-    asked (the fake-quant simulation is slow in PyTorch, and an emulated runner uses only some of the images;
-    the held-back images suffice to catch a runtime that re-quantizes or drops a quantizer), shared by every
-    target with the same model and semantics."""
-    def simulate(x: np.ndarray) -> np.ndarray:
-        key = (id(deployed), semantics.key, len(x))
-        if key not in cache:
-            cache[key] = deployed.simulate(x, batch, semantics)
-        return cache[key]
-
-    return simulate
 
 
 def _measure(runner: Any, evals: Sequence[EvalData], batch: int,

@@ -331,3 +331,46 @@ def test_coremltools_is_imported_without_executorch() -> None:
     code += "; __import__('executorch') if importlib.util.find_spec('executorch') else None"  # importable afterwards
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "False"
+
+
+def test_conversion_validates_each_program_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside validated_once, coremltools' per-pass Program.validate calls are deferred: each program is validated
+    once, for real, when the conversion ends (with the scope check that dead code elimination asks for), an
+    invalid program still raises there, and outside it validate runs as usual."""
+    import torch
+
+    from mnv4_deploy.targets.coreml.mlprogram.toolchain import import_coremltools, validated_once
+
+    ct = import_coremltools()
+    from coremltools.converters.mil.mil.program import Program
+
+    with validated_once():
+        pass  # installs the deferring Program.validate
+    checks: list[tuple[int, bool]] = []
+    real = Program.validate._real
+
+    def counted(program: Any, check_essential_scope: bool = False) -> None:
+        checks.append((id(program), check_essential_scope))
+        real(program, check_essential_scope=check_essential_scope)
+
+    monkeypatch.setattr(Program.validate, "_real", counted)
+    model = torch.export.export(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval(),
+                                (torch.zeros(1, 3, 8, 8),)).run_decompositions({})
+    with validated_once() as programs:
+        mlmodel = ct.convert(model, inputs=[ct.TensorType(name="x", shape=(1, 3, 8, 8))], convert_to="mlprogram",
+                             skip_model_load=True)
+    assert programs and len(checks) == len(programs) == len({i for i, _ in checks})  # once per program
+    assert any(scope for _, scope in checks)
+    assert any(p is mlmodel._mil_program for p, _ in programs)
+
+    def broken(program: Any, check_essential_scope: bool = False) -> None:
+        raise ValueError("invalid program")
+
+    monkeypatch.setattr(Program.validate, "_real", broken)
+    with pytest.raises(ValueError, match="invalid program"):
+        with validated_once():
+            mlmodel._mil_program.validate()
+    checks.clear()
+    monkeypatch.setattr(Program.validate, "_real", counted)
+    mlmodel._mil_program.validate()  # outside: validated at once
+    assert len(checks) == 1

@@ -6,6 +6,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from mnv4_deploy import load_model, prepare
 from mnv4_deploy.config.recipes import parse_recipe
@@ -286,3 +289,55 @@ def test_fusion_leaves_scales_whose_reciprocal_rounds_twice():
     scales = rng.uniform(1e-4, 1.0, 200_000).astype(np.float32)
     differ = sum(not same_reciprocal(float(s)) for s in scales)
     assert differ < 200
+
+
+# --- the fused quantize-dequantize: FBGEMM's kernels where they give the fake-quantize kernel's numbers ----------
+
+_FAKE_QUANT_RANGES = [(-128, 127), (0, 255)]
+
+
+@given(scale=st.floats(2.0 ** -14, 64.0, allow_nan=False, allow_infinity=False).map(lambda s: float(np.float32(s))),
+       zero=st.integers(-128, 255), span=st.sampled_from(_FAKE_QUANT_RANGES), seed=st.integers(0, 2 ** 31 - 1),
+       magnitude=st.floats(0.5, 1e12), specials=st.lists(st.sampled_from(
+           [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e30, -1e30, 3.4e38]), max_size=3))
+@hyp_settings(max_examples=120, deadline=None)
+def test_quantize_dequantize_is_the_fake_quantize_kernel_bit_for_bit(scale, zero, span, seed, magnitude, specials):
+    """quantize_dequantize (FBGEMM's quantize/dequantize when every value is in range) must equal
+    torch.fake_quantize_per_tensor_affine exactly: on random values, exact half-way points (round half to even),
+    values far outside the int8 range, and inf/NaN (which take the fake-quantize kernel)."""
+    from mnv4_deploy.quantization.fake_quant_fusion import quantize_dequantize
+
+    lo, hi = span
+    zero = min(max(zero, lo), hi)
+    g = torch.Generator().manual_seed(seed)
+    ties = (torch.randint(-400, 400, (2000,), generator=g).float() + 0.5) * scale
+    x = torch.cat([torch.randn(3000, generator=g) * scale * magnitude ** 0.5, ties, torch.tensor(specials)])
+    expected = torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
+    got = quantize_dequantize(x, scale, zero, lo, hi)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got[~got.isnan()], expected[~expected.isnan()])
+
+
+def test_quantize_dequantize_keeps_the_gradient_path():
+    """With a gradient wanted (QAT), the fake-quantize kernel runs (FBGEMM's quantized tensors have no autograd)."""
+    from mnv4_deploy.quantization.fake_quant_fusion import quantize_dequantize
+
+    x = torch.randn(64, requires_grad=True)
+    quantize_dequantize(x, 0.05, 0, -128, 127).sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_background_simulation_equals_the_simulation(calibrated, held_out):
+    """The pipeline's simulation, computed in a background thread while a target exports, gives the logits
+    QuantizedModel.simulate gives, bit for bit; a subset of the images (an emulator) is computed on request."""
+    from mnv4_deploy.quantization.simulation_semantics import EXACT
+    from mnv4_deploy.verify.simulations import Simulations
+
+    sims = Simulations(batch=16)
+    try:
+        sims.start(calibrated, EXACT, held_out)
+        reference = sims.reference(calibrated, EXACT)
+        assert np.array_equal(reference(held_out), calibrated.simulate(held_out, 16))
+        assert np.array_equal(reference(held_out[:5]), calibrated.simulate(held_out[:5], 16))
+    finally:
+        sims.close()

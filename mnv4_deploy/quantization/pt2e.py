@@ -12,7 +12,7 @@ import copy
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -187,10 +187,20 @@ class QuantizedModel:
         """Logits of the fake-quantized model in PyTorch: what a faithful runtime should reproduce (with
         `semantics`, what a runtime with that arithmetic should reproduce). Computed on the graph with its
         quantize/dequantize pairs fused (`fake_quant_fusion`): the same numbers, bit for bit, three times faster."""
+        return self.simulator(semantics, batch_size)(x)
+
+    def simulator(self, semantics: Optional[Semantics] = None,
+                  batch_size: int = 64) -> Callable[[np.ndarray], np.ndarray]:
+        """`simulate` as a function of the images, its graph built now, in the calling thread: the function only
+        runs the graph (eager tensor ops), so it may run in another thread while this one exports."""
         gm = self._fused_simulation(semantics or EXACT)
-        with torch.no_grad():
-            return np.concatenate([gm(model_input(x[i:i + batch_size])).numpy()
-                                   for i in range(0, len(x), batch_size)])
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return np.concatenate([gm(model_input(x[i:i + batch_size])).numpy()
+                                       for i in range(0, len(x), batch_size)])
+
+        return run
 
     def _fused_simulation(self, semantics: Semantics) -> torch.fx.GraphModule:
         from .fake_quant_fusion import fuse_fake_quantize

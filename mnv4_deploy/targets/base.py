@@ -146,6 +146,11 @@ class Target(ABC):
         dequantize unless the runtime's own rounding is known and modelled (QNN's: targets/qnn/htp_semantics.py)."""
         return EXACT
 
+    def verifies_every_image(self, request: ExportRequest) -> bool:
+        """Whether the runner will be verified on every evaluation image (False for an emulator that sets
+        `Runner.max_images`): the pipeline then starts the simulation of all of them while the target exports."""
+        return True
+
     def default_float(self) -> str:
         """The precision (a key of `precisions`) the runtime computes a float model in on this host when the
         user sets nothing: the float baseline int8 must beat. fp32 unless the runtime picks otherwise."""

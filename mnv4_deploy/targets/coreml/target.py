@@ -30,7 +30,7 @@ from ...infra.converter_output import captured
 from ..base import ExportRequest, Runner, RuntimeTensors, Target
 from ..input_adapter import DeployInput
 from .mlprogram import ane
-from .mlprogram.toolchain import import_coremltools
+from .mlprogram.toolchain import import_coremltools, validated_once
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def _convert(model: Any, request: ExportRequest, opts: CoremlOptions, deployment
             source = torch.export.export(model, (example,)).run_decompositions({})
         else:
             source = torch.jit.trace(model, example)
-    with captured("coremltools.convert"):
+    with captured("coremltools.convert"), validated_once():
         return ct.convert(
             source, inputs=inputs, outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
             convert_to="mlprogram", minimum_deployment_target=deployment,

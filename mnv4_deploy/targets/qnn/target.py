@@ -96,6 +96,9 @@ class QnnTarget(Target):
                 "cpu_fallback": "allowed (--allow-cpu-fallback)" if opts.allow_cpu_fallback else "disabled",
                 "qnn_sdk": qnn_sdk_version()}
 
+    def verifies_every_image(self, request: ExportRequest) -> bool:
+        return not request.options.emulated_images  # the HTP emulator: at most that many images per set
+
     def load(self, path: Path, request: ExportRequest) -> Runner:
         opts: QnnOptions = request.options
         runner = QnnRunner(path / CONTEXT_MODEL, opts)

@@ -77,24 +77,26 @@ def _quantize(a: Args) -> torch.Tensor:
     round x / scale is not documented, so the executor uses the definition, not a guess at a kernel."""
     dtype = DTYPES[a["output_dtype"]]
     exact = _exact_float(a["input"], a["scale"])
-    x = a["input"].to(exact)
+    q = a["input"].to(exact, copy=True)  # a new tensor, computed on in place (a fresh buffer per step costs 8x)
     axis = int(a["axis"].item()) if a.get("axis") is not None else None
-    scale = _axis_view(a["scale"].to(exact), x.dim(), axis)
+    q.div_(_axis_view(a["scale"].to(exact), q.dim(), axis)).round_()  # round_: half to even
     zero = a.get("zero_point")
-    zero = _axis_view(zero.to(exact), x.dim(), axis) if zero is not None else 0.0
+    if zero is not None:
+        q.add_(_axis_view(zero.to(exact), q.dim(), axis))
     lo, hi = _INT_RANGE[dtype]
-    return (torch.round(x / scale) + zero).clamp(lo, hi).to(dtype)  # torch.round: half to even
+    return q.clamp_(lo, hi).to(dtype)
 
 
 @op("dequantize")
 def _dequantize(a: Args) -> torch.Tensor:
     """scale * (q - zero_point) (iOS17 dequantize)."""
     exact = _exact_float(a["scale"])
-    q = a["input"].to(exact)
+    x = a["input"].to(exact, copy=True)  # computed on in place, as in quantize
     axis = int(a["axis"].item()) if a.get("axis") is not None else None
     zero = a.get("zero_point")
-    zero = _axis_view(zero.to(exact), q.dim(), axis) if zero is not None else 0.0
-    return (q - zero) * _axis_view(a["scale"].to(exact), q.dim(), axis)
+    if zero is not None:
+        x.sub_(_axis_view(zero.to(exact), x.dim(), axis))
+    return x.mul_(_axis_view(a["scale"].to(exact), x.dim(), axis))
 
 
 @op("constexpr_affine_dequantize")
@@ -135,12 +137,20 @@ def _cast(a: Args) -> torch.Tensor:
 
 @op("relu")
 def _relu(a: Args) -> torch.Tensor:
-    return torch.relu(f32(a["x"]))
+    return _f32_copy(a["x"]).relu_()
 
 
 @op("add")
 def _add(a: Args) -> torch.Tensor:
-    return f32(a["x"]) + f32(a["y"])
+    x, y = a["x"], a["y"]
+    if x.shape == y.shape:  # (a broadcast add computes out of place)
+        return _f32_copy(x).add_(f32(y))
+    return f32(x) + f32(y)
+
+
+def _f32_copy(t: torch.Tensor) -> torch.Tensor:
+    """`f32(t)` as a new tensor, for an op to compute on in place (one buffer instead of one per step)."""
+    return t.to(torch.float32 if t.dtype != torch.float64 else t.dtype, copy=True)
 
 
 @op("mul")
