@@ -9,7 +9,7 @@ machine. Weights are random (timm's pretrained weights need the hub; the time do
 run's shared stages, then each target's own.
 
   .venv/bin/python bench/bench_convert_time.py                      # this checkout
-  .venv/bin/python bench/bench_convert_time.py --tree before=/tmp/before --tree after=.
+  .venv/bin/python bench/bench_convert_time.py --tree before=/tmp/before --tree after=. --repeat 3
 """
 from __future__ import annotations
 
@@ -67,6 +67,9 @@ def table(results: dict[str, dict[str, dict[str, Any]]], runs: list[str]) -> str
         for n in names:
             lines.append(f"| {n} | " + " | ".join(f"{rows[t].get(n, 0):.1f}" for t in trees) + " |")
         lines.append("| **wall (process)** | " + " | ".join(f"**{results[t][run]['wall_s']:.1f}**" for t in trees) + " |")
+        if any(len(results[t][run].get("walls_s", [])) > 1 for t in trees):
+            lines.append("| every run's wall | " + " | ".join(
+                " / ".join(f"{w:.1f}" for w in results[t][run]["walls_s"]) for t in trees) + " |")
     return "\n".join(lines)
 
 
@@ -76,16 +79,26 @@ def main() -> None:
                         help="a source tree to time (repeatable); default: this checkout")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per tree and command, interleaved; the table shows the median one's stages")
     parser.add_argument("--json-out", type=Path, default=REPO / "bench" / "results" / "convert_time.json")
     args = parser.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree) if args.tree else {"this": str(REPO)}
     results: dict[str, dict[str, Any]] = {name: {} for name in trees}
     load = os.getloadavg()[0]
-    for run in args.runs:  # trees alternate within each run, so machine noise hits both
-        for name, path in trees.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                print(f"{run} / {name} ...", file=sys.stderr, flush=True)
-                results[name][run] = convert(Path(path).resolve(), RUNS[run], args.weights, Path(tmp) / "out")
+    repeats: dict[str, dict[str, list[dict[str, Any]]]] = {name: {run: [] for run in args.runs} for name in trees}
+    for i in range(args.repeat):
+        for run in args.runs:  # trees alternate within each run, so machine noise hits both
+            for name, path in trees.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    print(f"{run} / {name} ({i + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+                    repeats[name][run].append(convert(Path(path).resolve(), RUNS[run], args.weights,
+                                                      Path(tmp) / "out"))
+    for name in trees:
+        for run in args.runs:  # the run with the median wall time (its stages), and every wall time
+            ordered = sorted(repeats[name][run], key=lambda r: r["wall_s"])
+            results[name][run] = {**ordered[(len(ordered) - 1) // 2],
+                                  "walls_s": [r["wall_s"] for r in repeats[name][run]]}
     print(table(results, args.runs))
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({"cores": os.cpu_count(), "load_before": load, "trees": trees,

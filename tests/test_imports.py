@@ -106,3 +106,27 @@ def test_no_config_module_imports_the_targets() -> None:
     assert "mnv4_deploy.config.recipes" in config
     upward = {name: sorted(d for d in deps if d.startswith(ABOVE_CONFIG)) for name, deps in config.items()}
     assert not {k: v for k, v in upward.items() if v}, upward
+
+
+def test_the_shared_quantizer_does_not_import_the_tflite_converter() -> None:
+    """Every int8 convert builds litert-torch's PT2E quantizer; importing it must not pull in litert-torch's
+    converter and JAX (seconds per run, for targets that never use them), and a later `import litert_torch`
+    (the tflite target) must find the very same quantizer modules as its attributes."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import sys",
+        "from mnv4_deploy.config.recipes import load_recipe",
+        "from mnv4_deploy.quantization.pt2e import build_quantizer",
+        "quantizer = build_quantizer(load_recipe(None).quantization)",
+        "print('jax' in sys.modules, 'litert_torch' in sys.modules)",
+        "import litert_torch",
+        "from litert_torch.quantize.quant_config import QuantConfig",
+        "import litert_torch.quantize.pt2e_quantizer as q",
+        "print(isinstance(quantizer, q.PT2EQuantizer), litert_torch.quantize.PT2EQuantizer is q.PT2EQuantizer,",
+        "      sys.modules['litert_torch.quantize.pt2e_quantizer'] is q, callable(litert_torch.convert))",
+        "QuantConfig(pt2e_quantizer=quantizer)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True", "True", "True", "True"]

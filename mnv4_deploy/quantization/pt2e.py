@@ -22,6 +22,7 @@ from ..config.recipes import ActivationQuant, Quantization, Recipe
 from ..infra.stages import stage
 from ..load.images import LoadedImages, model_input
 from .passes.add_tagging import tag_adds
+from .litert_quantizer import quantizer_modules
 from .passes.attention_annotation import annotate_attention
 from .passes.batchnorm_as_depthwise import batchnorm_as_depthwise
 from .simulation_semantics import EXACT, Semantics
@@ -64,12 +65,11 @@ def build_quantizer(q: Quantization, qat: str = "") -> Any:
     Built on litert-torch's PT2E quantizer (XNNPACK-style patterns: conv+relu, add, pooling, linear) with
     the recipe's observers, so the graph it produces lowers to int8 kernels on every target.
     """
-    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
-    from litert_torch.quantize.pt2e_quantizer_utils import QuantizationConfig
     from torchao.quantization.pt2e import observer as obs
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
-    base = get_symmetric_quantization_config(is_per_channel=q.weights.granularity == "per_channel")
+    utils, litert = quantizer_modules()
+    base = litert.get_symmetric_quantization_config(is_per_channel=q.weights.granularity == "per_channel")
     per_channel = q.weights.granularity == "per_channel"
     act_ctr = _activation_observer(q.activations).with_args(eps=2**-12, **_activation_observer_args(q.activations))
     weight_ctr = (obs.PerChannelMinMaxObserver if per_channel else obs.MinMaxObserver).with_args(eps=2**-12)
@@ -84,7 +84,7 @@ def build_quantizer(q: Quantization, qat: str = "") -> Any:
         qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
         observer_or_fake_quant_ctr=weight_ctr,
     )
-    config = QuantizationConfig(act, act, weight, None, base.fixed_qparams, bool(qat), False)
+    config = utils.QuantizationConfig(act, act, weight, None, base.fixed_qparams, bool(qat), False)
     return _attention_quantizer_class()().set_global(config)
 
 
@@ -111,9 +111,9 @@ def _fake_quantizers(q: Quantization, qat: str) -> tuple[Any, Any]:
 def _allow_litert_qat_patterns() -> None:
     """litert-torch 0.10's conv+BN QAT annotator hands torch.export a plain function, which current torchao
     refuses ("Expected `mod` to be an instance of `torch.nn.Module`"); wrap such patterns in a module."""
-    from litert_torch.quantize import pt2e_quantizer_utils as utils
     from torchao.quantization.pt2e.export_utils import WrapperModule
 
+    utils, _ = quantizer_modules()
     original = utils._get_aten_graph_module_for_pattern
     if getattr(original, "_wraps_functions", False):
         return
@@ -130,9 +130,9 @@ def _attention_quantizer_class() -> type:
     """litert-torch's PT2EQuantizer, plus what it leaves float in the hybrids' Mobile MQA blocks: the
     standalone BatchNorm before the attention (`batchnorm_as_depthwise`) and the attention matmuls and
     softmax (`annotate_attention`)."""
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+    _, litert = quantizer_modules()
 
-    class AttentionPT2EQuantizer(PT2EQuantizer):
+    class AttentionPT2EQuantizer(litert.PT2EQuantizer):
         def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             return batchnorm_as_depthwise(super().transform_for_annotation(model))
 
