@@ -11,6 +11,7 @@
 | `qat` | quantization-aware training with distillation (`mnv4-deploy qat`) |
 | `simulation_semantics` | which integer arithmetic a simulation computes (exact, or a runtime's own) |
 | `fake_quant_fusion` | the simulation's quantize/dequantize pairs as one fused op, bit for bit |
+| `litert_quantizer` | litert-torch's PT2E quantizer modules, imported without litert-torch's converter |
 
 (Named `quantization`, not `quantize`: `mnv4_deploy.quantize` is the public function, pt2e.quantize.)
 This package's __init__ imports nothing: config.recipes imports the PTQ algorithms' option classes, and

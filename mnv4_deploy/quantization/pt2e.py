@@ -21,8 +21,8 @@ from torch import nn
 from ..config.recipes import ActivationQuant, Quantization, Recipe
 from ..infra.stages import stage
 from ..load.images import LoadedImages, model_input
-from .passes.add_tagging import tag_adds
 from .litert_quantizer import quantizer_modules
+from .passes.add_tagging import tag_adds
 from .passes.attention_annotation import annotate_attention
 from .passes.batchnorm_as_depthwise import batchnorm_as_depthwise
 from .simulation_semantics import EXACT, Semantics
