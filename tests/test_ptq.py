@@ -341,3 +341,38 @@ def test_background_simulation_equals_the_simulation(calibrated, held_out):
         assert np.array_equal(reference(held_out[:5]), calibrated.simulate(held_out[:5], 16))
     finally:
         sims.close()
+
+
+def test_closing_stops_a_background_simulation_at_its_next_batch(calibrated, held_out):
+    """An interrupted convert closes its simulations: the background computation stops after the batch it is
+    running instead of simulating every remaining image."""
+    import concurrent.futures
+    import threading
+
+    from mnv4_deploy.quantization.simulation_semantics import EXACT
+    from mnv4_deploy.verify.simulations import Simulations
+
+    batches: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    class Counting:
+        def simulator(self, semantics, batch_size):
+            run = calibrated.simulator(semantics, batch_size)
+
+            def counted(x):
+                batches.append(len(x))
+                started.set()
+                release.wait(10)
+                return run(x)
+            return counted
+
+    sims = Simulations(batch=4)
+    model = Counting()
+    sims.start(model, EXACT, held_out)
+    assert started.wait(10)
+    sims.close()
+    release.set()
+    future = sims._results[sims._key(model, EXACT, held_out)]
+    with pytest.raises(concurrent.futures.CancelledError):
+        future.result(timeout=10)
+    assert len(batches) == 1 and len(held_out) > 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -27,6 +28,7 @@ class Simulations:
         self.batch = batch
         self._results: dict[Key, Any] = {}  # a Future while it runs in the background, else the logits
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stop = threading.Event()  # set by close(): a background computation stops at its next batch
 
     @staticmethod
     def _key(deployed: Any, semantics: Any, x: np.ndarray) -> Key:
@@ -40,7 +42,17 @@ class Simulations:
         run = deployed.simulator(semantics, self.batch)  # built here: the thread only runs tensor ops
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mnv4-simulation")
-        self._results[key] = self._pool.submit(run, x)
+        self._results[key] = self._pool.submit(self._batches, run, x)
+
+    def _batches(self, run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+        """`run(x)` batch by batch (the same batches `run` makes itself, so the same numbers), stopping early
+        when the run is over (an interrupted or failed convert does not wait for a simulation nobody reads)."""
+        parts = []
+        for i in range(0, len(x), self.batch):
+            if self._stop.is_set():
+                raise concurrent.futures.CancelledError
+            parts.append(run(x[i:i + self.batch]))
+        return np.concatenate(parts) if parts else run(x)
 
     def reference(self, deployed: Any, semantics: Any) -> Callable[[np.ndarray], np.ndarray]:
         """The logits for the images a runner is verified on: the background result when it was started for
@@ -57,7 +69,8 @@ class Simulations:
         return simulate
 
     def close(self) -> None:
-        """Drop work not started; a computation under way finishes in its thread and is discarded."""
+        """Drop work not started; a computation under way stops after its current batch and is discarded."""
+        self._stop.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
