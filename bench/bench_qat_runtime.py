@@ -31,16 +31,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_qat import DATA, MODELS  # noqa: E402  (the same checkpoints and images as the schedule bench)
 from mnv4_deploy.infra.fileio import write_json  # noqa: E402
 from mnv4_deploy.verify.predictions import decode_classes  # noqa: E402
 from mnv4_deploy.verify.significance import paired_counts, paired_difference_interval  # noqa: E402
-
-SHARED = REPO.parent / "shared"
-DATA = SHARED / "data" / "tiny-imagenet-202"
-MODELS = {
-    "conv_small": ("mobilenetv4_conv_small", SHARED / "models" / "mnv4_conv_small_tin202.pth"),
-    "hybrid": ("mobilenetv4_hybrid_medium", SHARED / "models" / "mnv4_hybrid_medium_tin202_e1.pth"),
-}
 
 
 def commands(model: str, targets: str, epochs: int | None, out: Path) -> dict[str, list[str]]:
@@ -119,10 +113,17 @@ def main() -> None:
     rows = {t: compare(ptq[t], qat[t]) for t in ptq if t in qat}
     shipped = manifests["qat"][0]["quantization"].get("qat", {})
     print(table(rows))
+    saved_result = REPO / "bench" / "results" / f"qat_runtime_{args.model}.json"
+    kept: dict[str, Any] = {}
+    if args.reuse and saved_result.exists():  # the runs' own wall times, when an earlier result recorded them
+        earlier = json.loads(saved_result.read_text())
+        if isinstance(earlier.get("seconds"), dict):
+            seconds = earlier["seconds"]
+            kept = {k: earlier[k] for k in ("seconds_note",) if k in earlier}
     result = {"model": args.model, "commands": {k: "mnv4-deploy " + " ".join(v) for k, v in cmds.items()},
               "seconds": {k: round(v, 1) for k, v in seconds.items()} or "reused", "threads": 1,
-              "qat_epochs": shipped.get("epochs"), "qat_shipped": shipped.get("shipped"), "targets": rows}
-    write_json(REPO / "bench" / "results" / f"qat_runtime_{args.model}.json", result)
+              "qat_epochs": shipped.get("epochs"), "qat_shipped": shipped.get("shipped"), "targets": rows, **kept}
+    write_json(saved_result, result)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ enough for FBGEMM's int32 intermediate (larger ones wrap around there), else the
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -51,10 +52,18 @@ def quantize_dequantize(x: torch.Tensor, scale: float, zero_point: int, quant_mi
         low, high = torch.aminmax(x)
         bound = _INT32_SAFE * scale
         if -bound < float(low) and float(high) < bound:  # False for NaN too
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # quantized tensors are deprecated in torch 2.14's docs
-                return torch.quantize_per_tensor(x, scale, zero_point, qtype).dequantize()
+            _deprecation_warned()
+            return torch.quantize_per_tensor(x, scale, zero_point, qtype).dequantize()
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
+
+
+@functools.cache
+def _deprecation_warned() -> None:
+    """torch warns once per process that quantized tensors are deprecated: that one warning is raised here,
+    silenced, so no call on a hot path (or in the background simulation's thread) touches the warning filters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.qint8)
 
 
 def _strides(shape: tuple[int, ...], layout: torch.memory_format) -> tuple[int, ...]:
