@@ -1,10 +1,11 @@
 """Time to a verified artifact: wall time and the time of every stage of `mnv4-deploy convert`, per source tree.
 
 Runs the README's main command (MNv4-Conv-Small at its native 224x224, `--to coreml --int8`, the default recipe
-and calibration set) and the same model `--to onnx,tflite,openvino,coreml --int8` (what `--to all` builds with
-the `all` extra; `qnn`, outside `all`, emulates an NPU for minutes), each as its own process, once per source tree
-given (`--tree before=/path/to/checkout`), so a change can be measured against the code before it on the same
-machine. Weights are random (timm's pretrained weights need the hub; the time does not depend on them) unless
+and calibration set), the same model `--to onnx,tflite,openvino,coreml --int8` (what `--to all` built with the
+`all` extra when its time goal was set) and `--to onnx,tflite,openvino,coreml,executorch --int8` (what the `all`
+extra installs today; `qnn`, outside `all`, emulates an NPU for minutes), each as its own process, once per source
+tree given (`--tree before=/path/to/checkout`), so a change can be measured against the code before it on the
+same machine. Weights are random (timm's pretrained weights need the hub; the time does not depend on them) unless
 `--weights` says otherwise. The stage table comes from the manifests' `timings` (mnv4_deploy/infra/stages.py): the
 run's shared stages, then each target's own.
 
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUNS = {
     "main (coreml int8)": ["--to", "coreml"],
     "all (onnx,tflite,openvino,coreml int8)": ["--to", "onnx,tflite,openvino,coreml"],
+    "all extra (onnx,tflite,openvino,coreml,executorch int8)": ["--to", "onnx,tflite,openvino,coreml,executorch"],
 }
 
 

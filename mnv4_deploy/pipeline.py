@@ -2,7 +2,9 @@
 load -> prepare -> quantize once -> export per target -> verify in the real runtime -> manifest."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,7 +18,9 @@ from .config.recipes import Recipe, load_recipe
 from .errors import UserError, VerificationError
 from .infra.fileio import ensure_writable_dir
 from .infra.stages import clock, run_clock, stage
-from .infra.transaction import TargetLocks, lock_targets, staged
+from .infra.transaction import Staging, TargetLocks, lock_targets, staged
+from .infra.worker import Worker
+from .infra.worker import start as start_worker
 from .load.images import LoadedImages, load_images, scan_folder
 from .load.models import LoadedModel, load_model
 from .preparation.prepare import prepare
@@ -222,7 +226,7 @@ def _convert(settings: ConvertSettings,
         run.release()
 
 
-def ptq_for(run: Run) -> Callable[[Any], Optional[QuantizedModel]]:
+def ptq_for(run: LoadedRun) -> Callable[[Any], Optional[QuantizedModel]]:
     """`quantized_for(target)` of a PTQ run (convert, and `debug` rebuilding a convert's int8 model)."""
     settings = run.settings
     quantizations: dict[Any, QuantizedModel] = {}
@@ -246,7 +250,7 @@ def ptq_for(run: Run) -> Callable[[Any], Optional[QuantizedModel]]:
     return quantized_for
 
 
-def export_request(run: Run, target: Any, quantized: Optional[QuantizedModel]) -> ExportRequest:
+def export_request(run: LoadedRun, target: Any, quantized: Optional[QuantizedModel]) -> ExportRequest:
     """What `target` exports: the recipe's options with the command's flags, the model it deploys (targets
     without int16 activations deploy the int16 fallback's float variant)."""
     options = apply_overrides(options_for(run.recipe, target.name), run.settings.target_options)
@@ -258,33 +262,105 @@ def deploy(run: LoadedRun, quantized_for: Callable[[Any], Optional[QuantizedMode
            on_target_error: Optional[Callable[[str, Exception], None]] = None) -> list[ArtifactResult]:
     """Export the (PTQ- or QAT-) quantized model, or the float model, to every target and verify each.
 
-    `quantized_for(target)` gives the int8 model a target deploys (None for float artifacts).
+    `quantized_for(target)` gives the int8 model a target deploys (None for float artifacts). Targets whose export
+    is self-contained (`Target.exports_in_worker`: TFLite, ExecuTorch) may export in a forked worker process
+    (infra/worker.py, `_worker_targets` says which) while this process exports and verifies the others; their
+    artifacts are verified here once the worker hands them over. Latencies are timed once the worker is done (nothing else runs then), and each
+    folder is committed in the user's order; an artifact the gate refuses ends the run at once.
     """
     settings, recipe = run.settings, run.recipe
     # The PyTorch simulation's logits on the held-back images (they suffice to catch a runtime that re-quantizes
     # or drops a quantizer), computed while each target exports and shared by the targets deploying one model.
     simulations = Simulations(recipe.verification.batch_size)
-    results = []
-    try:
-        for target in run.targets:
-            try:
-                request = export_request(run, target, quantized_for(target))
-                deployed = request.quantized
-                simulated = None
-                if deployed is not None and target.deploys_simulated_model(request):
-                    semantics = target.simulation_semantics(request)
-                    if target.verifies_every_image(request):
-                        simulations.start(deployed, semantics, run.evals[0].images.x)
-                    simulated = simulations.reference(deployed, semantics)
-                with stage(target.name, shown=False):
-                    results.append(export_and_verify(target, request, recipe, run.evals, settings, simulated))
+    enforced = recipe.verification.gate if settings.verify_gate is None else settings.verify_gate
+    results: dict[str, ArtifactResult] = {}
+
+    def failed(target: Any, exc: Exception) -> None:
+        if on_target_error is None or isinstance(exc, UserError):
+            raise exc
+        on_target_error(target.name, exc)
+
+    with contextlib.ExitStack() as held:  # staging folders, removed at the end unless committed
+        def staging_for(target: Any) -> Staging:
+            return held.enter_context(staged(Path(settings.out) / target.name, target.artifact_name))
+
+        offloaded: dict[str, tuple[ExportRequest, Staging]] = {}
+        for target in _worker_targets(run.targets):
+            try:  # quantized (and staged) here, before the fork: the worker inherits the model
+                offloaded[target.name] = (export_request(run, target, quantized_for(target)), staging_for(target))
             except Exception as exc:
-                if on_target_error is None or isinstance(exc, UserError):
-                    raise
-                on_target_error(target.name, exc)
-    finally:
-        simulations.close()
-    return results
+                failed(target, exc)
+        by_name = {t.name: t for t in run.targets}
+        worker = start_worker([(name, functools.partial(export_artifact, by_name[name], request, staging.artifact))
+                               for name, (request, staging) in offloaded.items()])
+        verified: dict[str, tuple[ExportRequest, Staging, dict[str, Any], Verified]] = {}
+        try:
+            order = [t for t in run.targets if worker is None or t.name not in offloaded] + \
+                    ([by_name[name] for name in offloaded] if worker is not None else [])  # in the worker's order
+            for target in order:
+                try:
+                    # quantizing (once, shared) is a stage of the run, not of the target that first needs it
+                    request, staging = offloaded.get(target.name) or (
+                        export_request(run, target, quantized_for(target)), staging_for(target))
+                    with stage(target.name, shown=False):
+                        export_info, v = _export_and_check(run, target, request, staging, simulations, worker,
+                                                           enforced)
+                        if not v.verification["gate"]["passed"] and enforced:  # refused now, not after the others
+                            finish_artifact(target, request, recipe, settings, staging, export_info, v, enforced)
+                        verified[target.name] = (request, staging, export_info, v)
+                except Exception as exc:
+                    failed(target, exc)
+        finally:
+            simulations.close()
+            if worker is not None:
+                worker.close()  # before its staging folders are removed; at once if the run was interrupted
+        for target in run.targets:  # nothing else runs now: the latencies are timed on a quiet machine
+            if target.name in verified:
+                request, staging, export_info, v = verified[target.name]
+                try:
+                    with stage(target.name, shown=False):
+                        results[target.name] = finish_artifact(target, request, recipe, settings, staging,
+                                                                export_info, v, enforced)
+                except Exception as exc:
+                    failed(target, exc)
+    return [results[t.name] for t in run.targets if t.name in results]
+
+
+def _worker_targets(targets: Sequence[Any]) -> list[Any]:
+    """The targets whose exports go to the worker process, longest first: of those that allow it, each goes there
+    while the worker has less work than this process (`Target.work_seconds`), so the two finish together."""
+    here = sum(t.work_seconds for t in targets if not t.exports_in_worker)
+    there, chosen = 0.0, []
+    for t in sorted((t for t in targets if t.exports_in_worker), key=lambda t: -t.work_seconds):
+        if there < here:
+            chosen.append(t)
+            there += t.work_seconds
+        else:
+            here += t.work_seconds
+    return chosen
+
+
+def _export_and_check(run: LoadedRun, target: Any, request: ExportRequest, staging: Staging,
+                      simulations: Simulations, worker: Optional[Worker],
+                      enforced: bool) -> tuple[dict[str, Any], Verified]:
+    """Export one target's artifact into `staging` (or take it from the worker) and verify it."""
+    deployed = request.quantized
+    simulated = None
+    if deployed is not None and target.deploys_simulated_model(request):
+        semantics = target.simulation_semantics(request)
+        if target.verifies_every_image(request):
+            simulations.start(deployed, semantics, run.evals[0].images.x)
+        simulated = simulations.reference(deployed, semantics)
+    if worker is not None and target.name in worker.names:
+        with stage("export_wait", f"[{target.name}] exporting {request.precision} (in the export worker)"):
+            export_info, worker_seconds = worker.result(target.name)
+        c = clock()
+        if c is not None:  # the export's own stages, timed in the worker
+            for name, seconds in worker_seconds.items():
+                c.add(f"{target.name}/{name}", seconds)
+    else:
+        export_info = export_artifact(target, request, staging.artifact)
+    return export_info, verify_artifact(target, request, staging.artifact, run.recipe, run.evals, enforced, simulated)
 
 
 def _measure(runner: Any, evals: Sequence[EvalData], batch: int,
@@ -329,69 +405,107 @@ def _within_limit(runner: Any, evals: Sequence[EvalData],
     return out, simulated
 
 
-def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals: Sequence[EvalData],
-                      settings: ConvertSettings,
-                      simulated: Union[np.ndarray, Callable[[np.ndarray], np.ndarray], None] = None) -> ArtifactResult:
-    """Export into a staging folder, verify there, and swap it in as OUT/<target>/ only when the gate passes.
+@dataclass
+class Verified:
+    """An artifact checked in its runtime, not yet timed: the manifest's verification record so far."""
+
+    runner: Any
+    first_image: np.ndarray  # the image latency is timed on
+    verification: dict[str, Any]
+    tensor_table: Optional[dict[str, Any]]
+
+
+def export_artifact(target: Any, request: ExportRequest, path: Path) -> dict[str, Any]:
+    """Write `target`'s artifact at `path`; the facts its manifest records about the conversion."""
+    started = time.perf_counter()
+    with stage("export", f"[{target.name}] exporting {request.precision}"):
+        export_info = target.export(request, path)
+    export_info.setdefault("seconds", round(time.perf_counter() - started, 2))  # conversion time, per target
+    return export_info
+
+
+def verify_artifact(target: Any, request: ExportRequest, path: Path, recipe: Recipe, evals: Sequence[EvalData],
+                    enforced: bool,
+                    simulated: Union[np.ndarray, Callable[[np.ndarray], np.ndarray], None] = None) -> Verified:
+    """Load the artifact at `path` in its runtime, compare it with float (and the PyTorch simulation) on `evals`,
+    judge it with the recipe's gate and, for int8, compare it tensor by tensor."""
+    name = target.name
+    with stage("load", f"[{name}] loading the artifact in its runtime", shown=False):
+        runner = target.load(path, request)
+    evals, simulated = _within_limit(runner, evals, simulated)
+    if callable(simulated):
+        with stage("simulate", f"[{name}] PyTorch simulation of the int8 model"):
+            simulated = simulated(evals[0].images.x)
+    batch = recipe.verification.batch_size
+    verification: dict[str, Any] = {"numbers": runner.numbers}
+    # a simulation runner is the simulation itself: comparing it with the simulation would prove nothing
+    images = sum(len(ev.images) for ev in evals)
+    with stage("verify", f"[{name}] verifying in the runtime ({images} images)"):
+        measured, logits = _measure(runner, evals, batch, None if runner.numbers == "simulated" else simulated)
+    verification |= measured
+    if simulated is not None and runner.numbers != "simulated":
+        verification["simulation"] = target.simulation_semantics(request).to_dict()
+    judged = evals[0].name
+    verification["gate"] = gate_record(request.precision, recipe.verification, judged, verification[judged],
+                                       logits, enforced)
+    tensor_table = None
+    if request.precision == "int8":
+        with stage("tensorwise", f"[{name}] tensor by tensor against the simulation"):
+            verification["tensorwise"], tensor_table = tensorwise.run(target, path, request, evals[0].images.x)
+    return Verified(runner, evals[0].images.x[:1], verification, tensor_table)
+
+
+def finish_artifact(target: Any, request: ExportRequest, recipe: Recipe, settings: ConvertSettings,
+                    staging: Staging, export_info: dict[str, Any], verified: Verified,
+                    enforced: bool) -> ArtifactResult:
+    """Time the verified artifact, write its manifest and swap its folder in, or refuse it (the gate failed).
 
     The artifact, its manifest and tensorwise.json replace the folder together (infra/transaction.py). A refused
     artifact leaves the previous folder as it was, with a `manifest.failed.json` (what was measured and why it
     failed) beside it, and raises VerificationError; with the gate off it is written and its manifest says it
-    failed. `simulated`: the PyTorch simulation's logits on the held-back images, or a function giving them for
-    the images verified.
+    failed.
     """
-    out_dir = Path(settings.out) / target.name
+    name, runner, one = target.name, verified.runner, verified.first_image
+    verification = dict(verified.verification)
+    with stage("latency", f"[{name}] timing {settings.latency_runs} runs", shown=False):
+        latency = (measure_latency(runner, one, runs=settings.latency_runs, threads=runner.threads).to_dict()
+                   if runner.timed else {"batch": 1, "median_ms": None, "p90_ms": None, "runs": 0,
+                                         "threads": runner.threads, "input_shape": list(one.shape),
+                                         "not_measured": f"{runner.numbers}: {NUMBERS_KINDS[runner.numbers]}"})
+    # the manifest's key order as before: latency after the gate, the tensor-by-tensor summary last
+    tensorwise_summary = verification.pop("tensorwise", None)
+    verification["latency"] = latency
+    if tensorwise_summary is not None:
+        verification["tensorwise"] = tensorwise_summary
+    with stage("describe", f"[{name}] describing the artifact", shown=False):
+        manifest = _manifest(target, request, recipe, export_info, staging.artifact, verification)
+    gate = verification["gate"]
+    if not gate["passed"]:
+        summary = f"[{target.name}] {request.precision}: " + "; ".join(gate["failures"])
+        if enforced:
+            failed = staging.refuse(FAILED_MANIFEST, manifest)
+            raise VerificationError(f"{summary} (not written; numbers in {failed}; "
+                                    "--no-verify-gate keeps it anyway)")
+        logger.warning(f"warning: {summary}; written anyway (--no-verify-gate), its manifest says it failed")
+    manifest_path = staging.write_json("manifest.json", manifest)
+    if verified.tensor_table is not None:
+        staging.write_json("tensorwise.json", verified.tensor_table)
+    staging.commit()
+    return ArtifactResult(target.name, request.precision, staging.folder / target.artifact_name, manifest_path,
+                          manifest)
+
+
+def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals: Sequence[EvalData],
+                      settings: ConvertSettings,
+                      simulated: Union[np.ndarray, Callable[[np.ndarray], np.ndarray], None] = None) -> ArtifactResult:
+    """Export into a staging folder, verify there, and swap it in as OUT/<target>/ only when the gate passes
+    (`finish_artifact`), all in the calling thread. `simulated`: the PyTorch simulation's logits on the
+    held-back images, or a function giving them for the images verified."""
     enforced = recipe.verification.gate if settings.verify_gate is None else settings.verify_gate
-    name = target.name
-    with staged(out_dir, target.artifact_name) as staging:
-        tmp = staging.artifact
-        started = time.perf_counter()
-        with stage("export", f"[{name}] exporting {request.precision}"):
-            export_info = target.export(request, tmp)
-        export_info.setdefault("seconds", round(time.perf_counter() - started, 2))  # conversion time, per target
-        with stage("load", f"[{name}] loading the artifact in its runtime", shown=False):
-            runner = target.load(tmp, request)
-        evals, simulated = _within_limit(runner, evals, simulated)
-        if callable(simulated):
-            with stage("simulate", f"[{name}] PyTorch simulation of the int8 model"):
-                simulated = simulated(evals[0].images.x)
-        batch = recipe.verification.batch_size
-        verification: dict[str, Any] = {"numbers": runner.numbers}
-        # a simulation runner is the simulation itself: comparing it with the simulation would prove nothing
-        images = sum(len(ev.images) for ev in evals)
-        with stage("verify", f"[{name}] verifying in the runtime ({images} images)"):
-            measured, logits = _measure(runner, evals, batch, None if runner.numbers == "simulated" else simulated)
-        verification |= measured
-        if simulated is not None and runner.numbers != "simulated":
-            verification["simulation"] = target.simulation_semantics(request).to_dict()
-        judged = evals[0].name
-        verification["gate"] = gate = gate_record(request.precision, recipe.verification, judged, verification[judged],
-                                                  logits, enforced)
-        one = evals[0].images.x[:1]
-        with stage("latency", f"[{name}] timing {settings.latency_runs} runs", shown=False):
-            verification["latency"] = (
-                measure_latency(runner, one, runs=settings.latency_runs, threads=runner.threads).to_dict()
-                if runner.timed else {"batch": 1, "median_ms": None, "p90_ms": None, "runs": 0,
-                                      "threads": runner.threads, "input_shape": list(one.shape),
-                                      "not_measured": f"{runner.numbers}: {NUMBERS_KINDS[runner.numbers]}"})
-        tensor_table = None
-        if request.precision == "int8":
-            with stage("tensorwise", f"[{name}] tensor by tensor against the simulation"):
-                verification["tensorwise"], tensor_table = tensorwise.run(target, tmp, request, evals[0].images.x)
-        with stage("describe", f"[{name}] describing the artifact", shown=False):
-            manifest = _manifest(target, request, recipe, export_info, tmp, verification)
-        if not gate["passed"]:
-            summary = f"[{target.name}] {request.precision}: " + "; ".join(gate["failures"])
-            if enforced:
-                failed = staging.refuse(FAILED_MANIFEST, manifest)
-                raise VerificationError(f"{summary} (not written; numbers in {failed}; "
-                                        "--no-verify-gate keeps it anyway)")
-            logger.warning(f"warning: {summary}; written anyway (--no-verify-gate), its manifest says it failed")
-        manifest_path = staging.write_json("manifest.json", manifest)
-        if tensor_table is not None:
-            staging.write_json("tensorwise.json", tensor_table)
-        staging.commit()
-    return ArtifactResult(target.name, request.precision, out_dir / target.artifact_name, manifest_path, manifest)
+    with staged(Path(settings.out) / target.name, target.artifact_name) as staging:
+        export_info = export_artifact(target, request, staging.artifact)
+        verified = verify_artifact(target, request, staging.artifact, recipe, evals, enforced, simulated)
+        return finish_artifact(target, request, recipe, settings, staging, export_info, verified, enforced)
 
 
 def _quantization_facts(request: ExportRequest) -> Optional[dict[str, Any]]:

@@ -4,7 +4,7 @@ convert many times. Its runtime is the PyTorch model itself, after checking that
 
 MNV4_TEST_EXPORT_SECONDS makes `export` sleep after writing the first file, and MNV4_TEST_EXPORT_WAIT (a path)
 makes it wait there until that file exists, so a test can interrupt or race a run while its artifact is half
-written.
+written. `WorkerFolderTarget` is the same target exported in the export worker process.
 """
 from __future__ import annotations
 
@@ -44,12 +44,19 @@ class FolderTarget(Target):
         while wait and not Path(wait).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         (path / "meta.json").write_text(json.dumps({"input_size": list(request.loaded.preprocessing.input_size)}))
-        return {"method": "state_dict folder"}
+        return {"method": "state_dict folder", "exported_by_pid": os.getpid()}
 
     def load(self, path: Path, request: ExportRequest) -> Runner:
         if not (path / "weights.pt").is_file() or not (path / "meta.json").is_file():
             raise RuntimeError(f"{path} is not a whole artifact")
         return FolderRunner(request.loaded.model)
+
+
+class WorkerFolderTarget(FolderTarget):
+    """The same artifact, exported in the export worker process (mnv4_deploy/infra/worker.py) beside other targets."""
+
+    name = "folder_worker"
+    exports_in_worker = True
 
 
 class FolderRunner(Runner):

@@ -30,6 +30,7 @@ class Clock:
     """The stages of one run: {name: seconds}, in the order they started (a repeated name adds up)."""
 
     bars: bool = False  # draw progress bars (a terminal); else a line per shown stage as it ends
+    lines: bool = True  # without bars, that line (a worker process's clock times its stages silently)
     seconds: dict[str, float] = field(default_factory=dict)
     _open: list[str] = field(default_factory=list)
 
@@ -50,7 +51,10 @@ class Clock:
         total = sum(v for k, v in self.seconds.items() if SEPARATOR not in k) or 1.0
         width = max([len(k) for k in self.seconds] + [5])
         lines = [f"{'stage':{width}}  {'seconds':>8}  {'share':>6}"]
-        for name, s in self.seconds.items():
+        tops = list(dict.fromkeys(k.split(SEPARATOR, 1)[0] for k in self.seconds))
+        # each stage under its top-level stage, also when that one was reopened later (a target's latency)
+        grouped = sorted(self.seconds.items(), key=lambda kv: tops.index(kv[0].split(SEPARATOR, 1)[0]))
+        for name, s in grouped:
             depth = name.count(SEPARATOR)
             label = "  " * depth + name.rsplit(SEPARATOR, 1)[-1]
             lines.append(f"{label:{width}}  {s:8.2f}  {100 * s / total:5.1f}%")
@@ -67,9 +71,9 @@ def clock() -> Optional[Clock]:
 
 
 @contextlib.contextmanager
-def timing(bars: bool = False) -> Iterator[Clock]:
+def timing(bars: bool = False, lines: bool = True) -> Iterator[Clock]:
     """Make a new clock the active one for the block."""
-    c = Clock(bars=bars)
+    c = Clock(bars=bars, lines=lines)
     token = _active.set(c)
     try:
         yield c
@@ -156,5 +160,5 @@ def stage(name: str, label: Optional[str] = None, total: Optional[int] = None, u
             ticker.join()
         if bar is not None:
             bar.close()
-        if ok and c is not None and shown and not c.bars and seconds >= LINE_SECONDS:
+        if ok and c is not None and shown and not c.bars and c.lines and seconds >= LINE_SECONDS:
             logger.info(f"{label}: {seconds:.1f} s")

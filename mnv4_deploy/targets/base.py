@@ -89,6 +89,13 @@ class Target(ABC):
     Options: ClassVar[type]
     # Whether the runtime runs int16 activations (an int16 fallback's sites); others keep those tensors float.
     int16_activations: ClassVar[bool] = False
+    # Its export is long and self-contained (it reads the request and writes the artifact, nothing else): on Linux,
+    # beside other targets, it runs in a forked worker process while the main process exports and verifies those
+    # (mnv4_deploy/infra/worker.py). Its verification stays in the main process.
+    exports_in_worker: ClassVar[bool] = False
+    # Roughly how many seconds its export and verification take on one core (conv_small at 224, from
+    # bench/bench_convert_time.py): how the pipeline balances the targets between itself and the worker.
+    work_seconds: ClassVar[float] = 10.0
 
     def check_installed(self) -> None:
         """Whether the toolchain is there, without importing it (coremltools alone takes seconds to import, and

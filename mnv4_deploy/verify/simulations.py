@@ -6,6 +6,10 @@ as a target is known to need it, it runs on the core the export leaves idle, and
 if the export was faster. One computation per (model, semantics, images), shared by every target that deploys that
 model. The graph is built in the calling thread (`QuantizedModel.simulator`); the thread only runs it, with the
 process's intra-op thread count, which verification changes only after waiting for the result.
+Only eager tensor ops may run beside an export: torch.export keeps process-wide tracing state (its exporting flag,
+FX's current annotations, a patched nn.Module.__call__). Verification tried on a thread beside the exports failed
+both ways: the tensor-by-tensor check broke an export (a KeyError in FX's annotations) and the CoreML executor ran
+5x slower (each of its small ops waiting for the GIL). Slow exports go to a worker process instead (infra/worker.py).
 """
 from __future__ import annotations
 
@@ -69,8 +73,9 @@ class Simulations:
         return simulate
 
     def close(self) -> None:
-        """Drop work not started; a computation under way stops after its current batch and is discarded."""
+        """Drop work not started; a computation under way stops after its current batch and is discarded. Waits
+        for that batch: the next run may fork an export worker, which needs this process to have one thread."""
         self._stop.set()
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -62,6 +62,7 @@ class CoremlTarget(Target):
     title = "CoreML"
     extra = "coreml"
     artifact_name = "model.mlpackage"
+    work_seconds = 17
     precisions = ("fp32", "fp16", "int8")
     requires = ("coremltools",)
     Options = CoremlOptions

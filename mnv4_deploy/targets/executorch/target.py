@@ -34,6 +34,8 @@ class ExecutorchTarget(Target):
     title = "ExecuTorch (XNNPACK)"
     extra = "executorch"
     artifact_name = "model.pte"
+    work_seconds = 55
+    exports_in_worker = True  # torch.export, three rewrites and XNNPACK's lowering
     precisions = ("fp32", "int8")
     requires = ("executorch",)
     Options = ExecutorchOptions
@@ -45,6 +47,10 @@ class ExecutorchTarget(Target):
         int8 = request.precision == "int8"
         model = request.quantized.converted(fold_weights=True) if int8 else request.loaded.model
         Path(path).write_bytes(to_pte(model, request.example))
+        if int8 and self.deploys_simulated_model(request):  # for the tensor-by-tensor check, which removes it
+            from .taps import build_tapped
+
+            build_tapped(request.quantized.converted(fold_weights=True), request.example, Path(path))
         return {"converter": "torch.export -> executorch.exir.to_edge_transform_and_lower (XnnpackPartitioner)",
                 "method": "pt2e (the shared int8 model)" if int8 else "float",
                 "batch": 1}
@@ -70,7 +76,7 @@ class ExecutorchTarget(Target):
         from .taps import quantized_tensors
 
         return quantized_tensors(request.quantized.converted(fold_weights=True), request.example, x,
-                                 request.options.threads)
+                                 request.options.threads, Path(path))
 
 
 class ExecutorchRunner(Runner):

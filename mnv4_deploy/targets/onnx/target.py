@@ -43,6 +43,7 @@ class OnnxTarget(Target):
     title = "ONNX"
     extra = "onnx"
     artifact_name = "model.onnx"
+    work_seconds = 12
     precisions = ("fp32", "int8")
     requires = ("onnx", "onnxruntime", "onnxscript")
     Options = OnnxOptions

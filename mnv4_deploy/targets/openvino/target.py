@@ -95,6 +95,7 @@ class OpenVinoTarget(Target):
     title = "OpenVINO"
     extra = "openvino"
     artifact_name = "model"  # a directory: model.xml + model.bin
+    work_seconds = 9
     precisions = ("fp32", "fp16", "bf16", "int8")
     requires = ("openvino", "nncf")
     Options = OpenVinoOptions

@@ -63,6 +63,7 @@ class QnnTarget(Target):
     title = "Qualcomm QNN (Hexagon NPU)"
     extra = "qnn"
     artifact_name = "model"  # a folder: QDQ model, context model + binary, QNN's op trace
+    work_seconds = 40
     precisions = ("int8",)
     requires = ("onnx", "onnxruntime", "onnxscript", "onnxruntime_qnn")
     Options = QnnOptions

@@ -59,6 +59,8 @@ class TfliteTarget(Target):
     title = "TFLite/LiteRT"
     extra = "tflite"
     artifact_name = "model.tflite"
+    work_seconds = 14
+    exports_in_worker = True  # litert-torch's conversion: the slowest of the four default targets
     precisions = ("fp32", "fp16", "int8")
     requires = ("litert_torch", "ai_edge_litert")
     Options = TfliteOptions
