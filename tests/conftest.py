@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Declines OpenVINO's usage telemetry before any test module imports openvino, as the CLI does: its sender thread
+# would keep the export worker (mnv4_deploy/infra/worker.py) from forking for the rest of the session.
+import mnv4_deploy.targets.openvino.target  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MNV4_SHARED", REPO.parent / "shared"))
