@@ -98,8 +98,17 @@ def _silent_server() -> tuple[Any, str]:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
+    server.settimeout(0.2)
     held: list = []
-    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+
+    def accept() -> None:  # until the test closes the server: no thread outlives it (the export worker forks
+        while server.fileno() != -1:  # only from a single-thread process)
+            try:
+                held.append(server.accept())
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
     return server, f"http://127.0.0.1:{server.getsockname()[1]}"
 
 
@@ -118,15 +127,18 @@ def test_unreachable_hub_is_one_line_at_once(tmp_path: Path, endpoint: str):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env |= {"HF_ENDPOINT": url, "HF_HUB_CACHE": str(tmp_path / "cache")}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mnv4_deploy", "convert", "--model", "mobilenetv4_conv_small",
-                           "--to", "onnx", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mnv4_deploy", "convert", "--model", "mobilenetv4_conv_small",
+                               "--to", "onnx", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                              env=env)
+    finally:
+        if server is not None:
+            server.close()
     seconds = time.perf_counter() - start
     line = _one_line_error(proc)
     assert "cannot reach the Hugging Face hub" in line and str(tmp_path / "cache") in line, line
     assert "Retrying" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert seconds < 30, seconds  # startup plus a 3 s probe; the retries took 54 s
-    if server is not None:
-        server.close()
 
 
 def test_cached_weights_are_found_without_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

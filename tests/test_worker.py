@@ -28,7 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 TARGETS = [("folder", "tests.folder_target:FolderTarget"), ("folder_worker", "tests.folder_target:WorkerFolderTarget")]
 RECIPE = REPO / "tests" / "small.yaml"
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the export worker forks: Linux only")
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the export worker forks: Linux only"),
+    # Earlier tests in the session import JAX, which warns at every fork; these tests' children never use it.
+    pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning"),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,3 +181,21 @@ def test_sigterm_while_the_worker_exports_ends_it_and_leaves_nothing(tmp_path: P
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert not out.exists() or sorted(p.name for p in out.rglob("*")) == []
+
+
+def test_a_real_tflite_export_in_the_worker_is_verified_like_any_other(tmp_path: Path) -> None:
+    """litert-torch's conversion (which imports JAX) runs in the forked worker; its int8 artifact passes the same
+    checks in the main process, and the main process never imported JAX (a later run could still fork)."""
+    script = ("import sys; from mnv4_deploy.cli import main; code = main(sys.argv[1:]); "
+              "print('jax imported' if 'jax' in sys.modules else 'no jax'); sys.exit(code)")
+    args = ["-q", "convert", "--model", "mobilenetv4_conv_small_035", "--weights", "random", "--input-size", "32",
+            "--to", "onnx,tflite", "--int8", "--out", str(tmp_path), "--recipe", str(RECIPE), "--latency-runs", "1",
+            "--no-progress", "--no-verify-gate"]
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "no jax"
+    manifest = json.loads((tmp_path / "tflite" / "manifest.json").read_text())
+    assert "export_wait" in manifest["timings"]["target"]
+    summary = manifest["verification"]["tensorwise"]
+    assert summary["matched"] == summary["pytorch_quantizers"] and summary["flagged"] == 0, summary

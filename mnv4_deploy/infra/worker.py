@@ -28,9 +28,11 @@ Job = Callable[[], Any]
 
 def available() -> bool:
     """Whether jobs can run in a forked worker here: Linux, the only thread of this process being the main one
-    (a lock held by another thread at fork time would stay locked forever in the child) and torch.distributed not
-    running (its communication threads)."""
-    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+    (a lock held by another thread at fork time would stay locked forever in the child), JAX not imported (its
+    native threads: it warns that a fork after its import deadlocks; litert-torch's converter imports it, which a
+    convert does only in the worker, or without one) and torch.distributed not running (its communication
+    threads)."""
+    if not sys.platform.startswith("linux") or threading.active_count() > 1 or "jax" in sys.modules:
         return False
     import torch.distributed as dist
 
