@@ -65,6 +65,10 @@ class ConvertSettings:
     calib_allow_changed: bool = False  # calibrate on a set whose files changed (the digest says what was used)
     val_labels: Optional[Path] = None  # ground truth for a flat --val folder (ImageNet's val split)
 
+    def gate_enforced(self, recipe: Recipe) -> bool:
+        """Whether an artifact that fails verification is refused: --[no-]verify-gate, else the recipe's gate."""
+        return recipe.verification.gate if self.verify_gate is None else self.verify_gate
+
     def __post_init__(self) -> None:
         """Counts checked before any work: a 0 here used to fail only after the whole export."""
         for flag, value, low in (("--latency-runs", self.latency_runs, 1), ("--workers", self.workers, 0),
@@ -272,7 +276,7 @@ def deploy(run: LoadedRun, quantized_for: Callable[[Any], Optional[QuantizedMode
     # The PyTorch simulation's logits on the held-back images (they suffice to catch a runtime that re-quantizes
     # or drops a quantizer), computed while each target exports and shared by the targets deploying one model.
     simulations = Simulations(recipe.verification.batch_size)
-    enforced = recipe.verification.gate if settings.verify_gate is None else settings.verify_gate
+    enforced = settings.gate_enforced(recipe)
     results: dict[str, ArtifactResult] = {}
 
     def failed(target: Any, exc: Exception) -> None:
@@ -501,7 +505,7 @@ def export_and_verify(target: Any, request: ExportRequest, recipe: Recipe, evals
     """Export into a staging folder, verify there, and swap it in as OUT/<target>/ only when the gate passes
     (`finish_artifact`), all in the calling thread. `simulated`: the PyTorch simulation's logits on the
     held-back images, or a function giving them for the images verified."""
-    enforced = recipe.verification.gate if settings.verify_gate is None else settings.verify_gate
+    enforced = settings.gate_enforced(recipe)
     with staged(Path(settings.out) / target.name, target.artifact_name) as staging:
         export_info = export_artifact(target, request, staging.artifact)
         verified = verify_artifact(target, request, staging.artifact, recipe, evals, enforced, simulated)

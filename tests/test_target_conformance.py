@@ -28,7 +28,6 @@ from mnv4_deploy.cli.common import target_option_values
 from mnv4_deploy.config.options import flag_fields
 from mnv4_deploy.config.recipes import parse_recipe
 from mnv4_deploy.errors import UserError, VerificationError
-from mnv4_deploy.infra import worker
 from mnv4_deploy.infra.fileio import sha256_of
 from mnv4_deploy.pipeline import FAILED_MANIFEST, ArtifactResult, ConvertSettings, apply_overrides, convert
 from mnv4_deploy.targets import (Runner, check_recipe_targets, get_target, register_target, target_names,
@@ -96,7 +95,6 @@ class _Built(dict):
     def __init__(self, settings: ConvertSettings) -> None:
         super().__init__()
         self.settings, self.done = settings, set()
-        self.worker_available: dict[str, bool] = {}  # per precision: whether its convert could fork a worker
 
     def __missing__(self, key: tuple[str, str]) -> ArtifactResult:
         precision = key[1]
@@ -106,7 +104,6 @@ class _Built(dict):
         names = [n for n in TARGETS if precision in get_target(n).precisions and _toolchain_present(n)]
         settings = dataclasses.replace(self.settings, out=Path(self.settings.out) / precision,
                                        targets=",".join(names), precision=precision)
-        self.worker_available[precision] = worker.available()
         self.update({(r.target, precision): r for r in convert(settings)})
         return self[key]
 
@@ -193,9 +190,9 @@ def test_manifest_schema(built, name: str) -> None:
             precision == "int8" and v["numbers"] != "simulated"
             and get_target(name).deploys_simulated_model(_request_like(m)))
         assert not (r.path.parent / FAILED_MANIFEST).exists()
-        # only a target that allows it is exported in the export worker, and only where one can fork (infra/worker.py)
+        # only a target that allows it is exported in the export worker (infra/worker.py)
         if "export_wait" in m["timings"]["target"]:
-            assert get_target(name).exports_in_worker and built.worker_available[precision]
+            assert get_target(name).exports_in_worker
 
 
 def _request_like(manifest: dict[str, Any]) -> Any:

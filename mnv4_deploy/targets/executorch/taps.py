@@ -57,13 +57,13 @@ def quantized_tensors(model: torch.fx.GraphModule, example: torch.Tensor, x: np.
                       artifact: Path) -> tuple[list[QTensor], dict[str, Any]]:
     """Every activation quantizer's int8 output on `x`, named as in the PyTorch simulation's graph: from the
     tapped program built with `artifact` (then removed, so it is never committed with it), or built now."""
-    program_file, taps_file = tapped_files(artifact)
     try:
-        if program_file.exists() and taps_file.exists():
-            return _run(program_file, json.loads(taps_file.read_text()), x, threads)
         with tempfile.TemporaryDirectory() as tmp:
-            build_tapped(model, example, Path(tmp) / Path(artifact).name)
-            program_file, taps_file = tapped_files(Path(tmp) / Path(artifact).name)
+            built = Path(artifact)
+            if not all(f.exists() for f in tapped_files(built)):
+                built = Path(tmp) / built.name
+                build_tapped(model, example, built)
+            program_file, taps_file = tapped_files(built)
             return _run(program_file, json.loads(taps_file.read_text()), x, threads)
     finally:
         for f in tapped_files(artifact):
