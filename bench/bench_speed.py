@@ -17,8 +17,8 @@ sequential, not interleaved: a cross-check of ours, not the ratio of record (thi
 2x between runs a minute apart).
 Also: how many convolutions/matmuls the runtime executes in int8 (from its executed graph) and conversion time.
 
-Weights: the reference conv_small checkpoint where ../shared has it (trained at 64x64; run at 224 here, which
-only matters for accuracy, not speed), random weights otherwise. Calibration: the scikit-image photos.
+Weights: the reference conv_small and hybrid_medium checkpoints where ../shared has them (trained at 64x64; run
+at 224/256 here, which only matters for accuracy, not speed), random weights otherwise. Calibration: the scikit-image photos.
 
   .venv/bin/python bench/bench_speed.py                                   # conv_small, conv_medium, hybrid_medium
   .venv/bin/python bench/bench_speed.py --models mobilenetv4_hybrid_medium --threads 2 --tools
@@ -37,7 +37,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = REPO.parent / "shared" / "models" / "mnv4_conv_small_tin202.pth"
+# Reference checkpoints (trained at 64x64, 202 classes): real activation ranges, so the int8 graph (and which of
+# its layers the runtime can run in int8) is the one a trained model gets. Random weights give the hybrid's
+# attention degenerate ranges.
+REFERENCE = {"mobilenetv4_conv_small": REPO.parent / "shared" / "models" / "mnv4_conv_small_tin202.pth",
+             "mobilenetv4_hybrid_medium": REPO.parent / "shared" / "models" / "mnv4_hybrid_medium_tin202_e1.pth"}
 RECIPE = """\
 name: bench-speed
 quantization:
@@ -52,8 +56,8 @@ def log(msg: str) -> None:
 
 
 def _weights(model: str) -> tuple[str, int | None]:
-    if model == "mobilenetv4_conv_small" and REFERENCE.is_file():
-        return str(REFERENCE), 202
+    if model in REFERENCE and REFERENCE[model].is_file():
+        return str(REFERENCE[model]), 202
     return "random", None
 
 

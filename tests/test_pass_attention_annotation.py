@@ -1,6 +1,7 @@
 """quantization/passes/attention_annotation.py: the Mobile MQA's activation-activation matmuls and softmax are
 quantized by the shared quantizer (litert-torch's annotates neither): observers on both matmul inputs and on
-their outputs, and the softmax output on TFLite's fixed int8 grid (scale 1/256, zero point -128)."""
+their outputs, the inputs symmetric (what OpenVINO's CPU plugin needs to run such a MatMul in int8), and the
+softmax output on TFLite's fixed int8 grid (scale 1/256, zero point -128)."""
 from __future__ import annotations
 
 import torch
@@ -53,3 +54,23 @@ def test_attention_matmuls_and_softmax_are_observed() -> None:
     [out] = softmaxes[0].users
     fixed = _observer(gm, out)
     assert float(fixed.scale) == 1 / 256 and int(fixed.zero_point) == -128
+
+
+def test_matmul_inputs_are_symmetric_on_their_projections() -> None:
+    """The q/k/v projections' outputs (shared through the reshapes) get zero point 0; softmax keeps its grid."""
+    gm = _prepared()
+    convert_in = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.matmul.default:
+            for arg in node.args[:2]:
+                convert_in[arg.name] = _observer(gm, arg)
+    symmetric = {name: obs for name, obs in convert_in.items() if obs.qscheme == torch.per_tensor_symmetric}
+    assert len(convert_in) == 4 and len(symmetric) == 3, {n: o.qscheme for n, o in convert_in.items()}
+    for obs in symmetric.values():
+        assert int(obs.calculate_qparams()[1]) == 0
+    [fixed] = [obs for obs in convert_in.values() if obs.qscheme != torch.per_tensor_symmetric]
+    assert float(fixed.scale) == 1 / 256 and int(fixed.zero_point) == -128
+    # The projections' own observers are the symmetric ones (one quantizer through the reshapes).
+    conv_outputs = {_observer(gm, next(iter(n.users))) for n in gm.graph.nodes
+                    if n.op == "call_function" and n.target == torch.ops.aten.conv2d.default and n.args[0].op != "placeholder"}
+    assert set(map(id, symmetric.values())) <= set(map(id, conv_outputs))

@@ -154,6 +154,19 @@ def test_a_runtime_tensor_with_the_quantizers_name_is_paired_by_name():
                                                                      ("softmax_2", "t0", "qparams")]
 
 
+
+def test_identical_tensors_on_the_same_grid_are_paired_in_graph_order():
+    """Two blocks' saturated softmaxes can be identical: without names, equally close candidates go to the
+    tensor at the same place in the runtime's execution order, not to whichever is listed first."""
+    rng = np.random.default_rng(1)
+    same = rng.integers(-128, 128, (2, 16))
+    other = rng.integers(-128, 128, (2, 16))
+    torch_side = [tensorwise.QTensor(f"q{i}", 1 / 256, -128, v, i) for i, v in enumerate((other, same, same))]
+    runtime = [tensorwise.QTensor(f"r{i}", 1 / 256, -128, v, i) for i, v in enumerate((other, same, same))]
+    pairs, lost, extra = tensorwise.match(torch_side, list(reversed(runtime)))
+    assert [(p.torch.name, p.runtime.name) for p in pairs] == [("q0", "r0"), ("q1", "r1"), ("q2", "r2")]
+    assert not lost and not extra
+
 # ----------------------------------------------------------------------------- ONNX
 @pytest.mark.slow  # default-suite budget (12 min on 2 cores)
 def test_onnx_faithful_export_matches_layer_by_layer(small):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 FRACTION_THRESHOLD = 0.01  # flag a layer when more than 1% of its elements are > 1 LSB from PyTorch's
 SCALE_RTOL = 1e-5  # float32 scales round-trip through every format to about 1e-7
 VALUE_MATCH_RTOL = 0.5  # second matching pass: relative RMS error of dequantized values
+_TIE = 1e-12  # relative RMS errors this close are the same candidate quality
+_TIE_WEIGHT = 1e-9  # position's weight beside the value error when assigning groups (decides exact ties only)
 IMAGES = 8
 
 
@@ -251,19 +253,22 @@ def _same_qparams(a: QTensor, b: QTensor) -> bool:
     return a.zero_point == b.zero_point and abs(a.scale - b.scale) <= rtol * max(a.scale, b.scale)
 
 
-def _best(t: QTensor, candidates: Sequence[QTensor]) -> Optional[tuple[QTensor, np.ndarray, float, str, tuple[str, ...]]]:
+def _best(t: QTensor, candidates: Sequence[QTensor], position: Optional[Callable[[QTensor, QTensor], float]] = None,
+          ) -> Optional[tuple[QTensor, np.ndarray, float, str, tuple[str, ...]]]:
     """The candidate whose dequantized values (best layout) are closest to `t`'s: (tensor, aligned, rel. RMS,
-    the layout used, the layouts its shape allowed)."""
+    the layout used, the layouts its shape allowed). Candidates exactly as close (the hybrids' saturated
+    softmaxes can be identical in two blocks) go to the one nearest `t`'s place in the graph (`position`)."""
     ref = t.dequantized()
     norm = float(np.sqrt(np.mean(ref ** 2))) or t.scale
-    best = None
+    best, best_distance = None, 0.0
     for c in candidates:
         deq = c.dequantized()
         named = _named_alignments(deq, ref.shape)
+        distance = position(t, c) if position else 0.0
         for layout, aligned in named:
             err = float(np.sqrt(np.mean((aligned - ref) ** 2))) / norm
-            if best is None or err < best[2]:
-                best = (c, aligned, err, layout, tuple(n for n, _ in named))
+            if best is None or err < best[2] - _TIE or (err <= best[2] + _TIE and distance < best_distance):
+                best, best_distance = (c, aligned, err, layout, tuple(n for n, _ in named)), distance
     return best
 
 
@@ -276,6 +281,8 @@ def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple
     pairs: list[Pair] = []
     unmatched: list[QTensor] = []
     by_name = {r.name: r for r in runtime}
+    position = _relative_position(torch_tensors, runtime)
+    pending: list[QTensor] = []
     for t in torch_tensors:
         # A runtime that keeps the quantizers' own names (ExecuTorch's taps) is paired by name first: tensors
         # with the same parameters and size (the hybrids' softmaxes on the fixed 1/256 grid) cannot be swapped.
@@ -286,17 +293,20 @@ def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple
                 left = [r for r in left if r is not named]
                 pairs.append(Pair(t, named, aligned[0], "name"))
                 continue
-        cands = [r for r in left if _same_qparams(t, r) and r.values.size == t.values.size]
-        best = _best(t, cands) if cands else None
-        if best is None:
-            unmatched.append(t)
-            continue
-        left.remove(best[0])
-        pairs.append(_pair(t, best, "qparams"))
+        pending.append(t)
+    for group_torch, group_runtime in _interchangeable(pending, left):
+        assigned = _assign(group_torch, group_runtime, position)
+        for t in group_torch:
+            best = assigned.get(id(t))
+            if best is None:
+                unmatched.append(t)
+                continue
+            left.remove(best[0])
+            pairs.append(_pair(t, best, "qparams"))
     still: list[QTensor] = []
     for t in unmatched:  # re-quantized tensors: same size, close values, other scale or zero point
         cands = [r for r in left if r.values.size == t.values.size]
-        best = _best(t, cands) if cands else None
+        best = _best(t, cands, position) if cands else None
         if best is None or best[2] > VALUE_MATCH_RTOL:
             still.append(t)
             continue
@@ -312,6 +322,67 @@ def match(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> tuple
         pairs.append(_pair(t, best, "qparams (shares a runtime tensor: identity op folded)"))
     pairs.sort(key=lambda p: p.torch.order)
     return pairs, lost, left
+
+
+def _interchangeable(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor],
+                     ) -> list[tuple[list[QTensor], list[QTensor]]]:
+    """The tensors split into groups that could be paired with each other (same quantization parameters and
+    size): usually one PyTorch tensor and one runtime tensor; several where a grid is fixed (softmax)."""
+    compatible = {id(t): [r for r in runtime if _same_qparams(t, r) and r.values.size == t.values.size]
+                  for t in torch_tensors}
+    groups: list[tuple[list[QTensor], list[QTensor]]] = []
+    group_of: dict[int, int] = {}  # runtime tensor id -> group index
+    for t in torch_tensors:
+        hits = sorted({group_of[id(r)] for r in compatible[id(t)] if id(r) in group_of})
+        if not hits:
+            groups.append(([], []))
+            hits = [len(groups) - 1]
+        into = hits[0]
+        for other in hits[1:]:  # t links groups made apart so far: merge them
+            ts, rs = groups[other]
+            groups[into][0].extend(ts)
+            groups[into][1].extend(rs)
+            groups[other] = ([], [])
+            group_of.update({id(r): into for r in rs})
+        groups[into][0].append(t)
+        for r in compatible[id(t)]:
+            if id(r) not in group_of:
+                group_of[id(r)] = into
+                groups[into][1].append(r)
+    return [g for g in groups if g[0]]
+
+
+def _assign(torch_tensors: list[QTensor], runtime: list[QTensor], position: Callable[[QTensor, QTensor], float],
+            ) -> dict[int, tuple[QTensor, np.ndarray, float, str, tuple[str, ...]]]:
+    """Pairs with the least total value error (PyTorch tensor id -> `_best` of its runtime tensor), so one tensor
+    that an ill-conditioned layer moved (a softmax after a 1-LSB change in its logits) does not take a
+    neighbour's place; equal errors go by position in the graph."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not runtime:
+        return {}
+    if len(torch_tensors) == 1:
+        best = _best(torch_tensors[0], runtime, position)
+        return {id(torch_tensors[0]): best} if best is not None else {}
+    unpaired = 1e9
+    options: dict[tuple[int, int], Any] = {}
+    cost = np.full((len(torch_tensors), len(runtime)), unpaired)
+    for i, t in enumerate(torch_tensors):
+        for j, r in enumerate(runtime):
+            if _same_qparams(t, r) and r.values.size == t.values.size:
+                best = _best(t, [r])
+                if best is not None:
+                    options[i, j] = best
+                    cost[i, j] = best[2] + _TIE_WEIGHT * position(t, r)
+    rows, cols = linear_sum_assignment(cost)
+    return {id(torch_tensors[i]): options[i, j] for i, j in zip(rows, cols) if (i, j) in options}
+
+
+def _relative_position(torch_tensors: Sequence[QTensor], runtime: Sequence[QTensor]) -> Callable[[QTensor, QTensor], float]:
+    """How far apart a PyTorch tensor and a runtime tensor sit in their graphs' execution orders (0-1 scale)."""
+    torch_len = max((t.order for t in torch_tensors), default=0) + 1
+    runtime_len = max((r.order for r in runtime), default=0) + 1
+    return lambda t, r: abs(t.order / torch_len - r.order / runtime_len)
 
 
 def lsb(reference: QTensor, aligned: np.ndarray, runtime: Optional[QTensor] = None) -> np.ndarray:
