@@ -104,9 +104,23 @@ def _bias_probe(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias: np
     units = multiplier_units(multiplier)
     tie = ambiguous_multipliers(multiplier[:, 0])
     lower = np.floor(exact_units(multiplier))
-    return np.stack([np.any([(requantize(acc + (nominal + o)[:, None], multiplier, z_out, 0, 255, u) == got).all(axis=1)
-                             & ((u == units)[:, 0] | tie) for u in (lower, lower + 1)], axis=0)
-                     for o in offsets], axis=1)
+    allowed = [(u == units)[:, 0] | tie for u in (lower, lower + 1)]
+    # Each (offset, multiplier) candidate is tried on a sample of the ramp first: nearly all fail there, and only
+    # the channels where one survives are checked on the whole ramp (the same answer as checking every one).
+    sample = np.arange(0, acc.shape[1], 16)
+    fits = np.zeros((k, len(offsets)), bool)
+    for j, o in enumerate(offsets):
+        for u, ok in zip((lower, lower + 1), allowed):
+            rows = np.flatnonzero(ok & ~fits[:, j])
+            if not len(rows):
+                continue
+            bias_acc = (nominal[rows] + o)[:, None]
+            rows = rows[(requantize(acc[rows][:, sample] + bias_acc, multiplier[rows], z_out, 0, 255, u[rows])
+                         == got[rows][:, sample]).all(axis=1)]
+            if len(rows):
+                fits[rows, j] = (requantize(acc[rows] + (nominal[rows] + o)[:, None], multiplier[rows], z_out, 0, 255,
+                                            u[rows]) == got[rows]).all(axis=1)
+    return fits
 
 
 def run_qdq_conv(soc: str, weights: np.ndarray, w_scales: np.ndarray, bias: np.ndarray, s_in: float, z_in: int,
