@@ -357,13 +357,13 @@ def _assign(torch_tensors: list[QTensor], runtime: list[QTensor], position: Call
     """Pairs with the least total value error (PyTorch tensor id -> `_best` of its runtime tensor), so one tensor
     that an ill-conditioned layer moved (a softmax after a 1-LSB change in its logits) does not take a
     neighbour's place; equal errors go by position in the graph."""
-    from scipy.optimize import linear_sum_assignment
-
     if not runtime:
         return {}
     if len(torch_tensors) == 1:
         best = _best(torch_tensors[0], runtime, position)
         return {id(torch_tensors[0]): best} if best is not None else {}
+    from scipy.optimize import linear_sum_assignment
+
     unpaired = 1e9
     options: dict[tuple[int, int], Any] = {}
     cost = np.full((len(torch_tensors), len(runtime)), unpaired)
