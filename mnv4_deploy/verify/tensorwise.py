@@ -11,8 +11,10 @@ or drops a quantize/dequantize pair); this compares every quantized activation i
    outputs added as model outputs.
 3. Matching (converters rename everything; a runtime that keeps the quantizers' names is paired by name
    first): then on quantization parameters (scale to 1e-5 relative, zero
-   point) plus element count, trying the layouts the shapes allow (NCHW, NHWC, squeezed); among equal
-   candidates the closest values win. Then tensors left on both sides with the same element count are paired
+   point) plus element count, trying the layouts the shapes allow (NCHW, NHWC, squeezed); where several
+   tensors could be swapped (the hybrids' softmaxes share one fixed grid and size) they are assigned together
+   by least total value error, so one tensor an ill-conditioned layer moved cannot take its neighbour's
+   runtime tensor, and equal errors go by place in the graph. Then tensors left on both sides with the same element count are paired
    on dequantized values (relative RMS error < 0.5): such a pair is a tensor the converter re-quantized with
    other parameters. Then a PyTorch quantizer of an identity op the converter folded (flatten after pooling)
    may share an already matched runtime tensor with its parameters and values. Whatever remains is reported
