@@ -81,3 +81,10 @@ def qnn_or_skip() -> None:
         get_target("qnn").check_installed()
     except UserError as exc:
         pytest.skip(str(exc))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The conformance suite runs first: its converts (every target, one quantization) then run before any test
+    imports JAX (litert-torch's converter), so their TFLite and ExecuTorch exports go to the export worker as in
+    a user's `convert` (a process that has imported JAX never forks one); the rest keep their order."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_target_conformance.py") else 1)
