@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -108,18 +109,20 @@ def _bias_probe(soc: str, s_in: float, z_in: int, w_scales: np.ndarray, bias: np
     # Each (offset, multiplier) candidate is tried on a sample of the ramp first: nearly all fail there, and only
     # the channels where one survives are checked on the whole ramp (the same answer as checking every one).
     sample = np.arange(0, acc.shape[1], 16)
+
+    def fitting(rows: np.ndarray, offset: int, u: np.ndarray, columns: Any) -> np.ndarray:
+        """The channels among `rows` whose outputs at `columns` the candidate (offset, units u) reproduces."""
+        out = requantize(acc[rows][:, columns] + (nominal[rows] + offset)[:, None], multiplier[rows], z_out, 0, 255,
+                         u[rows])
+        return rows[(out == got[rows][:, columns]).all(axis=1)]
+
     fits = np.zeros((k, len(offsets)), bool)
     for j, o in enumerate(offsets):
         for u, ok in zip((lower, lower + 1), allowed):
             rows = np.flatnonzero(ok & ~fits[:, j])
-            if not len(rows):
-                continue
-            bias_acc = (nominal[rows] + o)[:, None]
-            rows = rows[(requantize(acc[rows][:, sample] + bias_acc, multiplier[rows], z_out, 0, 255, u[rows])
-                         == got[rows][:, sample]).all(axis=1)]
+            rows = fitting(rows, o, u, sample) if len(rows) else rows
             if len(rows):
-                fits[rows, j] = (requantize(acc[rows] + (nominal[rows] + o)[:, None], multiplier[rows], z_out, 0, 255,
-                                            u[rows]) == got[rows]).all(axis=1)
+                fits[fitting(rows, o, u, slice(None)), j] = True
     return fits
 
 
